@@ -1,0 +1,423 @@
+"""Checkpoint I/O: our safetensors files, atomic writes, and the Hugging Face <-> Forge weight maps.
+
+A converted checkpoint directory holds `model_config.yaml` and `lit_model.safetensors` (or, above
+`shard_size_bytes`, `lit_model-0000i-of-0000n.safetensors` shards listed in `lit_model.safetensors.index.json`)
+beside the HF files it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from model.config import Config
+
+LIT_WEIGHTS = "lit_model.safetensors"
+LIT_INDEX = "lit_model.safetensors.index.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: Optional[str]) -> Optional[torch.dtype]:
+    if dtype is None:
+        return None
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+# ----------------------------------------------------------------------------------------------- atomic writes
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fp:
+            fp.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path | str, metadata: Optional[dict] = None) -> None:
+    """Write to a temporary file in the same directory, then rename: a killed run never leaves a torn file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------- our weights
+
+
+def lit_weight_files(checkpoint_dir: Path) -> list[Path]:
+    checkpoint_dir = Path(checkpoint_dir)
+    if (checkpoint_dir / LIT_WEIGHTS).is_file():
+        return [checkpoint_dir / LIT_WEIGHTS]
+    if (checkpoint_dir / LIT_INDEX).is_file():
+        index = json.loads((checkpoint_dir / LIT_INDEX).read_text())
+        return [checkpoint_dir / name for name in sorted(set(index["weight_map"].values()))]
+    raise FileNotFoundError(
+        f"{checkpoint_dir / LIT_WEIGHTS} not found. Convert the checkpoint first:"
+        f" `python scripts/convert_hf_checkpoint.py --checkpoint_dir {checkpoint_dir}`"
+    )
+
+
+def load_state_dict(
+    checkpoint_dir: Path | str, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None
+) -> dict[str, torch.Tensor]:
+    state_dict = {}
+    for path in lit_weight_files(Path(checkpoint_dir)):
+        if not path.is_file():
+            raise FileNotFoundError(f"Checkpoint shard {path} is missing")
+        try:
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    tensor = f.get_tensor(key)
+                    if dtype is not None and tensor.is_floating_point():
+                        tensor = tensor.to(dtype)
+                    state_dict[key] = tensor
+        except SafetensorError as e:
+            raise ValueError(f"{path} is not a valid safetensors file ({e}); convert or download it again") from e
+    return state_dict
+
+
+def save_sharded(
+    tensors: Iterator[tuple[str, torch.Tensor]], checkpoint_dir: Path, shard_size_bytes: int = 4 * 2**30
+) -> None:
+    """Stream `(name, tensor)` pairs into `lit_model.safetensors` (or shards), holding at most one shard in RAM.
+
+    Shards are written to a temporary directory and moved into place at the end, so an interrupted conversion
+    leaves the directory as it was.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    tmp_dir = Path(tempfile.mkdtemp(dir=checkpoint_dir, prefix=".convert-"))
+    try:
+        shards: list[dict[str, str]] = []
+        current: dict[str, torch.Tensor] = {}
+        current_bytes = 0
+
+        def flush():
+            nonlocal current, current_bytes
+            save_file(current, tmp_dir / f"shard-{len(shards)}")
+            shards.append({name: "" for name in current})
+            current, current_bytes = {}, 0
+
+        for name, tensor in tensors:
+            size = tensor.numel() * tensor.element_size()
+            if current and current_bytes + size > shard_size_bytes:
+                flush()
+            current[name] = tensor.contiguous()
+            current_bytes += size
+        if current or not shards:
+            flush()
+        for stale in [checkpoint_dir / LIT_WEIGHTS, checkpoint_dir / LIT_INDEX, *checkpoint_dir.glob("lit_model-*.safetensors")]:
+            stale.unlink(missing_ok=True)
+        if len(shards) == 1:
+            os.replace(tmp_dir / "shard-0", checkpoint_dir / LIT_WEIGHTS)
+            return
+        weight_map = {}
+        for i, names in enumerate(shards):
+            file_name = f"lit_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            os.replace(tmp_dir / f"shard-{i}", checkpoint_dir / file_name)
+            weight_map.update({name: file_name for name in names})
+        atomic_write_text(checkpoint_dir / LIT_INDEX, json.dumps({"weight_map": weight_map}, indent=2))
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------- HF <-> ours
+
+
+class WeightMap:
+    """Some of our tensors, the HF tensors they are made of, and the two functions that convert between the lists
+    (identity for a plain rename; concatenation/splitting for fused projections)."""
+
+    def __init__(self, lit: str | list[str], hf: str | list[str], to_lit: Callable = None, to_hf: Callable = None):
+        self.lit = [lit] if isinstance(lit, str) else lit
+        self.hf = [hf] if isinstance(hf, str) else hf
+        self.to_lit = to_lit or (lambda tensors: tensors)
+        self.to_hf = to_hf or (lambda tensors: tensors)
+
+
+def _fuse(sizes: tuple[int, ...]) -> tuple[Callable, Callable]:
+    """Several tensors stacked along the output dimension, in order, <-> one fused tensor."""
+    return (lambda ts: [torch.cat(ts, dim=0)]), (lambda ts: list(ts[0].split(sizes, dim=0)))
+
+
+def _split(sizes: tuple[int, ...]) -> tuple[Callable, Callable]:
+    to_hf, to_lit = _fuse(sizes)
+    return to_lit, to_hf
+
+
+def _falcon_qkv(config: Config) -> tuple[Callable, Callable]:
+    """Falcon fuses q, k, v per key/value group: [q_1..q_m, k, v] for each group (new architecture, and old
+    multi-head with m=1), or [all q, k, v] for multi-query, which is already our layout."""
+    n_head, groups, hs = config.n_head, config.n_query_groups, config.head_size
+    new_arch = config.extra.get("falcon_new_decoder_architecture", False)
+    if groups == 1 and not new_arch:
+        return (lambda ts: ts), (lambda ts: ts)
+    q_per_kv = n_head // groups
+
+    def to_lit(ts):
+        t = ts[0]
+        grouped = t.reshape(groups, q_per_kv + 2, hs, -1)
+        q, k, v = grouped[:, :q_per_kv], grouped[:, q_per_kv], grouped[:, q_per_kv + 1]
+        return [torch.cat([q.reshape(n_head * hs, -1), k.reshape(groups * hs, -1), v.reshape(groups * hs, -1)]).reshape(-1, *t.shape[1:])]
+
+    def to_hf(ts):
+        t = ts[0].reshape(ts[0].size(0), -1)
+        q, k, v = t.split((n_head * hs, groups * hs, groups * hs))
+        fused = torch.cat([q.reshape(groups, q_per_kv, hs, -1), k.reshape(groups, 1, hs, -1), v.reshape(groups, 1, hs, -1)], dim=1)
+        return [fused.reshape(-1, *ts[0].shape[1:])]
+
+    return to_lit, to_hf
+
+
+def weight_maps(config: Config) -> list[WeightMap]:
+    """Every tensor of our model and where it comes from in the HF checkpoint of `config.hf_architecture`."""
+    arch = config.hf_architecture
+    maps: list[WeightMap] = []
+    suffixes = ("weight", "bias") if config.bias else ("weight",)
+    norm_suffixes = ("weight", "bias") if config.norm_class_name == "LayerNorm" else ("weight",)
+
+    if arch == "FalconForCausalLM":
+        maps.append(WeightMap("transformer.wte.weight", ["transformer.word_embeddings.weight"]))
+        for i in range(config.n_layer):
+            hf, lit = f"transformer.h.{i}", f"transformer.h.{i}"
+            if config.extra.get("falcon_new_decoder_architecture") and not config.shared_attention_norm:
+                norms = [("norm_1", "ln_attn"), ("norm_2", "ln_mlp")]
+            elif config.shared_attention_norm:
+                norms = [("norm_1", "input_layernorm")]
+            else:
+                norms = [("norm_1", "input_layernorm"), ("norm_2", "post_attention_layernorm")]
+            for ours, theirs in norms:
+                maps += [WeightMap(f"{lit}.{ours}.{s}", f"{hf}.{theirs}.{s}") for s in norm_suffixes]
+            to_lit, to_hf = _falcon_qkv(config)
+            for s in suffixes:
+                maps.append(WeightMap(f"{lit}.attn.qkv.{s}", f"{hf}.self_attention.query_key_value.{s}", to_lit, to_hf))
+                maps.append(WeightMap(f"{lit}.attn.proj.{s}", [f"{hf}.self_attention.dense.{s}"]))
+                maps.append(WeightMap(f"{lit}.mlp.fc.{s}", [f"{hf}.mlp.dense_h_to_4h.{s}"]))
+                maps.append(WeightMap(f"{lit}.mlp.proj.{s}", [f"{hf}.mlp.dense_4h_to_h.{s}"]))
+        maps += [WeightMap(f"transformer.ln_f.{s}", [f"transformer.ln_f.{s}"]) for s in norm_suffixes]
+    else:
+        maps.append(WeightMap("transformer.wte.weight", ["model.embed_tokens.weight"]))
+        q_size, kv_size = config.n_head * config.head_size, config.n_query_groups * config.head_size
+        to_lit, to_hf = _fuse((q_size, kv_size, kv_size))
+        for i in range(config.n_layer):
+            hf, lit = f"model.layers.{i}", f"transformer.h.{i}"
+            maps += [WeightMap(f"{lit}.norm_1.{s}", [f"{hf}.input_layernorm.{s}"]) for s in norm_suffixes]
+            if arch == "PhiForCausalLM":
+                for s in suffixes:
+                    maps.append(WeightMap(f"{lit}.attn.qkv.{s}", [f"{hf}.self_attn.{p}_proj.{s}" for p in "qkv"], to_lit, to_hf))
+                    maps.append(WeightMap(f"{lit}.attn.proj.{s}", [f"{hf}.self_attn.dense.{s}"]))
+                    maps.append(WeightMap(f"{lit}.mlp.fc.{s}", [f"{hf}.mlp.fc1.{s}"]))
+                    maps.append(WeightMap(f"{lit}.mlp.proj.{s}", [f"{hf}.mlp.fc2.{s}"]))
+                continue
+            maps.append(WeightMap(f"{lit}.norm_2.weight", [f"{hf}.post_attention_layernorm.weight"]))
+            maps.append(WeightMap(f"{lit}.attn.proj.weight", [f"{hf}.self_attn.o_proj.weight"]))
+            if arch == "Phi3ForCausalLM":
+                maps.append(WeightMap(f"{lit}.attn.qkv.weight", f"{hf}.self_attn.qkv_proj.weight"))
+                # Phi-3 fuses gate and up projections: [gate; up]
+                maps.append(WeightMap([f"{lit}.mlp.fc_1.weight", f"{lit}.mlp.fc_2.weight"], f"{hf}.mlp.gate_up_proj.weight",
+                                      *_split((config.intermediate_size, config.intermediate_size))))
+                maps.append(WeightMap(f"{lit}.mlp.proj.weight", [f"{hf}.mlp.down_proj.weight"]))
+                continue
+            maps.append(WeightMap(f"{lit}.attn.qkv.weight", [f"{hf}.self_attn.{p}_proj.weight" for p in "qkv"], to_lit, to_hf))
+            if arch == "MixtralForCausalLM":
+                moe = f"{hf}.block_sparse_moe"
+                maps.append(WeightMap(f"{lit}.mlp.gate.weight", [f"{moe}.gate.weight"]))
+                for e in range(config.n_expert):
+                    for ours, theirs in (("fc_1", "w1"), ("fc_2", "w3"), ("proj", "w2")):
+                        maps.append(WeightMap(f"{lit}.mlp.experts.{e}.{ours}.weight", [f"{moe}.experts.{e}.{theirs}.weight"]))
+            else:
+                for ours, theirs in (("fc_1", "gate_proj"), ("fc_2", "up_proj"), ("proj", "down_proj")):
+                    maps.append(WeightMap(f"{lit}.mlp.{ours}.weight", [f"{hf}.mlp.{theirs}.weight"]))
+        final_norm = "model.final_layernorm" if arch == "PhiForCausalLM" else "model.norm"
+        maps += [WeightMap(f"transformer.ln_f.{s}", [f"{final_norm}.{s}"]) for s in norm_suffixes]
+    if not config.tie_embeddings:
+        maps.append(WeightMap("lm_head.weight", ["lm_head.weight"]))
+    if config.lm_head_bias:
+        maps.append(WeightMap("lm_head.bias", ["lm_head.bias"]))
+    return maps
+
+
+class HFWeights:
+    """Lazy access to the tensors of an HF checkpoint directory: safetensors (memory-mapped) or PyTorch .bin files,
+    sharded or not. Only the tensors asked for are read."""
+
+    def __init__(self, checkpoint_dir: Path) -> None:
+        checkpoint_dir = Path(checkpoint_dir)
+        self.key_to_file: dict[str, Path] = {}
+        files = sorted(checkpoint_dir.glob("*.safetensors"))
+        files = [f for f in files if not f.name.startswith("lit_model")]
+        self.format = "safetensors"
+        if not files:
+            files = sorted(checkpoint_dir.glob("pytorch_model*.bin"))
+            self.format = "bin"
+        if not files:
+            raise FileNotFoundError(
+                f"No Hugging Face weights (*.safetensors or pytorch_model*.bin) in {checkpoint_dir}. Download them with"
+                f" `python scripts/download.py --repo_id ORG/NAME`."
+            )
+        self._bin_cache: dict[Path, dict] = {}
+        for path in files:
+            for key in self._keys(path):
+                self.key_to_file[key] = path
+
+    def _keys(self, path: Path) -> list[str]:
+        try:
+            if self.format == "safetensors":
+                with safe_open(path, framework="pt") as f:
+                    return list(f.keys())
+            return list(self._load_bin(path))
+        except (SafetensorError, RuntimeError, OSError, EOFError) as e:
+            raise ValueError(f"Could not read {path}: it is corrupt or incomplete ({e}). Download it again.") from e
+
+    def _load_bin(self, path: Path) -> dict:
+        if path not in self._bin_cache:
+            self._bin_cache = {path: torch.load(path, map_location="cpu", weights_only=True, mmap=True)}
+        return self._bin_cache[path]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.key_to_file
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        path = self.key_to_file[key]
+        if self.format == "safetensors":
+            with safe_open(path, framework="pt") as f:
+                return f.get_tensor(key)
+        return self._load_bin(path)[key]
+
+
+def hf_to_lit(config: Config, weights: HFWeights, dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    maps = weight_maps(config)
+    missing = sorted({k for m in maps for k in m.hf if k not in weights})
+    if missing:
+        raise ValueError(
+            f"The HF checkpoint does not match the {config.hf_architecture} config {config.name!r}: "
+            f"{len(missing)} tensors are missing, e.g. {missing[:3]}"
+        )
+    for m in maps:
+        for name, tensor in zip(m.lit, m.to_lit([weights[k] for k in m.hf])):
+            yield name, tensor.to(dtype) if dtype is not None else tensor
+
+
+def lit_to_hf(config: Config, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    hf: dict[str, torch.Tensor] = {}
+    for m in weight_maps(config):
+        hf.update(zip(m.hf, m.to_hf([state_dict[k] for k in m.lit])))
+    return hf
+
+
+def config_for_hf_checkpoint(checkpoint_dir: Path, model_name: Optional[str] = None) -> Config:
+    """The named config when `model_name` (or the directory's `org/name`) is in our table, else one derived from
+    the checkpoint's config.json. For LongRoPE models the rescale factors are always taken from config.json."""
+    checkpoint_dir = Path(checkpoint_dir)
+    hf_config_path = checkpoint_dir / "config.json"
+    hf_config = json.loads(hf_config_path.read_text()) if hf_config_path.is_file() else None
+    candidates = [model_name] if model_name else [f"{checkpoint_dir.parent.name}/{checkpoint_dir.name}", checkpoint_dir.name]
+    for candidate in candidates:
+        try:
+            config = Config.from_name(candidate)
+        except ValueError:
+            if model_name:
+                raise
+            continue
+        if hf_config is not None and config.hf_architecture == "Phi3ForCausalLM":
+            config.rope_scaling = Config.from_hf_config(hf_config).rope_scaling
+        return config
+    if hf_config is None:
+        raise FileNotFoundError(
+            f"{hf_config_path} not found and {checkpoint_dir.name!r} is not a known model name. Download the"
+            " checkpoint with `python scripts/download.py --repo_id ORG/NAME`, or pass --model_name."
+        )
+    return Config.from_hf_config(hf_config, name=checkpoint_dir.name)
+
+
+def convert_hf_checkpoint(
+    checkpoint_dir: Path | str, model_name: Optional[str] = None, dtype: Optional[str] = None
+) -> Config:
+    """HF weights in `checkpoint_dir` -> `model_config.yaml` + `lit_model.safetensors` in the same directory."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise FileNotFoundError(f"Checkpoint directory {checkpoint_dir} does not exist")
+    config = config_for_hf_checkpoint(checkpoint_dir, model_name)
+    weights = HFWeights(checkpoint_dir)
+    save_sharded(_progress(hf_to_lit(config, weights, parse_dtype(dtype)), len(weight_maps(config))), checkpoint_dir)
+    config.save(checkpoint_dir)
+    return config
+
+
+def _progress(items: Iterator, total: int) -> Iterator:
+    from tqdm import tqdm
+
+    return tqdm(items, total=total, desc="Converting", unit="tensor", disable=total < 50)
+
+
+def hf_config_dict(config: Config) -> dict:
+    """The transformers `config.json` for our config (the inverse of `Config.from_hf_config`)."""
+    arch = config.hf_architecture
+    c = {
+        "architectures": [arch],
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "max_position_embeddings": config.block_size,
+        "rope_theta": config.rope_base,
+        "tie_word_embeddings": config.tie_embeddings,
+    }
+    if arch == "FalconForCausalLM":
+        new_arch = config.extra.get("falcon_new_decoder_architecture", False)
+        return dict(
+            c, model_type="falcon", num_kv_heads=config.n_query_groups, new_decoder_architecture=new_arch,
+            multi_query=config.n_query_groups == 1, parallel_attn=config.parallel_residual, bias=config.bias,
+            num_ln_in_parallel_attn=1 if config.shared_attention_norm else 2, ffn_hidden_size=config.intermediate_size,
+            layer_norm_epsilon=config.norm_eps, alibi=False,
+        )
+    if arch == "PhiForCausalLM":
+        return dict(
+            c, model_type="phi", num_key_value_heads=config.n_query_groups, intermediate_size=config.intermediate_size,
+            partial_rotary_factor=config.rotary_percentage, layer_norm_eps=config.norm_eps, qk_layernorm=False,
+            hidden_act="gelu_new" if config.gelu_approximate == "tanh" else "gelu",
+        )
+    c.update(
+        num_key_value_heads=config.n_query_groups, head_dim=config.head_size, intermediate_size=config.intermediate_size,
+        rms_norm_eps=config.norm_eps, hidden_act="silu",
+    )
+    scaling = config.rope_scaling
+    if scaling and scaling["type"] == "llama3":
+        c["rope_scaling"] = {
+            "rope_type": "llama3", "factor": scaling["factor"], "low_freq_factor": scaling["low_freq_factor"],
+            "high_freq_factor": scaling["high_freq_factor"], "original_max_position_embeddings": scaling["original_max_seq_len"],
+        }
+    elif scaling and scaling["type"] == "longrope":
+        c["rope_scaling"] = {"rope_type": "longrope", "short_factor": scaling["short_factor"], "long_factor": scaling["long_factor"]}
+        if scaling.get("attention_factor") is not None:
+            c["rope_scaling"]["attention_factor"] = scaling["attention_factor"]
+        c["original_max_position_embeddings"] = scaling["original_max_seq_len"]
+    model_type = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "MixtralForCausalLM": "mixtral",
+                  "Phi3ForCausalLM": "phi3"}[arch]
+    c["model_type"] = model_type
+    if arch != "LlamaForCausalLM":
+        c["sliding_window"] = config.sliding_window
+    if arch == "Phi3ForCausalLM":
+        c["pad_token_id"] = None
+    if arch == "MixtralForCausalLM":
+        c.update(num_local_experts=config.n_expert, num_experts_per_tok=config.n_expert_per_token)
+    return c

@@ -1,0 +1,332 @@
+"""The GPT model: one implementation for every family in `config.py`.
+
+Llama 2/3.x, Mistral, Mixtral, Phi-1.5/2/3, Falcon, TinyLlama and SmolLM2 differ only in what their config says:
+grouped/multi-query attention, a sliding window, full/partial/scaled RoPE, LayerNorm or RMSNorm, parallel or
+sequential residuals, a GELU, SwiGLU or mixture-of-experts MLP, tied embeddings.
+
+Weights are named `transformer.wte`, `transformer.h.{i}.{norm_1,attn.qkv,attn.proj,norm_2,mlp.*}`,
+`transformer.ln_f` and `lm_head`; `attn.qkv` holds the query, key and value projections stacked as
+[all query heads; all key heads; all value heads].
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.config import Config
+
+
+class GPT(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+                ln_f=build_norm(config),
+            )
+        )
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        if config.rope_scaling and config.rope_scaling["type"] == "longrope":
+            self.register_buffer("inv_freq_long", rope_inv_freq(config, long=True), persistent=False)
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint_dir: Path | str, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None,
+        config: Optional[Config] = None,
+    ) -> "GPT":
+        """Build the model from `model_config.yaml` and load `lit_model.safetensors`, in eval mode.
+
+        The weights are memory-mapped and assigned, so loading never holds two copies of the model. `dtype=None`
+        keeps the dtype the weights were saved in.
+        """
+        from model.checkpoint import load_state_dict
+
+        checkpoint_dir = Path(checkpoint_dir)
+        config = config or Config.from_checkpoint(checkpoint_dir)
+        with torch.device("meta"):
+            model = cls(config)
+        state_dict = load_state_dict(checkpoint_dir, device=device, dtype=dtype)
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.transformer.wte.weight
+        model.reset_rope(device)
+        return model.eval()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if self.config.tie_embeddings and "lm_head.weight" not in state_dict:
+            state_dict = dict(state_dict, **{"lm_head.weight": state_dict["transformer.wte.weight"]})
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def reset_rope(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the RoPE frequencies, e.g. after building the model on the meta device."""
+        self.inv_freq = rope_inv_freq(self.config, device=device)
+        if hasattr(self, "inv_freq_long"):
+            self.inv_freq_long = rope_inv_freq(self.config, long=True, device=device)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        input_pos: Optional[torch.Tensor] = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Logits `(B, T, vocab_size)` for token ids `idx` `(B, T)`.
+
+        `input_pos` `(T,)` gives the positions of `idx` in the sequence; with a KV cache (`set_kv_cache`) it says
+        where to write the new keys and values. Without it, `idx` is a whole sequence starting at position 0.
+        `return_hidden=True` returns the final normalized hidden states `(B, T, n_embd)` instead of logits.
+        """
+        T = idx.size(1)
+        if input_pos is None:
+            input_pos = torch.arange(T, device=idx.device)
+        if T > self.config.block_size or int(input_pos[-1]) >= self.config.block_size:
+            raise ValueError(f"Sequence position {int(input_pos[-1])} is beyond the model's block_size {self.config.block_size}")
+        cos, sin = self.rope(input_pos)
+        x = self.transformer.wte(idx)
+        for block in self.transformer.h:
+            x = block(x, cos, sin, input_pos)
+        x = self.transformer.ln_f(x)
+        if return_hidden:
+            return x
+        return self.lm_head(x)
+
+    def rope(self, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq
+        scaling = self.config.rope_scaling
+        attention_factor = 1.0
+        if scaling and scaling["type"] == "longrope":
+            # Phi-3 128k switches to the long factors once the sequence outgrows the pretraining context
+            if int(input_pos.max()) + 1 > scaling["original_max_seq_len"]:
+                inv_freq = self.inv_freq_long
+            attention_factor = longrope_attention_factor(scaling)
+        freqs = input_pos.to(torch.float32).unsqueeze(-1) * inv_freq.to(torch.float32)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * attention_factor, emb.sin() * attention_factor
+
+    def set_kv_cache(
+        self, batch_size: int, max_seq_length: Optional[int] = None, device: torch.device | str | None = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        max_seq_length = min(max_seq_length or self.config.block_size, self.config.block_size)
+        ref = self.lm_head.weight
+        for block in self.transformer.h:
+            block.attn.kv_cache = KVCache(
+                batch_size, self.config.n_query_groups, max_seq_length, self.config.head_size,
+                device=device or ref.device, dtype=dtype or (ref.dtype if ref.is_floating_point() else torch.bfloat16),
+            )
+
+    def clear_kv_cache(self) -> None:
+        for block in self.transformer.h:
+            block.attn.kv_cache = None
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config, block_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.norm_1 = build_norm(config)
+        self.attn = CausalSelfAttention(config, block_idx)
+        self.norm_2 = None if config.shared_attention_norm else build_norm(config)
+        self.mlp = build_mlp(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        x_normed = self.norm_1(x)
+        attention_output = self.attn(x_normed, cos, sin, input_pos)
+        if self.config.parallel_residual:
+            mlp_input = x_normed if self.norm_2 is None else self.norm_2(x)
+            return self.mlp(mlp_input) + attention_output + x
+        x = x + attention_output
+        return x + self.mlp(self.norm_2(x))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: Config, block_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.block_idx = block_idx
+        qkv_size = (config.n_head + 2 * config.n_query_groups) * config.head_size
+        self.qkv = nn.Linear(config.n_embd, qkv_size, bias=config.bias)
+        self.proj = nn.Linear(config.n_head * config.head_size, config.n_embd, bias=config.bias)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        c = self.config
+        q_size, kv_size = c.n_head * c.head_size, c.n_query_groups * c.head_size
+        q, k, v = self.qkv(x).split((q_size, kv_size, kv_size), dim=-1)
+        q = q.view(B, T, c.n_head, c.head_size).transpose(1, 2)  # (B, n_head, T, head_size)
+        k = k.view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)
+        v = v.view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)
+        q = apply_rope(q, cos, sin, c.rope_n_elem)
+        k = apply_rope(k, cos, sin, c.rope_n_elem)
+
+        if self.kv_cache is not None:
+            k, v = self.kv_cache(input_pos, k, v)
+            key_pos = torch.arange(k.size(2), device=x.device)
+            mask = attention_mask(input_pos, key_pos, c.sliding_window)
+        elif c.sliding_window is not None and T > c.sliding_window:
+            mask = attention_mask(input_pos, input_pos, c.sliding_window)
+        else:
+            mask = None
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=1.0 / math.sqrt(c.head_size),
+            enable_gqa=c.n_query_groups != c.n_head,
+        )
+        y = y.transpose(1, 2).reshape(B, T, c.n_head * c.head_size)
+        return self.proj(y)
+
+
+def attention_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_window: Optional[int]) -> torch.Tensor:
+    """Boolean `(T_query, T_key)` mask, True where a query may attend: causal, and within the sliding window."""
+    distance = query_pos.unsqueeze(-1) - key_pos.unsqueeze(0)
+    mask = distance >= 0
+    if sliding_window is not None:
+        mask &= distance < sliding_window
+    return mask
+
+
+class KVCache(nn.Module):
+    """Keys and values of past positions, `(B, n_query_groups, max_seq_length, head_size)`."""
+
+    def __init__(self, batch_size, n_query_groups, max_seq_length, head_size, device, dtype) -> None:
+        super().__init__()
+        shape = (batch_size, n_query_groups, max_seq_length, head_size)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def forward(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if int(input_pos[-1]) >= self.k.size(2):
+            raise ValueError(f"Position {int(input_pos[-1])} does not fit the KV cache of length {self.k.size(2)}")
+        self.k[: k.size(0)].index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v[: v.size(0)].index_copy_(2, input_pos, v.to(self.v.dtype))
+        # attend only over the filled part of the cache
+        end = int(input_pos[-1]) + 1
+        return self.k[: k.size(0), :, :end], self.v[: v.size(0), :, :end]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def build_norm(config: Config) -> nn.Module:
+    if config.norm_class_name == "RMSNorm":
+        return RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+
+
+class GptNeoxMLP(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+        self.approximate = config.gelu_approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate=self.approximate))
+
+
+class LLaMAMLP(nn.Module):
+    """SwiGLU: proj(silu(fc_1(x)) * fc_2(x)); fc_1 is HF's gate_proj, fc_2 its up_proj."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.fc_1 = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.fc_2 = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.silu(self.fc_1(x)) * self.fc_2(x))
+
+
+class LLaMAMoE(nn.Module):
+    """Sparse mixture of SwiGLU experts (Mixtral): each token goes to its top-k experts, weighted by the
+    router's softmax renormalized over those k."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.gate = nn.Linear(config.n_embd, config.n_expert, bias=False)
+        self.experts = nn.ModuleList(LLaMAMLP(config) for _ in range(config.n_expert))
+        self.n_expert_per_token = config.n_expert_per_token
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        x = x.reshape(-1, C)
+        router = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        probs, indices = torch.topk(router, self.n_expert_per_token, dim=-1)
+        probs = (probs / probs.sum(dim=-1, keepdim=True)).to(x.dtype)
+        y = torch.zeros_like(x)
+        for expert_idx, expert in enumerate(self.experts):
+            token_idx, slot = torch.where(indices == expert_idx)
+            if token_idx.numel():
+                y.index_add_(0, token_idx, expert(x[token_idx]) * probs[token_idx, slot, None])
+        return y.view(B, T, C)
+
+
+def build_mlp(config: Config) -> nn.Module:
+    return {"GptNeoxMLP": GptNeoxMLP, "LLaMAMLP": LLaMAMLP, "LLaMAMoE": LLaMAMoE}[config.mlp_class_name](config)
+
+
+def rope_inv_freq(config: Config, long: bool = False, device: torch.device | str | None = None) -> torch.Tensor:
+    """RoPE inverse frequencies for the rotated dimensions, with Llama 3.1 or LongRoPE scaling if configured."""
+    n_elem = config.rope_n_elem
+    exponent = torch.arange(0, n_elem, 2, device=device, dtype=torch.float32) / n_elem
+    scaling = config.rope_scaling
+    if scaling and scaling["type"] == "longrope":
+        factors = torch.tensor(scaling["long_factor" if long else "short_factor"], device=device, dtype=torch.float32)
+        return 1.0 / (factors * config.rope_base**exponent)
+    inv_freq = 1.0 / (config.rope_base**exponent)
+    if scaling and scaling["type"] == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate smoothly in between
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        context = scaling["original_max_seq_len"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+        smooth = (context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= context / high) & (wavelen <= context / low)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def longrope_attention_factor(scaling: dict) -> float:
+    if scaling.get("attention_factor") is not None:
+        return scaling["attention_factor"]
+    factor = scaling.get("factor", 1.0)
+    if factor <= 1.0:
+        return 1.0
+    return math.sqrt(1 + math.log(factor) / math.log(scaling["original_max_seq_len"]))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_elem: int) -> torch.Tensor:
+    """Rotate the first `n_elem` dims of each head (the "rotate half" convention of HF checkpoints)."""
+    if n_elem == 0:
+        return x
+    rotated, passthrough = x[..., :n_elem], x[..., n_elem:]
+    x1, x2 = rotated.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    rotated = rotated * cos + torch.cat((-x2, x1), dim=-1) * sin
+    if passthrough.size(-1) == 0:
+        return rotated
+    return torch.cat((rotated, passthrough), dim=-1)

@@ -1,0 +1,110 @@
+"""bitsandbytes quantization of a loaded model's Linear layers, on the GPU and on the CPU.
+
+Lightning's `BitsandbytesPrecision` plugin refuses the CPU, but bitsandbytes itself quantizes, runs and
+backpropagates 4-bit and 8-bit layers there, so the swap is done here, one layer at a time.
+
+Modes (QLoRA, https://arxiv.org/abs/2305.14314; LLM.int8(), https://arxiv.org/abs/2208.07339):
+  bnb.nf4 / bnb.fp4        4-bit NormalFloat / FloatingPoint weights, one absmax per 64 weights
+  bnb.nf4-dq / bnb.fp4-dq  the same with double quantization: the absmax values are quantized too
+  bnb.int8                 int8 weights with fp16 outlier columns (threshold 6.0), frozen
+  bnb.int8-training        weights kept in their dtype and trainable; the matmul runs in int8
+"""
+
+from typing import Callable
+
+import bitsandbytes as bnb
+import torch
+
+QUANTIZE_MODES = ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8", "bnb.int8-training")
+
+
+def validate_quantize(mode: str | None) -> None:
+    if mode is not None and mode not in QUANTIZE_MODES:
+        raise ValueError(f"Unknown quantize mode {mode!r}; choose one of {', '.join(QUANTIZE_MODES)}")
+
+
+def quantize_model(
+    model: torch.nn.Module,
+    mode: str,
+    compute_dtype: torch.dtype,
+    skip: Callable[[str], bool] | tuple[str, ...] = ("lm_head",),
+) -> torch.nn.Module:
+    """Replace every plain `torch.nn.Linear` of `model` in place by its bitsandbytes counterpart.
+
+    The weights must already be loaded; each one is quantized on the device it lives on. Layers are swapped
+    one at a time and the dense weight is dropped as soon as its layer is replaced, so the peak memory is the
+    model plus one layer, not two models. The bias is kept as it is.
+
+    `skip` is a predicate on the module path ("transformer.h.0.attn.proj"), or a tuple of names that skips
+    a module whose path is the name or ends with "." + name. Subclasses of Linear (LoRA layers, layers already
+    quantized) are left alone. `compute_dtype` is the dtype the 4-bit matmul runs in; int8 modes ignore it.
+    """
+    validate_quantize(mode)
+    if not callable(skip):
+        names = skip
+        skip = lambda path: any(path == name or path.endswith("." + name) for name in names)  # noqa: E731
+
+    linear_paths = [path for path, module in model.named_modules() if type(module) is torch.nn.Linear]
+    for path in linear_paths:
+        if skip(path):
+            continue
+        parent_path, _, child_name = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        linear = getattr(parent, child_name)
+        if linear.weight.device.type == "meta":
+            raise ValueError(f"{path!r} is on the meta device; load the weights before quantizing them")
+        setattr(parent, child_name, _quantized_linear(linear, mode, compute_dtype))
+        del linear
+    return model
+
+
+def _quantized_linear(linear: torch.nn.Linear, mode: str, compute_dtype: torch.dtype) -> torch.nn.Module:
+    has_bias = linear.bias is not None
+    weight = linear.weight.data
+    # Built on the meta device so that no second dense weight is ever allocated.
+    if mode.startswith("bnb.int8"):
+        trainable = mode == "bnb.int8-training"
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=has_bias,
+            has_fp16_weights=trainable, threshold=6.0, device="meta",
+        )
+        if trainable:
+            layer.weight = bnb.nn.Int8Params(weight, requires_grad=linear.weight.requires_grad, has_fp16_weights=True)
+        else:
+            # LLM.int8() row-wise absmax quantization, computed from fp16 as bitsandbytes does itself.
+            int8_weight, row_scales, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16))
+            layer.weight = bnb.nn.Int8Params(
+                int8_weight, requires_grad=False, has_fp16_weights=False, CB=int8_weight, SCB=row_scales
+            )
+    else:
+        quant_type = mode.removeprefix("bnb.").removesuffix("-dq")
+        double_quant = mode.endswith("-dq")
+        layer = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, bias=has_bias, compute_dtype=compute_dtype,
+            compress_statistics=double_quant, quant_type=quant_type, device="meta",
+        )
+        # `Params4bit.to(device)` is where bitsandbytes quantizes, on "cpu" as well as "cuda".
+        layer.weight = bnb.nn.Params4bit(
+            weight, requires_grad=False, compress_statistics=double_quant, quant_type=quant_type, module=layer
+        ).to(weight.device)
+    if has_bias:
+        layer.bias = linear.bias
+    return layer
+
+
+def dequantize_linear(layer: torch.nn.Module) -> torch.Tensor:
+    """The dense (out_features, in_features) float32 weight of a plain, 4-bit or 8-bit Linear layer."""
+    weight = layer.weight
+    if isinstance(weight, bnb.nn.Params4bit):
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            # On CPUs with AVX512-BF16, bitsandbytes repacks the weight for its inference kernel on the first
+            # eval forward; undo it in place, exactly as bitsandbytes does before saving a state dict.
+            weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(
+                weight.data, weight.quant_state
+            )
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    if isinstance(weight, bnb.nn.Int8Params) and weight.dtype == torch.int8:
+        # The first forward moves the row scales from the weight into the layer's matmul state.
+        row_scales = weight.SCB if weight.SCB is not None else layer.state.SCB
+        return bnb.functional.int8_vectorwise_dequant(weight.data, row_scales).float()
+    return weight.detach().float()

@@ -1,0 +1,71 @@
+"""Export a Forge checkpoint as a Hugging Face transformers folder.
+
+    python scripts/convert_to_hf.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct --output_dir out/hf
+
+The output has config.json, model.safetensors and the tokenizer files, and loads with
+`transformers.AutoModelForCausalLM.from_pretrained(output_dir)` (and so with vLLM, TGI, llama.cpp's converter).
+"""
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from model.checkpoint import DTYPES, atomic_write_text, hf_config_dict, lit_to_hf, load_state_dict
+from model.config import Config
+from model.utils import run_cli
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+
+
+def convert_to_hf(
+    checkpoint_dir: Path,
+    output_dir: Path,
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
+) -> None:
+    """Write `checkpoint_dir`'s model as an HF folder in `output_dir`.
+
+    Args:
+        checkpoint_dir: A Forge checkpoint (model_config.yaml + lit_model.safetensors).
+        output_dir: Where to write config.json, model.safetensors and the tokenizer files.
+        dtype: Save the weights in this dtype; by default the checkpoint's own.
+    """
+    from safetensors.torch import save_file
+
+    config = Config.from_checkpoint(checkpoint_dir)
+    state_dict = load_state_dict(checkpoint_dir, dtype=DTYPES[dtype] if dtype else None)
+    hf_state_dict = {k: v.contiguous() for k, v in lit_to_hf(config, state_dict).items()}
+    hf_config = hf_config_dict(config)
+    hf_config["torch_dtype"] = str(next(iter(hf_state_dict.values())).dtype).removeprefix("torch.")
+    generation_config = Path(checkpoint_dir) / "generation_config.json"
+    if generation_config.is_file():
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if key in (ids := json.loads(generation_config.read_text())):
+                hf_config[key] = ids[key]
+
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    # build the folder beside its destination and move it into place at the end: never a half-written export
+    tmp_dir = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}-"))
+    try:
+        save_file(hf_state_dict, tmp_dir / "model.safetensors", metadata={"format": "pt"})
+        atomic_write_text(tmp_dir / "config.json", json.dumps(hf_config, indent=2))
+        for name in TOKENIZER_FILES:
+            if (Path(checkpoint_dir) / name).is_file():
+                shutil.copy2(Path(checkpoint_dir) / name, tmp_dir / name)
+        if output_dir.exists():
+            for item in tmp_dir.iterdir():
+                item.replace(output_dir / item.name)
+        else:
+            tmp_dir.rename(output_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    print(f"Saved {config.hf_architecture} to {output_dir}")
+
+
+if __name__ == "__main__":
+    run_cli(convert_to_hf)
