@@ -1,5 +1,5 @@
 from model.config import Config
 from model.gpt import GPT
-# TEMP from model.tokenizer import Tokenizer
+from model.tokenizer import Tokenizer
 
 __all__ = ["Config", "GPT", "Tokenizer"]

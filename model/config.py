@@ -261,11 +261,12 @@ def _llama2(size, n_layer, n_head, n_embd, intermediate_size, n_query_groups=Non
     ]
 
 
-def _base_and_instruct(name, repo, instruct_suffix="-Instruct", **kwargs):
-    org = repo.split("/")[0]
+def _base_and_instruct(name, repo, instruct_suffix="-Instruct", instruct_name=None, **kwargs):
+    """A base model and its instruct/chat sibling, named `{name}{instruct_suffix}` unless `instruct_name` is given."""
+    instruct_name = instruct_name or f"{name}{instruct_suffix}"
     return [
         dict(name=name, hf_repo=repo, **kwargs),
-        dict(name=f"{name}{instruct_suffix}", hf_repo=f"{org}/{repo.split('/')[1]}{instruct_suffix}", **kwargs),
+        dict(name=instruct_name, hf_repo=f"{repo.split('/')[0]}/{instruct_name}", **kwargs),
     ]
 
 
@@ -312,13 +313,16 @@ configs: list[dict] = [
                         n_query_groups=8, n_embd=3072, head_size=128, intermediate_size=8192, tie_embeddings=True,
                         rope_scaling=_LLAMA32_SCALING, **_LLAMA3),
     # Mistral: v0.1 uses a 4096-token sliding window; v0.2 and v0.3 attend to the full context
-    *_base_and_instruct("Mistral-7B-v0.1", "mistralai/Mistral-7B-v0.1", sliding_window=4096, **_MISTRAL),
+    *_base_and_instruct("Mistral-7B-v0.1", "mistralai/Mistral-7B-v0.1", instruct_name="Mistral-7B-Instruct-v0.1",
+                        sliding_window=4096, **_MISTRAL),
     dict(name="Mistral-7B-v0.2", hf_repo="mistral-community/Mistral-7B-v0.2", rope_base=1000000.0, **_MISTRAL),
     dict(name="Mistral-7B-Instruct-v0.2", hf_repo="mistralai/Mistral-7B-Instruct-v0.2", rope_base=1000000.0, **_MISTRAL),
-    *_base_and_instruct("Mistral-7B-v0.3", "mistralai/Mistral-7B-v0.3", rope_base=1000000.0,
+    *_base_and_instruct("Mistral-7B-v0.3", "mistralai/Mistral-7B-v0.3", instruct_name="Mistral-7B-Instruct-v0.3",
+                        rope_base=1000000.0,
                         **dict(_MISTRAL, vocab_size=32768)),
     # Mixtral: 8 experts, 2 per token
-    *_base_and_instruct("Mixtral-8x7B-v0.1", "mistralai/Mixtral-8x7B-v0.1", rope_base=1000000.0,
+    *_base_and_instruct("Mixtral-8x7B-v0.1", "mistralai/Mixtral-8x7B-v0.1", instruct_name="Mixtral-8x7B-Instruct-v0.1",
+                        rope_base=1000000.0,
                         **dict(_MISTRAL, hf_architecture="MixtralForCausalLM", mlp_class_name="LLaMAMoE", n_expert=8,
                                n_expert_per_token=2)),
     # Phi

@@ -33,7 +33,8 @@ PROMPT_STYLE_FILE = "prompt_style.yaml"
 ROLES = ("system", "user", "assistant")
 
 Message = dict[str, str]
-Segments = list[tuple[str, bool]]
+Turn = tuple[str, str]  # (role, content)
+Segments = list[tuple[str, bool]]  # (text, is_assistant_output)
 
 
 class PromptStyle:
@@ -72,7 +73,7 @@ class PromptStyle:
         """Strings that end generation, in addition to the tokenizer's EOS token."""
         return ()
 
-    def render(self, system: str | None, turns: list[tuple[str, str]], add_generation_prompt: bool) -> Segments:
+    def render(self, system: str | None, turns: list[Turn], add_generation_prompt: bool) -> Segments:
         segments = [] if system is None else [(system, False)]
         segments += [(content, role == "assistant") for role, content in turns]
         return segments
@@ -81,14 +82,19 @@ class PromptStyle:
         system, turns = self._conversation(prompt, system)
         return self.render(system, turns, add_generation_prompt)
 
-    def _conversation(self, prompt: str | list[Message], system: str | None) -> tuple[str | None, list[tuple[str, str]]]:
+    def _conversation(self, prompt: str | list[Message], system: str | None) -> tuple[str | None, list[Turn]]:
+        if not isinstance(prompt, (str, list, tuple)):
+            raise ValueError(f"The {self.name!r} prompt style takes a string or a list of messages, got {prompt!r}")
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if not messages:
             raise ValueError("The conversation is empty: give a prompt string or at least one message.")
         for i, message in enumerate(messages):
-            if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+            if not (
+                isinstance(message, dict) and message.get("role") in ROLES and isinstance(message.get("content"), str)
+            ):
                 raise ValueError(
-                    f"Message {i} must be a dict with 'role' one of {', '.join(ROLES)} and a string 'content', got {message!r}"
+                    f"Message {i} must be a dict with 'role' one of {', '.join(ROLES)} and a string 'content',"
+                    f" got {message!r}"
                 )
             if message["role"] == "system" and i > 0:
                 raise ValueError(f"Message {i} is a system message; a system message may only come first.")
@@ -130,7 +136,9 @@ class Alpaca(PromptStyle):
     if given, replaces the "Below is an instruction..." preamble."""
 
     name = "alpaca"
-    preamble = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    preamble = (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    )
     preamble_with_input = (
         "Below is an instruction that describes a task, paired with an input that provides further context. "
         "Write a response that appropriately completes the request."
@@ -140,7 +148,9 @@ class Alpaca(PromptStyle):
         input_text = ""
         if isinstance(prompt, dict):
             if not isinstance(prompt.get("instruction"), str) or not isinstance(prompt.get("input", ""), str):
-                raise ValueError(f"An alpaca prompt dict needs a string 'instruction' and optionally 'input', got {prompt!r}")
+                raise ValueError(
+                    f"An alpaca prompt dict needs a string 'instruction' and optionally an 'input', got {prompt!r}"
+                )
             input_text = prompt.get("input", "")
             prompt = prompt["instruction"]
         system, turns = self._conversation(prompt, system)
@@ -169,7 +179,7 @@ class ChatML(PromptStyle):
     name = "chatml"
     default_system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
-    def render(self, system: str | None, turns: list[tuple[str, str]], add_generation_prompt: bool) -> Segments:
+    def render(self, system: str | None, turns: list[Turn], add_generation_prompt: bool) -> Segments:
         segments = [] if system is None else [(f"<|im_start|>system\n{system}<|im_end|>\n", False)]
         for role, content in turns:
             if role == "user":
@@ -190,7 +200,7 @@ class Llama2(PromptStyle):
     name = "llama2"
     alternating = True
 
-    def render(self, system: str | None, turns: list[tuple[str, str]], add_generation_prompt: bool) -> Segments:
+    def render(self, system: str | None, turns: list[Turn], add_generation_prompt: bool) -> Segments:
         segments = []
         for i, (role, content) in enumerate(turns):
             if role == "user":
@@ -220,7 +230,7 @@ class Llama3(PromptStyle):
     def system_block(self, system: str | None) -> str:
         return "" if system is None else f"{self.header('system')}{system.strip()}<|eot_id|>"
 
-    def render(self, system: str | None, turns: list[tuple[str, str]], add_generation_prompt: bool) -> Segments:
+    def render(self, system: str | None, turns: list[Turn], add_generation_prompt: bool) -> Segments:
         segments = [(self.system_block(system), False)]
         for role, content in turns:
             if role == "user":
@@ -261,7 +271,7 @@ class Mistral(PromptStyle):
     name = "mistral"
     alternating = True
 
-    def render(self, system: str | None, turns: list[tuple[str, str]], add_generation_prompt: bool) -> Segments:
+    def render(self, system: str | None, turns: list[Turn], add_generation_prompt: bool) -> Segments:
         segments = []
         for i, (role, content) in enumerate(turns):
             if role == "user":
@@ -286,7 +296,7 @@ class MistralV03(PromptStyle):
     name = "mistral-v0.3"
     alternating = True
 
-    def render(self, system: str | None, turns: list[tuple[str, str]], add_generation_prompt: bool) -> Segments:
+    def render(self, system: str | None, turns: list[Turn], add_generation_prompt: bool) -> Segments:
         segments = []
         for i, (role, content) in enumerate(turns):
             if role == "user":
@@ -307,7 +317,7 @@ class Phi3(PromptStyle):
 
     name = "phi3"
 
-    def render(self, system: str | None, turns: list[tuple[str, str]], add_generation_prompt: bool) -> Segments:
+    def render(self, system: str | None, turns: list[Turn], add_generation_prompt: bool) -> Segments:
         segments = [] if system is None else [(f"<|system|>\n{system}<|end|>\n", False)]
         for role, content in turns:
             if role == "user":
@@ -326,7 +336,7 @@ class Zephyr(PromptStyle):
 
     name = "zephyr"
 
-    def render(self, system: str | None, turns: list[tuple[str, str]], add_generation_prompt: bool) -> Segments:
+    def render(self, system: str | None, turns: list[Turn], add_generation_prompt: bool) -> Segments:
         segments = [] if system is None else [(f"<|system|>\n{system}</s>\n", False)]
         for role, content in turns:
             if role == "user":
@@ -348,7 +358,7 @@ class _Transcript(PromptStyle):
     user_label = ""
     assistant_label = ""
 
-    def render(self, system: str | None, turns: list[tuple[str, str]], add_generation_prompt: bool) -> Segments:
+    def render(self, system: str | None, turns: list[Turn], add_generation_prompt: bool) -> Segments:
         segments: Segments = []
 
         def new_line() -> str:
@@ -470,14 +480,19 @@ def load_prompt_style(checkpoint_dir: Path | str) -> PromptStyle:
         except yaml.YAMLError as error:
             raise ValueError(f"{style_file} is not valid YAML: {error}") from error
         if not isinstance(saved, dict) or not isinstance(saved.get("name"), str):
-            raise ValueError(f"{style_file} must hold `name: <style>` (one of {', '.join(prompt_styles)}), got {saved!r}")
+            raise ValueError(
+                f"{style_file} must hold `name: <style>` (one of {', '.join(prompt_styles)}), got {saved!r}"
+            )
         if saved["name"] not in prompt_styles:
-            raise ValueError(f"{style_file}: unknown prompt style {saved['name']!r}. Valid names: {', '.join(prompt_styles)}")
+            raise ValueError(
+                f"{style_file}: unknown prompt style {saved['name']!r}. Valid names: {', '.join(prompt_styles)}"
+            )
         style = prompt_styles[saved["name"]]()
         if "default_system" in saved:
-            if saved["default_system"] is not None and not isinstance(saved["default_system"], str):
-                raise ValueError(f"{style_file}: `default_system` must be a string or null, got {saved['default_system']!r}")
-            style.default_system = saved["default_system"]
+            default_system = saved["default_system"]
+            if default_system is not None and not isinstance(default_system, str):
+                raise ValueError(f"{style_file}: `default_system` must be a string or null, got {default_system!r}")
+            style.default_system = default_system
         return style
     template = _read_chat_template(checkpoint_dir)
     name = detect_from_chat_template(template) if template else None
@@ -493,7 +508,8 @@ def save_prompt_style(style: PromptStyle | str, checkpoint_dir: Path | str) -> N
     if isinstance(style, str):
         style = PromptStyle.from_name(style)
     path = Path(checkpoint_dir) / PROMPT_STYLE_FILE
-    text = yaml.safe_dump({"name": style.name, "default_system": style.default_system}, sort_keys=False, allow_unicode=True)
+    saved = {"name": style.name, "default_system": style.default_system}
+    text = yaml.safe_dump(saved, sort_keys=False, allow_unicode=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fp:

@@ -1,0 +1,100 @@
+"""Generate text from a checkpoint.
+
+    python generate/base.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct \
+        --prompt "What is the capital of France?" --temperature 0
+
+The prompt is wrapped in the checkpoint's prompt style (prompt_style.yaml; `--prompt_style default` sends it
+raw). Tokens are printed as they are generated; speed and memory go to stderr.
+"""
+
+import sys
+import time
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from model.generate import TextStream, generate
+from model.prompts import PromptStyle, load_prompt_style
+from model.quantize import QUANTIZE_MODES
+from model.tokenizer import Tokenizer
+from model.utils import load_model, peak_memory_gb, run_cli
+
+
+def stop_token_ids(tokenizer: Tokenizer, style: PromptStyle) -> set[int]:
+    """The tokenizer's EOS ids plus the prompt style's end-of-turn markers that are single tokens."""
+    ids = set(tokenizer.stop_ids)
+    for text in style.stop_tokens():
+        encoded = tokenizer.encode(text, bos=False)
+        if encoded.numel() == 1:
+            ids.add(int(encoded))
+    return ids
+
+
+def main(
+    prompt: str = "What food do llamas eat?",
+    checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"),
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 50,
+    top_p: float = 1.0,
+    num_samples: int = 1,
+    seed: int = 1234,
+    system: Optional[str] = None,
+    prompt_style: Optional[str] = None,
+    precision: Optional[Literal["32-true", "bf16-true", "16-true"]] = None,
+    quantize: Optional[str] = None,
+    device: str = "auto",
+) -> None:
+    """Generate `num_samples` completions of `prompt`.
+
+    Args:
+        prompt: The user's message (wrapped in the prompt style).
+        checkpoint_dir: A converted checkpoint directory.
+        max_new_tokens: The most tokens to generate.
+        temperature: Sampling temperature; 0 means greedy decoding.
+        top_k: Sample among the k most likely tokens only.
+        top_p: Nucleus sampling: sample among the most likely tokens holding this much probability.
+        num_samples: How many completions to generate.
+        seed: Random seed for sampling.
+        system: A system message, for prompt styles that have one (overrides the style's default).
+        prompt_style: Override the checkpoint's prompt style ("default" = the raw prompt).
+        precision: Weights' precision: 32-true, bf16-true or 16-true. Default: bf16 on GPU, fp32 on CPU.
+        quantize: Load the linear layers quantized with bitsandbytes: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq,
+            bnb.int8 (4-bit modes run on CPU too).
+        device: "auto", "cpu", "cuda", "cuda:1", ...
+    """
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise ValueError(f"Unknown --quantize {quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
+    if max_new_tokens < 1 or num_samples < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError("max_new_tokens and num_samples must be >= 1, temperature >= 0 and 0 < top_p <= 1")
+    style = PromptStyle.from_name(prompt_style) if prompt_style else load_prompt_style(checkpoint_dir)
+    tokenizer = Tokenizer(checkpoint_dir)
+    t0 = time.perf_counter()
+    model = load_model(checkpoint_dir, device=device, precision=precision, quantize=quantize)
+    device_ = model.lm_head.weight.device
+    print(f"Loaded the model in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+
+    encoded = tokenizer.encode(style.apply(prompt, system=system)).to(device_)
+    stop_ids = stop_token_ids(tokenizer, style)
+    generator = torch.Generator(device_).manual_seed(seed)
+    for _ in range(num_samples):
+        stream = TextStream(tokenizer)
+        t0 = time.perf_counter()
+        n_tokens = 0
+        for token_id in generate(model, encoded, max_new_tokens, temperature, top_k, top_p, stop_ids, generator):
+            n_tokens += 1
+            if token_id in stop_ids:
+                break
+            print(stream.add(token_id), end="", flush=True)
+        elapsed = time.perf_counter() - t0
+        print()
+        print(
+            f"Time for inference: {elapsed:.2f} s, {n_tokens / elapsed:.2f} tokens/s, {n_tokens} tokens",
+            file=sys.stderr,
+        )
+    print(f"Memory used: {peak_memory_gb(device_):.02f} GB", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_cli(main)
