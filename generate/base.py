@@ -10,25 +10,42 @@ raw). Tokens are printed as they are generated; speed and memory go to stderr.
 import sys
 import time
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Iterator, Literal, Optional
 
 import torch
 
-from model.generate import TextStream, generate
+from model.generate import generate, until_stop
 from model.prompts import PromptStyle, load_prompt_style
 from model.quantize import QUANTIZE_MODES
 from model.tokenizer import Tokenizer
 from model.utils import load_model, peak_memory_gb, run_cli
 
 
-def stop_token_ids(tokenizer: Tokenizer, style: PromptStyle) -> set[int]:
-    """The tokenizer's EOS ids plus the prompt style's end-of-turn markers that are single tokens."""
-    ids = set(tokenizer.stop_ids)
+def stop_ids_and_strings(tokenizer: Tokenizer, style: PromptStyle) -> tuple[set[int], list[str]]:
+    """What ends a reply: the tokenizer's EOS ids, the prompt style's end-of-turn markers that are single tokens
+    (as ids), and the markers that take several tokens (as text)."""
+    ids, strings = set(tokenizer.stop_ids), []
     for text in style.stop_tokens():
         encoded = tokenizer.encode(text, bos=False)
         if encoded.numel() == 1:
             ids.add(int(encoded))
-    return ids
+        else:
+            strings.append(text)
+    return ids, strings
+
+
+def stream_reply(model, tokenizer: Tokenizer, prompt_ids: torch.Tensor, stop_ids: set[int], stop_strings: list[str],
+                 generated: list[int], **sampling) -> Iterator[str]:
+    """The reply's text, piece by piece, without its stop marker; the token ids are appended to `generated`."""
+
+    def tokens():
+        for token_id in generate(model, prompt_ids, stop_ids=stop_ids, **sampling):
+            if token_id in stop_ids:
+                return
+            generated.append(token_id)
+            yield token_id
+
+    return until_stop(tokenizer.decode_stream(tokens()), stop_strings)
 
 
 def main(
@@ -76,23 +93,19 @@ def main(
     print(f"Loaded the model in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
 
     encoded = tokenizer.encode(style.apply(prompt, system=system)).to(device_)
-    stop_ids = stop_token_ids(tokenizer, style)
+    stop_ids, stop_strings = stop_ids_and_strings(tokenizer, style)
     generator = torch.Generator(device_).manual_seed(seed)
     for _ in range(num_samples):
-        stream = TextStream(tokenizer)
         t0 = time.perf_counter()
-        n_tokens = 0
-        for token_id in generate(model, encoded, max_new_tokens, temperature, top_k, top_p, stop_ids, generator):
-            n_tokens += 1
-            if token_id in stop_ids:
-                break
-            print(stream.add(token_id), end="", flush=True)
+        generated: list[int] = []
+        for piece in stream_reply(model, tokenizer, encoded, stop_ids, stop_strings, generated,
+                                  max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  generator=generator):
+            print(piece, end="", flush=True)
         elapsed = time.perf_counter() - t0
-        print()
-        print(
-            f"Time for inference: {elapsed:.2f} s, {n_tokens / elapsed:.2f} tokens/s, {n_tokens} tokens",
-            file=sys.stderr,
-        )
+        print(flush=True)
+        print(f"Time for inference: {elapsed:.2f} s, {len(generated) / elapsed:.2f} tokens/s, {len(generated)} tokens",
+              file=sys.stderr)
     print(f"Memory used: {peak_memory_gb(device_):.02f} GB", file=sys.stderr)
 
 

@@ -172,7 +172,7 @@ class Config:
                 parallel_residual=parallel,
                 shared_attention_norm=parallel and n_ln == 1,
                 rope_base=rope["theta"],
-                extra={"falcon_new_decoder_architecture": bool(new_arch)},
+                extra={"falcon_new_decoder_architecture": True} if new_arch else {},
             )
         if arch == "PhiForCausalLM":
             if c.get("qk_layernorm"):
@@ -290,6 +290,28 @@ _PHI3 = dict(
     hf_architecture="Phi3ForCausalLM", vocab_size=32064, n_layer=32, n_head=32, n_embd=3072, intermediate_size=8192,
     norm_eps=1e-5,
 )
+_PHI3_128K_LONGROPE = dict(
+    type="longrope", original_max_seq_len=4096, factor=32.0, attention_factor=None,
+    long_factor=[
+        1.0700000524520874, 1.1200000047683716, 1.149999976158142, 1.4199999570846558, 1.5699999332427979,
+        1.7999999523162842, 2.129999876022339, 2.129999876022339, 3.009999990463257, 5.910000324249268,
+        6.950000286102295, 9.070000648498535, 9.930000305175781, 10.710000038146973, 11.130000114440918,
+        14.609999656677246, 15.409998893737793, 19.809999465942383, 37.279998779296875, 38.279998779296875,
+        38.599998474121094, 40.12000274658203, 46.20000457763672, 50.940006256103516, 53.66000747680664,
+        54.9373893737793, 56.89738845825195, 57.28738784790039, 59.98738479614258, 60.86738586425781,
+        60.887386322021484, 61.71739196777344, 62.91739273071289, 62.957393646240234, 63.41739273071289,
+        63.8173942565918, 63.83739471435547, 63.897396087646484, 63.93739700317383, 64.06739807128906,
+        64.11434936523438, 64.12435150146484, 64.15435028076172, 64.19435119628906, 64.24435424804688,
+        64.57435607910156, 64.69000244140625, 64.76000213623047,
+    ],
+    short_factor=[
+        1.1, 1.1, 1.1, 1.3000000000000003, 1.3500000000000003, 1.3500000000000003, 1.4000000000000004,
+        1.5500000000000005, *[2.000000000000001] * 17, *[2.0500000000000007] * 6, 2.1000000000000005,
+        2.1000000000000005, 2.1500000000000004, *[2.25] * 5, 2.3999999999999995, 2.4499999999999993,
+        2.499999999999999, 2.6999999999999984, 2.6999999999999984, 2.7499999999999982, 2.799999999999998,
+        2.8999999999999977, 3.049999999999997,
+    ],
+)
 _SMOLLM2 = dict(vocab_size=49152, block_size=8192, tie_embeddings=True, norm_eps=1e-5)
 
 configs: list[dict] = [
@@ -332,9 +354,9 @@ configs: list[dict] = [
          rotary_percentage=0.4, **_PHI),
     dict(name="Phi-3-mini-4k-instruct", hf_repo="microsoft/Phi-3-mini-4k-instruct", block_size=4096,
          sliding_window=2047, **_PHI3),
-    # Phi-3 128k: LongRoPE; its per-dimension rescale factors are read from the checkpoint's config.json when converting
+    # Phi-3 128k: LongRoPE, one rescale factor per rotated frequency (short within 4k tokens, long beyond)
     dict(name="Phi-3-mini-128k-instruct", hf_repo="microsoft/Phi-3-mini-128k-instruct", block_size=131072,
-         sliding_window=262144, **_PHI3),
+         sliding_window=262144, rope_scaling=_PHI3_128K_LONGROPE, **_PHI3),
     # Falcon: 7B is multi-query with one shared norm; 40B/180B are grouped-query with separate attention/MLP norms
     *_base_and_instruct("falcon-7b", "tiiuae/falcon-7b", instruct_suffix="-instruct", n_layer=32, n_head=71,
                         n_embd=4544, n_query_groups=1, shared_attention_norm=True, intermediate_size=18176, **_FALCON),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -70,23 +70,23 @@ def generate(
         model.clear_kv_cache()
 
 
-class TextStream:
-    """Turns a growing list of token ids into text pieces for printing as they come.
+def until_stop(pieces: Iterable[str], stop_strings: Sequence[str] = ()) -> Iterator[str]:
+    """Pass text pieces through until one of `stop_strings` appears (it is not passed on).
 
-    Decoding token by token breaks multi-byte characters and sentencepiece's leading spaces, so the whole
-    generated sequence is decoded each time and only the new suffix is emitted; an incomplete UTF-8 character
-    ("\ufffd" at the end) waits for the next token.
+    A tail that could be the start of a stop string is held back until the next piece decides, so a stop
+    marker spread over several tokens (e.g. "\nUser:") never reaches the screen. Stopping early also stops the
+    generator that feeds `pieces`.
     """
-
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.text = ""
-
-    def add(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        piece, self.text = text[len(self.text):], text
-        return piece
+    pending = ""
+    for piece in pieces:
+        pending += piece
+        hits = [pending.find(stop) for stop in stop_strings if stop in pending]
+        if hits:
+            yield pending[: min(hits)]
+            return
+        hold = max((k for stop in stop_strings for k in range(1, len(stop)) if pending.endswith(stop[:k])), default=0)
+        if len(pending) > hold:
+            yield pending[: len(pending) - hold]
+            pending = pending[len(pending) - hold:]
+    if pending:
+        yield pending

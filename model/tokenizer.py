@@ -115,7 +115,7 @@ class Tokenizer:
             if token_id == self.processor.unk_id() and token != self.processor.id_to_piece(token_id):
                 token_id = None
         if token_id is None:
-            raise ValueError(f"Token {token!r} is not in the vocabulary of the tokenizer in {str(self.checkpoint_dir)!r}.")
+            raise ValueError(f"Token {token!r} is not in the vocabulary of the tokenizer in {self.checkpoint_dir}.")
         return token_id
 
     def encode(self, text: str, bos: bool | None = None, eos: bool = False, max_length: int = -1) -> torch.Tensor:
@@ -134,12 +134,12 @@ class Tokenizer:
                     ids.extend(self.processor.encode(piece))
         if bos if bos is not None else self.use_bos:
             if self.bos_id is None:
-                raise ValueError(f"The tokenizer in {str(self.checkpoint_dir)!r} has no BOS token; call encode with bos=False.")
+                raise ValueError(f"The tokenizer in {self.checkpoint_dir} has no BOS token; use bos=False.")
             if ids[:1] != [self.bos_id]:
                 ids.insert(0, self.bos_id)
         if eos:
             if self.eos_id is None:
-                raise ValueError(f"The tokenizer in {str(self.checkpoint_dir)!r} has no EOS token; call encode with eos=False.")
+                raise ValueError(f"The tokenizer in {self.checkpoint_dir} has no EOS token; use eos=False.")
             if ids[-1:] != [self.eos_id]:
                 ids.append(self.eos_id)
         if max_length > 0:

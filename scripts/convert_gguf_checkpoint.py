@@ -31,7 +31,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tqdm import tqdm
 
 from model.checkpoint import convert_hf_checkpoint
-from model.prompts import has_prompt_style, load_prompt_style, save_prompt_style
+from model.prompts import PromptStyle, load_prompt_style, save_prompt_style
 from model.utils import run_cli
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,16 +53,18 @@ GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm
 # The regex that splits text into words before byte-level BPE, for each `tokenizer.ggml.pre` we support.
 # Each entry reproduces the pre-tokenizer of the model's original tokenizer.json.
 LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
 
 def byte_level_pre_tokenizer(pre: str) -> tuple[Any, bool]:
     """(pre-tokenizer, ignore_merges) for a byte-level BPE vocabulary whose `tokenizer.ggml.pre` is `pre`."""
-    if pre in ("smollm",):
+    if pre == "smollm":
         # SmolLM/SmolLM2 (and StarCoder): every digit is its own word, then GPT-2's regex
         digits = pre_tokenizers.Digits(individual_digits=True)
-        return pre_tokenizers.Sequence([digits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]), False
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        return pre_tokenizers.Sequence([digits, byte_level]), False
     if pre in ("gpt-2", "gpt2", "default"):
         return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True), False
     if pre in ("llama-bpe", "llama3", "llama-v3"):
@@ -120,9 +122,12 @@ def convert_gguf_checkpoint(
         write_json(out_dir / "generation_config.json", generation_config(metadata))
         write_weights(reader, out_dir, config, TORCH_DTYPES[dtype], max_shard_size)
 
-        convert_hf_checkpoint(out_dir)
-        if not has_prompt_style(out_dir):
-            save_prompt_style(load_prompt_style(out_dir), out_dir)  # recognised from the chat template
+        forge_config = convert_hf_checkpoint(out_dir)
+        # the chat template in the file decides; without one, the model's name does (as in convert_hf_checkpoint.py)
+        style = load_prompt_style(out_dir)
+        if style.name == "default":
+            style = PromptStyle.from_config(forge_config.hf_repo or forge_config.name)
+        save_prompt_style(style, out_dir)
         os.replace(out_dir, checkpoint_dir)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
@@ -132,10 +137,13 @@ def convert_gguf_checkpoint(
 def open_gguf(gguf_path: Path) -> GGUFReader:
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_path} not found.")
+    with open(gguf_path, "rb") as file:
+        if file.read(4) != b"GGUF":
+            raise ValueError(f"{gguf_path} is not a GGUF file: it does not start with the bytes 'GGUF'.")
     try:
         return GGUFReader(gguf_path)
-    except Exception as error:  # the reader raises ValueError, struct and numpy errors on a foreign file
-        raise ValueError(f"{gguf_path} is not a readable GGUF file ({error}).") from error
+    except Exception as error:  # the reader raises ValueError, struct and numpy errors on a damaged file
+        raise ValueError(f"{gguf_path} is truncated or corrupt ({error}); download it again.") from error
 
 
 def check_supported(gguf_path: Path, metadata: dict, tensors: dict) -> None:
@@ -148,6 +156,12 @@ def check_supported(gguf_path: Path, metadata: dict, tensors: dict) -> None:
         )
     if metadata.get("llama.expert_count", 0) > 0:
         raise ValueError(f"{gguf_path} is a mixture-of-experts model; only dense llama GGUF files are supported.")
+    required = ["llama.embedding_length", "llama.attention.head_count", "llama.feed_forward_length",
+                "llama.block_count"]
+    missing = [key for key in required if key not in metadata]
+    missing += [name for name in ["token_embd.weight"] if name not in tensors]
+    if missing:
+        raise ValueError(f"{gguf_path} is incomplete: it lacks {', '.join(missing)}.")
     for name in tensors:
         if name != "rope_freqs.weight":
             hf_tensor_name(name)
@@ -169,7 +183,7 @@ def hf_config(metadata: dict, tensors: dict, dtype: str) -> dict:
     head_dim = metadata.get("llama.attention.key_length", n_embd // n_head)
     rope_dim = metadata.get("llama.rope.dimension_count", head_dim)
     if rope_dim != head_dim:
-        raise ValueError(f"Partial rotary embeddings (rope.dimension_count={rope_dim}, head size {head_dim}) are not llama.")
+        raise ValueError(f"rope.dimension_count={rope_dim} differs from the head size {head_dim}; that is not llama.")
     rope_theta = float(metadata.get("llama.rope.freq_base", 10000.0))
     config = {
         "architectures": ["LlamaForCausalLM"],
@@ -237,7 +251,7 @@ def rope_scaling(metadata: dict, tensors: dict, rope_theta: float, head_dim: int
 
 def build_tokenizer(metadata: dict) -> HFTokenizer:
     """A `tokenizers` tokenizer equivalent to the vocabulary in the GGUF metadata."""
-    kind = metadata.get("tokenizer.ggml.model")
+    tokenizer_model = metadata.get("tokenizer.ggml.model")
     tokens = metadata.get("tokenizer.ggml.tokens")
     if not tokens:
         raise ValueError("The GGUF file holds no tokenizer vocabulary (tokenizer.ggml.tokens).")
@@ -247,7 +261,7 @@ def build_tokenizer(metadata: dict) -> HFTokenizer:
         vocab.setdefault(token, index)
     add_bos, add_eos = special_token_flags(metadata)
 
-    if kind == "gpt2":
+    if tokenizer_model == "gpt2":
         pre_tokenizer, ignore_merges = byte_level_pre_tokenizer(metadata.get("tokenizer.ggml.pre", "default"))
         merges = [tuple(merge.split(" ")) for merge in metadata.get("tokenizer.ggml.merges", [])]
         if any(len(merge) != 2 for merge in merges):
@@ -255,10 +269,10 @@ def build_tokenizer(metadata: dict) -> HFTokenizer:
         tokenizer = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
         tokenizer.pre_tokenizer = pre_tokenizer
         tokenizer.decoder = decoders.ByteLevel()
-    elif kind == "llama":
+    elif tokenizer_model == "llama":
         tokenizer = sentencepiece_bpe(metadata, tokens, token_types, vocab)
     else:
-        raise ValueError(f"Unsupported GGUF tokenizer tokenizer.ggml.model={kind!r}; supported: gpt2, llama.")
+        raise ValueError(f"Unsupported tokenizer tokenizer.ggml.model={tokenizer_model!r}; supported: gpt2, llama.")
 
     # Control tokens ("<|im_start|>", "<s>") and user-defined ones are matched whole in the text, as llama.cpp does.
     special = [tokens[i] for i, kind in enumerate(token_types) if kind in (TokenType.CONTROL, TokenType.UNKNOWN)]
@@ -274,7 +288,7 @@ def build_tokenizer(metadata: dict) -> HFTokenizer:
         tokenizer.post_processor = processors.TemplateProcessing(
             single=single, pair=pair, special_tokens=[(token, vocab[token]) for token in used]
         )
-    elif kind == "gpt2":
+    elif tokenizer_model == "gpt2":
         tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     return tokenizer
 
@@ -385,7 +399,9 @@ def write_weights(reader: GGUFReader, out_dir: Path, config: dict, dtype: torch.
     weight_map = {}
     progress = tqdm(total=len(tensors), desc="Dequantizing", unit="tensor")
     for index, shard in enumerate(shards):
-        file_name = "model.safetensors" if len(shards) == 1 else f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
+        file_name = "model.safetensors"
+        if len(shards) > 1:
+            file_name = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
         state_dict = {}
         for tensor in shard:
             name = hf_tensor_name(tensor.name)
@@ -396,14 +412,16 @@ def write_weights(reader: GGUFReader, out_dir: Path, config: dict, dtype: torch.
     progress.close()
     if len(shards) > 1:
         total_size = sum(int(tensor.n_elements) * element_size for tensor in tensors)
-        write_json(out_dir / "model.safetensors.index.json", {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        write_json(out_dir / "model.safetensors.index.json", index)
 
 
 def dequantized(tensor, config: dict) -> np.ndarray:
     try:
         array = dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError as error:
-        raise ValueError(f"Tensor {tensor.name} has type {tensor.tensor_type.name}, which gguf cannot dequantize ({error}).")
+        message = f"Tensor {tensor.name} has type {tensor.tensor_type.name}, which gguf cannot dequantize ({error})."
+        raise ValueError(message) from error
     # GGUF lists dimensions innermost first; numpy (and PyTorch) outermost first
     array = np.array(array, dtype=np.float32).reshape([int(n) for n in reversed(tensor.shape)])
     # llama.cpp interleaves the rows of each query/key head for its RoPE kernel (convert_hf_to_gguf.py `permute`)

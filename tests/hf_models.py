@@ -47,10 +47,12 @@ def hf_configs() -> dict:
     }
 
 
-def save_tiny_model(name: str, directory, seed: int = 0):
+def save_tiny_model(name: str, directory, seed: int = 0, **overrides):
     import torch
 
     config, seq_len = hf_configs()[name]
+    for key, value in overrides.items():
+        setattr(config, key, value)
     config.architectures = [config.__class__.__name__.replace("Config", "ForCausalLM")]
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()

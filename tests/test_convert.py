@@ -158,3 +158,14 @@ def test_load_missing_or_corrupt_checkpoint(tmp_path):
     (checkpoint_dir / "lit_model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a valid safetensors file"):
         GPT.from_checkpoint(checkpoint_dir)
+
+
+@pytest.mark.parametrize("name", ["Llama-2-70b-chat-hf", "Llama-3.2-1B", "Mistral-7B-v0.1", "Mixtral-8x7B-v0.1", "phi-2",
+                                  "Phi-3-mini-128k-instruct", "falcon-7b", "falcon-40b", "SmolLM2-135M"])
+def test_named_config_survives_the_hf_config_round_trip(name):
+    from model.checkpoint import hf_config_dict
+
+    config = Config.from_name(name)
+    derived = Config.from_hf_config(hf_config_dict(config), name=config.name)
+    derived.hf_repo = config.hf_repo
+    assert derived == config

@@ -1,0 +1,141 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from hf_models import VOCAB, save_tiny_model
+from model import GPT, Config
+from model.checkpoint import convert_hf_checkpoint
+from model.generate import generate, sample, until_stop
+
+
+def greedy_without_cache(model: GPT, prompt: torch.Tensor, n: int) -> list[int]:
+    ids = prompt.tolist()
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[prompt.numel():]
+
+
+@pytest.mark.parametrize("family", ["llama3.1-scaled-rope", "mistral-sliding-window", "mixtral", "phi-2",
+                                    "phi-3-128k-longrope", "falcon-40b"])
+def test_kv_cache_gives_the_same_tokens_as_recomputing(family, tmp_path):
+    checkpoint_dir = tmp_path / "org" / f"tiny-{family}"
+    save_tiny_model(family, checkpoint_dir)
+    convert_hf_checkpoint(checkpoint_dir)
+    model = GPT.from_checkpoint(checkpoint_dir)
+    # the prompt plus generation runs past the sliding window and, for LongRoPE, past the original context
+    prompt = torch.randint(0, VOCAB, (9,), generator=torch.Generator().manual_seed(0))
+    n = 30
+    cached = list(generate(model, prompt, n, temperature=0.0))
+    assert cached == greedy_without_cache(model, prompt, n)
+    assert all(block.attn.kv_cache is None for block in model.transformer.h), "the cache is freed after generating"
+
+
+def test_generate_stops_at_stop_ids_and_checks_the_context():
+    torch.manual_seed(0)
+    model = GPT(Config(name="t", vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=16, intermediate_size=32, block_size=32)).eval()
+    prompt = torch.tensor([1, 2, 3])
+    tokens = list(generate(model, prompt, 10, temperature=0.0))
+    first = tokens[0]
+    assert list(generate(model, prompt, 10, temperature=0.0, stop_ids={first})) == [first]
+    with pytest.raises(ValueError, match="exceeds the model's context of 32"):
+        list(generate(model, prompt, 30))
+
+
+def test_sample():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]])
+    assert sample(logits, temperature=0.0).item() == 1
+    assert sample(logits, temperature=1.0, top_k=1).item() == 1
+    assert sample(logits, temperature=1.0, top_p=0.01).item() == 1
+    g = torch.Generator().manual_seed(0)
+    draws = {sample(logits, temperature=1.0, top_k=2, generator=g).item() for _ in range(200)}
+    assert draws == {1, 3}
+    # top_p=0.7: token 1 (p~.46) and token 3 (p~.42) reach 0.7; tokens 0 and 2 never appear
+    draws = {sample(logits, temperature=1.0, top_p=0.7, generator=g).item() for _ in range(300)}
+    assert draws == {1, 3}
+
+
+def test_until_stop_holds_back_partial_markers():
+    pieces = ["Hello", " world", "\nUs", "er: more"]
+    assert "".join(until_stop(pieces, ["\nUser:"])) == "Hello world"
+    assert "".join(until_stop(["a\nU", "nknown"], ["\nUser:"])) == "a\nUnknown"
+    assert list(until_stop(["a", "b"], [])) == ["a", "b"]
+
+
+def run(script, *args, stdin=None):
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT,
+                          input=stdin, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_dir(tmp_path_factory, smollm2_dir):
+    """A tiny random model that uses the real SmolLM2 tokenizer and prompt style."""
+    import shutil
+
+    checkpoint_dir = tmp_path_factory.mktemp("tiny") / "org" / "tiny-smollm2"
+    save_tiny_model("smollm2", checkpoint_dir, vocab_size=49152)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "prompt_style.yaml"):
+        shutil.copy(smollm2_dir / name, checkpoint_dir / name)
+    convert_hf_checkpoint(checkpoint_dir)
+    return checkpoint_dir
+
+
+@pytest.mark.parametrize("quantize", [None, "bnb.nf4"])
+def test_generate_script_on_tiny_model(tiny_chat_dir, quantize):
+    args = ["--checkpoint_dir", str(tiny_chat_dir), "--prompt", "hi", "--max_new_tokens", "5", "--temperature", "0"]
+    result = run("generate/base.py", *args, *(["--quantize", quantize] if quantize else []))
+    assert result.returncode == 0, result.stderr
+    assert "tokens/s" in result.stderr and "Memory used" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--quantize", "bnb.nf5"], "bnb.nf4"),
+        (["--precision", "64-true"], "precision"),
+        (["--max_new_tokens", "100000"], "exceeds the model's context"),
+        (["--prompt_style", "nope"], "nope"),
+        (["--top_p", "0"], "top_p"),
+    ],
+)
+def test_generate_bad_input(tiny_chat_dir, args, message):
+    result = run("generate/base.py", "--checkpoint_dir", str(tiny_chat_dir), *args)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_generate_missing_checkpoint(tmp_path):
+    result = run("generate/base.py", "--checkpoint_dir", str(tmp_path / "nothing"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "download.py" in result.stderr or "convert" in result.stderr
+
+
+@pytest.mark.real_model
+def test_real_model_answers_paris(smollm2_dir):
+    result = run("generate/base.py", "--checkpoint_dir", str(smollm2_dir), "--prompt", "What is the capital of France?",
+                 "--temperature", "0", "--max_new_tokens", "30")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+@pytest.mark.real_model
+def test_real_model_chat_is_multi_turn(smollm2_dir):
+    result = run("generate/chat.py", "--checkpoint_dir", str(smollm2_dir), "--temperature", "0",
+                 "--max_new_tokens", "30", stdin="What is the capital of France?\nAnd of Germany?\n!exit\n")
+    assert result.returncode == 0, result.stderr
+    replies = [line for line in result.stdout.splitlines() if "Reply:" in line]
+    assert len(replies) == 2
+    assert "Paris" in replies[0] and "Berlin" in replies[1]
+
+
+@pytest.mark.real_model
+def test_real_model_kv_cache_matches_recompute(smollm2_dir):
+    from model import Tokenizer
+
+    model = GPT.from_checkpoint(smollm2_dir, dtype=torch.float32)
+    prompt = Tokenizer(smollm2_dir).encode("The three primary colors are")
+    assert list(generate(model, prompt, 12, temperature=0.0)) == greedy_without_cache(model, prompt, 12)
