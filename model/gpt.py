@@ -170,14 +170,14 @@ class CausalSelfAttention(nn.Module):
         q = apply_rope(q, cos, sin, c.rope_n_elem)
         k = apply_rope(k, cos, sin, c.rope_n_elem)
 
+        mask = None
         if self.kv_cache is not None:
             k, v = self.kv_cache(input_pos, k, v)
-            key_pos = torch.arange(k.size(2), device=x.device)
-            mask = attention_mask(input_pos, key_pos, c.sliding_window)
+            # one new token sees the whole filled cache: it needs a mask only when the window cuts the cache
+            if T > 1 or (c.sliding_window is not None and k.size(2) > c.sliding_window):
+                mask = attention_mask(input_pos, torch.arange(k.size(2), device=x.device), c.sliding_window)
         elif c.sliding_window is not None and T > c.sliding_window:
             mask = attention_mask(input_pos, input_pos, c.sliding_window)
-        else:
-            mask = None
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=1.0 / math.sqrt(c.head_size),
             enable_gqa=c.n_query_groups != c.n_head,
