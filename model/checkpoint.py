@@ -36,13 +36,21 @@ def parse_dtype(dtype: Optional[str]) -> Optional[torch.dtype]:
 # ----------------------------------------------------------------------------------------------- atomic writes
 
 
+def _publish(tmp: Path | str, path: Path) -> None:
+    """Rename a finished temporary file onto its destination, readable like any file the user writes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def atomic_write_text(path: Path | str, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fp:
             fp.write(text)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -55,7 +63,7 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path | str, 
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -128,12 +136,12 @@ def save_sharded(
         for stale in [checkpoint_dir / LIT_WEIGHTS, checkpoint_dir / LIT_INDEX, *checkpoint_dir.glob("lit_model-*.safetensors")]:
             stale.unlink(missing_ok=True)
         if len(shards) == 1:
-            os.replace(tmp_dir / "shard-0", checkpoint_dir / LIT_WEIGHTS)
+            _publish(tmp_dir / "shard-0", checkpoint_dir / LIT_WEIGHTS)
             return
         weight_map = {}
         for i, names in enumerate(shards):
             file_name = f"lit_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            os.replace(tmp_dir / f"shard-{i}", checkpoint_dir / file_name)
+            _publish(tmp_dir / f"shard-{i}", checkpoint_dir / file_name)
             weight_map.update({name: file_name for name in names})
         atomic_write_text(checkpoint_dir / LIT_INDEX, json.dumps({"weight_map": weight_map}, indent=2))
     finally:
@@ -264,7 +272,7 @@ class HFWeights:
         checkpoint_dir = Path(checkpoint_dir)
         self.key_to_file: dict[str, Path] = {}
         files = sorted(checkpoint_dir.glob("*.safetensors"))
-        files = [f for f in files if not f.name.startswith("lit_model")]
+        files = [f for f in files if not f.name.startswith(("lit_model", "consolidated"))]
         self.format = "safetensors"
         if not files:
             files = sorted(checkpoint_dir.glob("pytorch_model*.bin"))

@@ -20,14 +20,14 @@ A checkpoint directory says which style it wants in `prompt_style.yaml` (written
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from types import EllipsisType
 from typing import Any
 
 import yaml
+
+from model.checkpoint import atomic_write_text
 
 PROMPT_STYLE_FILE = "prompt_style.yaml"
 ROLES = ("system", "user", "assistant")
@@ -509,12 +509,4 @@ def save_prompt_style(style: PromptStyle | str, checkpoint_dir: Path | str) -> N
         style = PromptStyle.from_name(style)
     path = Path(checkpoint_dir) / PROMPT_STYLE_FILE
     saved = {"name": style.name, "default_system": style.default_system}
-    text = yaml.safe_dump(saved, sort_keys=False, allow_unicode=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fp:
-            fp.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, yaml.safe_dump(saved, sort_keys=False, allow_unicode=True))

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import resource
 import sys
 from typing import Any, Callable
+
+import torch
 
 
 def run_cli(function: Callable, args: list[str] | None = None) -> Any:
@@ -27,18 +30,14 @@ def run_cli(function: Callable, args: list[str] | None = None) -> Any:
 PRECISIONS = {"32-true": "float32", "bf16-true": "bfloat16", "16-true": "float16"}
 
 
-def resolve_device(device: str = "auto") -> "torch.device":
-    import torch
-
+def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
-def precision_to_dtype(precision: str | None, device: "torch.device") -> "torch.dtype":
+def precision_to_dtype(precision: str | None, device: torch.device) -> torch.dtype:
     """The weights' dtype for `--precision`; by default bf16 where the hardware has fast bf16, else fp32."""
-    import torch
-
     if precision is None:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -48,12 +47,8 @@ def precision_to_dtype(precision: str | None, device: "torch.device") -> "torch.
     return getattr(torch, PRECISIONS[precision])
 
 
-def peak_memory_gb(device: "torch.device") -> float:
+def peak_memory_gb(device: torch.device) -> float:
     """Peak GPU memory allocated by PyTorch, or the process's peak resident memory on the CPU."""
-    import resource
-
-    import torch
-
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

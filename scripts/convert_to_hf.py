@@ -12,7 +12,6 @@ import tempfile
 from pathlib import Path
 from typing import Literal, Optional
 
-import torch
 
 from model.checkpoint import DTYPES, atomic_write_text, hf_config_dict, lit_to_hf, load_state_dict
 from model.config import Config

@@ -22,7 +22,8 @@ SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
 
 def files_to_download(repo_files: list[str]) -> list[str]:
     """The config/tokenizer files plus one format of weights: safetensors if present, else .bin."""
-    top_level = [f for f in repo_files if "/" not in f]
+    # Mistral repos also hold `consolidated.safetensors`, the same weights in Mistral's own format
+    top_level = [f for f in repo_files if "/" not in f and not f.startswith("consolidated")]
     safetensors = [f for f in top_level if f.endswith(".safetensors") or f.endswith(".safetensors.index.json")]
     weights = safetensors or [f for f in top_level if f.startswith("pytorch_model") and (f.endswith(".bin") or f.endswith(".bin.index.json"))]
     if not weights:

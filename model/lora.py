@@ -1,0 +1,338 @@
+"""LoRA (https://arxiv.org/abs/2106.09685) and DoRA (https://arxiv.org/abs/2402.09353) for the GPT in `gpt.py`.
+
+LoRA freezes a linear layer's weight W and learns a low-rank update: y = W x + b + (alpha / r) * B A dropout(x), with
+A (r, in) and B (out, r). B starts at zero, so an injected model starts out as exactly the base model.
+
+DoRA splits the updated weight into a direction and a learned magnitude per output row:
+W' = m * (W + s B A) / ||W + s B A||_row. The norm is treated as a constant (detached from the graph, section 4.3 of
+the paper), which is what PEFT does too; the forward below follows PEFT's arithmetic step by step so that outputs
+and gradients agree with a PEFT DoRA model on the same weights.
+
+The fused `attn.qkv` layer gets one A/B pair per enabled projection (q, k, v), each writing only its own rows of the
+output, so an adapter maps 1:1 onto PEFT's q_proj/k_proj/v_proj adapters. The base layer may be a bitsandbytes 4-bit
+or 8-bit layer from `model.quantize.quantize_model` (QLoRA: quantize first, then inject); its weight is only ever
+read through `dequantize_linear`.
+
+A LoRA run directory holds `lora.safetensors` (from `lora_state_dict`) and `hparams.yaml`, whose LoRA settings use
+the keys in `HPARAM_KEYS` (`LoRAConfig.to_hparams()` writes them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Optional
+
+import bitsandbytes as bnb
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.gpt import GPT
+from model.quantize import dequantize_linear
+
+LORA_WEIGHTS = "lora.safetensors"
+HPARAMS = "hparams.yaml"
+# LoRAConfig field -> its key in a run's hparams.yaml
+HPARAM_KEYS = {
+    "r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout", "query": "lora_query", "key": "lora_key",
+    "value": "lora_value", "projection": "lora_projection", "mlp": "lora_mlp", "head": "lora_head", "dora": "dora",
+}
+
+
+@dataclass
+class LoRAConfig:
+    """Which linears get LoRA, and its hyperparameters. `mlp` covers every linear of the MLP, each expert's of an MoE."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    query: bool = True
+    key: bool = False
+    value: bool = True
+    projection: bool = False
+    mlp: bool = False
+    head: bool = False
+    dora: bool = False
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ValueError(f"LoRA rank r must be positive, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if not any((self.query, self.key, self.value, self.projection, self.mlp, self.head)):
+            raise ValueError("LoRA is enabled on no layer: set at least one of query, key, value, projection, mlp, head")
+
+    def to_hparams(self) -> dict:
+        return {HPARAM_KEYS[f.name]: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_hparams(cls, hparams: dict, source: str = HPARAMS) -> "LoRAConfig":
+        missing = [key for key in HPARAM_KEYS.values() if key not in hparams]
+        if missing:
+            raise ValueError(f"{source} lacks the LoRA settings {', '.join(missing)}; was it written by a LoRA run?")
+        return cls(**{name: hparams[key] for name, key in HPARAM_KEYS.items()})
+
+
+class LoRAAdapter(nn.Module):
+    """The update of the output rows [start, start + size) of one linear layer: B (size, r) @ A (r, in_features), and
+    with DoRA the magnitude of each of those rows."""
+
+    def __init__(self, in_features: int, start: int, size: int, r: int, dora: bool, device, dtype) -> None:
+        super().__init__()
+        self.start, self.size = start, size
+        self.A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
+        # A as nn.Linear's default init and B = 0, as in the paper and PEFT: the update starts at exactly zero
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.B = nn.Parameter(torch.zeros(size, r, device=device, dtype=dtype))
+        # filled in by LoRALinear from the base weight's row norms
+        self.magnitude = nn.Parameter(torch.empty(size, device=device, dtype=dtype)) if dora else None
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.start, self.start + self.size)
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer (`self.linear`: nn.Linear, bnb Linear4bit or Linear8bitLt) plus LoRA/DoRA adapters.
+
+    `out_slices` maps a name to the `(start, size)` output rows its adapter updates; by default one adapter named
+    "all" covers every row. Rows outside every slice pass through unchanged.
+    """
+
+    def __init__(
+        self, linear: nn.Linear, r: int, alpha: float, dropout: float = 0.0, dora: bool = False,
+        out_slices: Optional[dict[str, tuple[int, int]]] = None, dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        self.linear = linear
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.r, self.alpha, self.scaling, self.dora = r, alpha, alpha / r, dora
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        out_slices = out_slices or {"all": (0, self.out_features)}
+        end = 0
+        for name, (start, size) in sorted(out_slices.items(), key=lambda item: item[1][0]):
+            if start < end or size <= 0 or start + size > self.out_features:
+                raise ValueError(f"LoRA slices {out_slices} overlap or fall outside the {self.out_features} output rows")
+            end = start + size
+        weight = linear.weight
+        # A 4-bit or int8 weight has no dtype to train in: the adapter takes the dtype the layer computes in
+        dtype = dtype or (weight.dtype if weight.is_floating_point() else getattr(linear, "compute_dtype", None) or torch.float32)
+        self.lora = nn.ModuleDict({
+            name: LoRAAdapter(self.in_features, start, size, r, dora, weight.device, dtype)
+            for name, (start, size) in sorted(out_slices.items(), key=lambda item: item[1][0])
+        })
+        # On the meta device (a model built before its weights are loaded) the magnitudes come with the adapter's state dict
+        if dora and weight.device.type != "meta":
+            base_weight = dequantize_linear(linear)
+            with torch.no_grad():
+                for adapter in self.lora.values():
+                    adapter.magnitude.copy_(torch.linalg.norm(base_weight[adapter.rows], dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x)
+        first = next(iter(self.lora.values()))
+        x = x.to(first.A.dtype)
+        dropped = self.dropout(x)
+        base_weight = dequantize_linear(self.linear).to(x.dtype) if self.dora else None
+        pieces, end = [], 0
+        for adapter in self.lora.values():
+            if adapter.start > end:
+                pieces.append(out[..., end:adapter.start])
+            rows = out[..., adapter.rows]
+            lora_out = F.linear(F.linear(dropped, adapter.A), adapter.B)
+            if self.dora:
+                update = self._dora_update(adapter, base_weight[adapter.rows], rows, dropped, lora_out)
+            else:
+                update = lora_out * self.scaling
+            pieces.append(rows + update.to(out.dtype))
+            end = adapter.start + adapter.size
+        if end < self.out_features:
+            pieces.append(out[..., end:])
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+
+    def _dora_update(
+        self, adapter: LoRAAdapter, weight: torch.Tensor, base_out: torch.Tensor, dropped: torch.Tensor,
+        lora_out: torch.Tensor,
+    ) -> torch.Tensor:
+        """DoRA's output minus the base output: (m / ||W + s B A|| - 1) W x + m / ||W + s B A|| * s B A x, as PEFT
+        computes it (`peft.tuners.lora.dora.DoraLinearLayer.forward`)."""
+        norm = torch.linalg.norm(weight + self.scaling * (adapter.B @ adapter.A).detach(), dim=1).to(weight.dtype)
+        scale = (adapter.magnitude / norm.detach()).view(1, -1)
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            # x was not dropped: reuse the base output, less the bias that DoRA does not rescale
+            bias = self.linear.bias
+            base = base_out - bias[adapter.rows] if bias is not None else base_out
+        else:
+            # the rescaled base term must see the same dropped-out input as the LoRA term
+            base = F.linear(dropped, weight)
+        return (scale - 1) * base + scale * lora_out * self.scaling
+
+    def merged_weight(self) -> torch.Tensor:
+        """The dense float32 weight W' with `F.linear(x, W', bias) == self(x)` (in eval mode)."""
+        weight = dequantize_linear(self.linear)
+        pieces, end = [], 0
+        for adapter in self.lora.values():
+            if adapter.start > end:
+                pieces.append(weight[end:adapter.start])
+            rows = weight[adapter.rows] + self.scaling * (adapter.B.float() @ adapter.A.float())
+            if self.dora:
+                rows = (adapter.magnitude.float() / torch.linalg.norm(rows, dim=1)).unsqueeze(1) * rows
+            pieces.append(rows)
+            end = adapter.start + adapter.size
+        pieces.append(weight[end:])
+        return torch.cat(pieces).detach()
+
+
+def lora_targets(model: GPT, lora_config: LoRAConfig) -> dict[str, Optional[dict[str, tuple[int, int]]]]:
+    """Module path -> output slices (None: the whole layer) of every linear that `lora_config` puts LoRA on."""
+    c = model.config
+    q_size, kv_size = c.n_head * c.head_size, c.n_query_groups * c.head_size
+    qkv_slices = {
+        name: rows for name, rows, enabled in (
+            ("q", (0, q_size), lora_config.query),
+            ("k", (q_size, kv_size), lora_config.key),
+            ("v", (q_size + kv_size, kv_size), lora_config.value),
+        ) if enabled
+    }
+    targets: dict[str, Optional[dict[str, tuple[int, int]]]] = {}
+    for i, block in enumerate(model.transformer.h):
+        if qkv_slices:
+            targets[f"transformer.h.{i}.attn.qkv"] = qkv_slices
+        if lora_config.projection:
+            targets[f"transformer.h.{i}.attn.proj"] = None
+        if lora_config.mlp:
+            for name, module in block.mlp.named_modules():
+                # An MoE's router stays frozen, as in lit-gpt and PEFT's Mixtral recipes: adapting it reroutes tokens,
+                # and a low-rank update of an (n_expert, n_embd) matrix saves nothing.
+                if isinstance(module, nn.Linear) and name != "gate":
+                    targets[f"transformer.h.{i}.mlp.{name}"] = None
+    if lora_config.head:
+        targets["lm_head"] = None
+    return targets
+
+
+def inject_lora(model: GPT, lora_config: LoRAConfig) -> GPT:
+    """Wrap the linears chosen by `lora_config` in LoRALinear, in place. Quantize the model (if at all) before this.
+
+    With tied embeddings the head's LoRALinear wraps the same nn.Linear, whose weight stays the embedding's."""
+    if any(isinstance(module, LoRALinear) for module in model.modules()):
+        raise ValueError("The model already has LoRA layers; inject_lora must be called once, on the base model")
+    for path, out_slices in lora_targets(model, lora_config).items():
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        lora_linear = LoRALinear(
+            getattr(parent, name), lora_config.r, lora_config.alpha, lora_config.dropout, lora_config.dora,
+            out_slices=out_slices,
+        )
+        # a new module starts in training mode; keep the model's (dropout must stay off in an eval-mode model)
+        setattr(parent, name, lora_linear.train(model.training))
+    return model
+
+
+def mark_only_lora_as_trainable(model: nn.Module) -> None:
+    """Freeze everything but the LoRA matrices and the DoRA magnitudes."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, LoRAAdapter):
+            for param in module.parameters():
+                param.requires_grad_(True)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the LoRA tensors, e.g. `transformer.h.0.attn.qkv.lora.q.A` / `.B` / `.magnitude`, `lm_head.lora.all.A`."""
+    return {
+        f"{path}.{name}": param.detach()
+        for path, module in model.named_modules() if isinstance(module, LoRAAdapter)
+        for name, param in module.named_parameters()
+    }
+
+
+def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Copy an adapter into a model injected with the same LoRAConfig; a clear ValueError names any difference."""
+    expected = lora_state_dict(model)
+    if not expected:
+        raise ValueError("The model has no LoRA layers; call inject_lora(model, lora_config) before loading an adapter")
+    missing, unexpected = expected.keys() - state_dict.keys(), state_dict.keys() - expected.keys()
+    trained_dora, model_dora = (any(k.endswith(".magnitude") for k in keys) for keys in (state_dict, expected))
+    if trained_dora != model_dora:
+        raise ValueError(f"The adapter was trained with dora={trained_dora} but the model has dora={model_dora}")
+    if missing or unexpected:
+        raise ValueError(
+            f"The adapter's LoRA layers differ from the model's: {len(missing)} missing (e.g. {sorted(missing)[:3]}),"
+            f" {len(unexpected)} unexpected (e.g. {sorted(unexpected)[:3]}). Inject LoRA with the query/key/value/"
+            "projection/mlp/head settings it was trained with."
+        )
+    for key, tensor in state_dict.items():
+        if tensor.shape == expected[key].shape:
+            continue
+        if key.endswith(".A") and tensor.shape[0] != expected[key].shape[0]:
+            raise ValueError(f"The adapter was trained with r={tensor.shape[0]} but the model has r={expected[key].shape[0]}")
+        raise ValueError(
+            f"{key} has shape {tuple(tensor.shape)} in the adapter but {tuple(expected[key].shape)} in the model;"
+            " was it trained on another base model?"
+        )
+    with torch.no_grad():
+        for key, tensor in state_dict.items():
+            expected[key].copy_(tensor)
+
+
+def load_lora_run(run_dir: Path | str) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+    """The LoRAConfig and adapter weights that a LoRA run saved in `run_dir` (hparams.yaml + lora.safetensors)."""
+    import yaml
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    for name in (HPARAMS, LORA_WEIGHTS):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(
+                f"{run_dir / name} not found: a LoRA run directory holds {HPARAMS} and {LORA_WEIGHTS}, as written by"
+                " `python finetune/lora.py --out_dir ...`"
+            )
+    hparams = yaml.safe_load((run_dir / HPARAMS).read_text()) or {}
+    lora_config = LoRAConfig.from_hparams(hparams, source=str(run_dir / HPARAMS))
+    try:
+        state_dict = load_file(run_dir / LORA_WEIGHTS)
+    except SafetensorError as e:
+        raise ValueError(f"{run_dir / LORA_WEIGHTS} is not a valid safetensors file ({e})") from e
+    return lora_config, state_dict
+
+
+def merge_lora(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Replace every LoRALinear by a plain nn.Linear holding its merged weight, in place, so the model computes the
+    same function without adapters.
+
+    The merged weight takes `dtype`, by default the base weight's dtype, or for a quantized base the adapter's dtype
+    (the base is dequantized, merged and kept dense). A merged head no longer shares the embedding's weight, so a
+    tied GPT's config is replaced by an untied one.
+    """
+    paths = [path for path, module in model.named_modules() if isinstance(module, LoRALinear)]
+    for path in paths:
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        lora_linear: LoRALinear = getattr(parent, name)
+        base = lora_linear.linear
+        target_dtype = dtype or (
+            base.weight.dtype if base.weight.is_floating_point() else next(iter(lora_linear.lora.values())).A.dtype
+        )
+        merged = nn.Linear(lora_linear.in_features, lora_linear.out_features, bias=base.bias is not None, device="meta")
+        merged.weight = nn.Parameter(lora_linear.merged_weight().to(device=base.weight.device, dtype=target_dtype))
+        if base.bias is not None:
+            merged.bias = nn.Parameter(base.bias.detach().to(target_dtype))
+        setattr(parent, name, merged)
+    if isinstance(model, GPT) and model.config.tie_embeddings and "lm_head" in paths:
+        model.config = replace(model.config, tie_embeddings=False)
+    return model
+
+
+def count_parameters(model: nn.Module, trainable: Optional[bool] = True) -> int:
+    """Trainable parameters (`trainable=True`), frozen ones (`False`) or all (`None`); shared weights count once."""
+    total = 0
+    for param in model.parameters():
+        if trainable is None or param.requires_grad == trainable:
+            # a 4-bit weight packs two values per byte: count the weights it stands for, not the bytes
+            total += param.quant_state.shape.numel() if isinstance(param, bnb.nn.Params4bit) else param.numel()
+    return total

@@ -1,0 +1,438 @@
+"""LoRA and DoRA: exact at init, merged == unmerged, the intended parameters train, DoRA agrees with PEFT in values
+and gradients, QLoRA trains on a 4-bit base, and an exported adapter gives our logits under PEFT."""
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import bitsandbytes as bnb
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from conftest import load_script
+from hf_models import VOCAB, save_tiny_model
+from model import GPT, Config
+from model.checkpoint import convert_hf_checkpoint
+from model.lora import (
+    LoRAConfig,
+    LoRALinear,
+    count_parameters,
+    inject_lora,
+    load_lora_run,
+    load_lora_state_dict,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+    merge_lora,
+)
+from model.quantize import dequantize_linear, quantize_model
+
+ROOT = Path(__file__).parent.parent
+EVERYWHERE = dict(query=True, key=True, value=True, projection=True, mlp=True, head=True)
+
+
+def tiny_config(**overrides) -> Config:
+    kw = dict(name="tiny", vocab_size=VOCAB, n_layer=2, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=48,
+              block_size=32)
+    return Config(**{**kw, **overrides})
+
+
+def tiny_gpt(**overrides) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(tiny_config(**overrides))
+    with torch.no_grad():  # random norms and biases, as in hf_models, so that nothing is trivially zero or one
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.add_(torch.randn_like(param) * 0.1)
+    return model.eval()
+
+
+def perturb_lora(model: torch.nn.Module, scale: float = 0.1, seed: int = 0) -> None:
+    """Move A, B (and the magnitudes) away from their init, so that the update is not zero."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in lora_state_dict(model).values():
+            tensor.add_(torch.randn(tensor.shape, generator=generator) * scale)
+
+
+def tokens(seq_len: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    checkpoint_dir = tmp_path_factory.mktemp("lora") / "org" / "tiny-llama2"
+    save_tiny_model("llama2", checkpoint_dir)
+    convert_hf_checkpoint(checkpoint_dir)
+    return checkpoint_dir
+
+
+# ------------------------------------------------------------------------------------------------ the layers
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("tied", [False, True])
+def test_lora_at_init_is_exactly_the_base_model(dora, tied):
+    base = tiny_gpt(tie_embeddings=tied)
+    model = inject_lora(copy.deepcopy(base), LoRAConfig(**EVERYWHERE, dora=dora)).eval()
+    idx = tokens()
+    with torch.no_grad():
+        assert torch.equal(model(idx), base(idx))
+    if tied:  # LoRA on the head leaves the head's base weight the embedding's
+        assert model.lm_head.linear.weight is model.transformer.wte.weight
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_lora_at_init_on_a_converted_hf_model(llama_dir, dora):
+    base = GPT.from_checkpoint(llama_dir, dtype=torch.float32)
+    model = inject_lora(GPT.from_checkpoint(llama_dir, dtype=torch.float32), LoRAConfig(**EVERYWHERE, dora=dora))
+    idx = tokens()
+    with torch.no_grad():
+        assert torch.equal(model(idx), base(idx))
+
+
+MERGE_CASES = {
+    "query+value": (dict(query=True, value=True), {}),
+    "query+key+value": (dict(query=True, key=True, value=True), {}),
+    "key": (dict(query=False, key=True, value=False), {}),
+    "projection": (dict(query=False, value=False, projection=True), {}),
+    "mlp": (dict(query=False, value=False, mlp=True), {}),
+    "head-tied": (dict(query=False, value=False, head=True), dict(tie_embeddings=True)),
+    "moe": (dict(query=True, value=True, mlp=True), dict(mlp_class_name="LLaMAMoE", n_expert=4, n_expert_per_token=2)),
+    "neox-bias": (EVERYWHERE, dict(mlp_class_name="GptNeoxMLP", intermediate_size=None, bias=True, lm_head_bias=True,
+                                   norm_class_name="LayerNorm", parallel_residual=True, shared_attention_norm=True)),
+}
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("case", list(MERGE_CASES))
+def test_merged_equals_unmerged(case, dora):
+    lora_kw, config_kw = MERGE_CASES[case]
+    base = tiny_gpt(**config_kw)
+    model = inject_lora(copy.deepcopy(base), LoRAConfig(**lora_kw, dora=dora))
+    perturb_lora(model)
+    idx = tokens()
+    with torch.no_grad():
+        unmerged = model(idx)
+        assert (unmerged - base(idx)).abs().max() > 1e-2  # the adapter really changes the model
+        merged_model = merge_lora(model)
+        merged = merged_model(idx)
+    assert not any(isinstance(m, LoRALinear) for m in merged_model.modules())
+    assert all(type(m) is torch.nn.Linear for n, m in merged_model.named_modules() if n.endswith(("qkv", "proj", "lm_head")))
+    assert (merged - unmerged).abs().max() <= 1e-5
+    if case == "head-tied":  # the merged head has its own weight; the embedding is the base's
+        assert not merged_model.config.tie_embeddings
+        assert merged_model.lm_head.weight is not merged_model.transformer.wte.weight
+        assert torch.equal(merged_model.transformer.wte.weight, base.transformer.wte.weight)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_dropout_in_training_follows_the_formula(dora):
+    """y = W x + b + (m/n - 1) W d(x) + (m/n) s B A d(x) for DoRA (PEFT's arithmetic), W x + b + s B A d(x) for LoRA,
+    with d(x) one dropout mask for all slices."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 24)
+    layer = LoRALinear(linear, r=4, alpha=8, dropout=0.5, dora=dora, out_slices={"q": (0, 8), "v": (16, 8)}).train()
+    perturb_lora(layer)
+    x = torch.randn(3, 16)
+    torch.manual_seed(1)
+    out = layer(x)
+    torch.manual_seed(1)
+    dropped = F.dropout(x, 0.5, training=True)
+    with torch.no_grad():
+        expected = linear(x)
+        for adapter in layer.lora.values():
+            W, rows = linear.weight[adapter.rows], adapter.rows
+            lora_out = dropped @ adapter.A.T @ adapter.B.T * 2.0
+            if dora:
+                scale = adapter.magnitude / torch.linalg.norm(W + 2.0 * adapter.B @ adapter.A, dim=1)
+                expected[:, rows] += (scale - 1) * (dropped @ W.T) + scale * lora_out
+            else:
+                expected[:, rows] += lora_out
+    assert (out - expected).abs().max() <= 1e-6
+    assert torch.equal(out[:, 8:16], linear(x)[:, 8:16])  # the k rows have no adapter
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_only_lora_parameters_train(dora):
+    base = tiny_gpt()
+    r = 4
+    model = inject_lora(copy.deepcopy(base), LoRAConfig(r=r, **EVERYWHERE, dora=dora))
+    mark_only_lora_as_trainable(model)
+    C, I, V, q, kv = 32, 48, VOCAB, 32, 16  # n_embd, intermediate, vocab, query rows, key/value rows
+    # each adapter: A (r, in) + B (out, r), and with DoRA a magnitude per output row
+    shapes = [(C, q), (C, kv), (C, kv), (q, C), (C, I), (C, I), (I, C)] * 2 + [(C, V)]
+    expected = sum(r * (fan_in + fan_out) + dora * fan_out for fan_in, fan_out in shapes)
+    assert count_parameters(model) == expected
+    assert count_parameters(model, trainable=False) == count_parameters(base, trainable=None)
+    assert all(".lora." in name for name, p in model.named_parameters() if p.requires_grad)
+    assert len(lora_state_dict(model)) == (3 if dora else 2) * len(shapes)
+    assert "transformer.h.0.attn.qkv.lora.q.A" in lora_state_dict(model)
+
+
+# ------------------------------------------------------------------------------------------------ against PEFT
+
+PEFT_NAMES = [("attn.qkv.lora.q", "self_attn.q_proj"), ("attn.qkv.lora.k", "self_attn.k_proj"),
+              ("attn.qkv.lora.v", "self_attn.v_proj"), ("attn.proj.lora.all", "self_attn.o_proj"),
+              ("mlp.fc_1.lora.all", "mlp.gate_proj"), ("mlp.fc_2.lora.all", "mlp.up_proj"),
+              ("mlp.proj.lora.all", "mlp.down_proj")]
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_matches_peft_logits_and_gradients(llama_dir, dora):
+    import peft
+
+    ours = GPT.from_checkpoint(llama_dir, dtype=torch.float32)
+    inject_lora(ours, LoRAConfig(r=4, alpha=8, dropout=0.0, query=True, key=True, value=True, projection=True,
+                                 mlp=True, dora=dora))
+    mark_only_lora_as_trainable(ours)
+    perturb_lora(ours)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(llama_dir, attn_implementation="eager")
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, use_dora=dora, target_modules=[n.split(".")[1] for _, n in PEFT_NAMES]))
+    ours_params, their_params = dict(ours.named_parameters()), dict(theirs.named_parameters())
+    pairs = [
+        (f"transformer.h.{i}.{our_name}.{ours_suffix}", f"base_model.model.model.layers.{i}.{hf_name}.{their_suffix}")
+        for i in range(ours.config.n_layer) for our_name, hf_name in PEFT_NAMES
+        for ours_suffix, their_suffix in (("A", "lora_A.default.weight"), ("B", "lora_B.default.weight"),
+                                          ("magnitude", "lora_magnitude_vector.default.weight"))
+        if dora or ours_suffix != "magnitude"
+    ]
+    assert {p for _, p in pairs} == {n for n, p in their_params.items() if p.requires_grad}
+    with torch.no_grad():
+        for our_name, their_name in pairs:
+            their_params[their_name].copy_(ours_params[our_name])
+
+    idx, targets = tokens(16), tokens(16, seed=2)
+    our_logits, their_logits = ours(idx), theirs(idx).logits
+    assert (our_logits - their_logits).abs().max() <= 1e-5
+    F.cross_entropy(our_logits.flatten(0, 1), targets.flatten()).backward()
+    F.cross_entropy(their_logits.flatten(0, 1), targets.flatten()).backward()
+    for our_name, their_name in pairs:
+        ours_grad, their_grad = ours_params[our_name].grad, their_params[their_name].grad
+        assert ours_grad.abs().max() > 0, our_name
+        assert (ours_grad - their_grad).abs().max() <= 1e-5, our_name
+
+
+# ------------------------------------------------------------------------------------------------ QLoRA
+
+# Measured over seeds 0-4 on this model (Gaussian weights, std 0.02): NF4 moves the base model's logits by a relative
+# 5.0-5.7%, and LoRA (or DoRA) on the 4-bit base differs from the same adapter on the dense base by the same amount
+# (the update itself is identical; only the base weight's quantization error remains). The bound leaves headroom.
+QLORA_LOGITS_ERROR_BOUND = 0.08
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_qlora_nf4_trains_and_merges(dora):
+    torch.manual_seed(0)
+    dense = GPT(tiny_config(n_embd=64, intermediate_size=128))
+    with torch.no_grad():  # LLM weights are close to Gaussian, which NF4's levels are made for
+        for name, param in dense.named_parameters():
+            if name.endswith("weight") and param.ndim == 2:
+                param.normal_(std=0.02)
+    lora_config = LoRAConfig(r=4, alpha=8, dropout=0.0, query=True, value=True, mlp=True, dora=dora)
+    model = quantize_model(copy.deepcopy(dense), "bnb.nf4", compute_dtype=torch.float32)
+    inject_lora(model, lora_config)
+    mark_only_lora_as_trainable(model)
+    qkv = model.transformer.h[0].attn.qkv
+    assert isinstance(qkv.linear, bnb.nn.Linear4bit) and qkv.lora.q.A.dtype == torch.float32
+    assert count_parameters(model, trainable=None) == count_parameters(inject_lora(copy.deepcopy(dense), lora_config), None)
+
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    initial = {n: t.clone() for n, t in lora_state_dict(model).items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    idx, targets = tokens(16), tokens(16, seed=2)
+    model.train()
+    losses = []
+    for _ in range(5):
+        loss = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(not torch.equal(t, initial[n]) for n, t in lora_state_dict(model).items())
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+
+    model.eval()
+    same_adapter_dense = inject_lora(copy.deepcopy(dense), lora_config)
+    load_lora_state_dict(same_adapter_dense, lora_state_dict(model))
+    with torch.no_grad():
+        unmerged = model(idx)
+        dense_logits = same_adapter_dense(idx)
+        merged_model = merge_lora(model, dtype=torch.float32)
+        merged = merged_model(idx)
+    merged_qkv = merged_model.transformer.h[0].attn.qkv
+    assert type(merged_qkv) is torch.nn.Linear and merged_qkv.weight.dtype == torch.float32
+    # merging the dequantized weight is exact: the merged model is the QLoRA model
+    assert (merged - unmerged).abs().max() <= 1e-5
+    assert relative_error(merged, dense_logits) <= QLORA_LOGITS_ERROR_BOUND
+
+
+# ------------------------------------------------------------------------------------------------ PEFT export
+
+
+def save_run(model: GPT, lora_config: LoRAConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in lora_state_dict(model).items()}, run_dir / "lora.safetensors")
+    (run_dir / "hparams.yaml").write_text(yaml.safe_dump({**lora_config.to_hparams(), "learning_rate": 3e-4}))
+
+
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT)
+
+
+EXPORT_CASES = {
+    # family: LoRA settings (fused HF layers: Phi-3's qkv_proj and gate_up_proj, Falcon's query_key_value)
+    "llama2": dict(query=True, key=True, value=True, projection=True, mlp=True),
+    "llama2-dora": dict(query=True, value=True, projection=True, mlp=True, dora=True),
+    "smollm2-tied-head": dict(query=True, value=True, head=True, dora=True),
+    "mistral-sliding-window": dict(query=True, value=True, mlp=True),
+    "mixtral": dict(query=True, key=True, value=True, projection=True, dora=True),
+    "phi-2": dict(query=True, key=True, value=True, projection=True, mlp=True, dora=True),
+    "phi-3-4k": dict(query=True, value=True, mlp=True),
+    "phi-3-4k-dora": dict(query=True, key=True, value=True, projection=True, mlp=True, dora=True),
+    "falcon-40b": dict(query=True, key=True),
+}
+
+
+@pytest.mark.parametrize("case", list(EXPORT_CASES))
+def test_export_peft_reproduces_our_logits(case, tmp_path):
+    import peft
+
+    family = case.removesuffix("-dora").removesuffix("-tied-head")
+    checkpoint_dir = tmp_path / "org" / f"tiny-{family}"
+    _, seq_len = save_tiny_model(family, checkpoint_dir)
+    convert_hf_checkpoint(checkpoint_dir)
+    lora_config = LoRAConfig(r=4, alpha=6, dropout=0.1, **EXPORT_CASES[case])
+    ours = inject_lora(GPT.from_checkpoint(checkpoint_dir, dtype=torch.float32), lora_config)
+    perturb_lora(ours)
+    save_run(ours, lora_config, tmp_path / "run")
+
+    hf_dir, adapter_dir = tmp_path / "hf", tmp_path / "adapter"
+    if case == "llama2":  # the command lines, once
+        for script, args in (("scripts/convert_to_hf.py", ["--checkpoint_dir", checkpoint_dir, "--output_dir", hf_dir]),
+                             ("scripts/export_peft.py", ["--checkpoint_dir", checkpoint_dir, "--lora_dir", tmp_path / "run",
+                                                         "--output_dir", adapter_dir])):
+            result = run_script(script, *map(str, args))
+            assert result.returncode == 0, result.stderr
+    else:
+        load_script("scripts/convert_to_hf.py").convert_to_hf(checkpoint_dir, hf_dir)
+        load_script("scripts/export_peft.py").export_peft(checkpoint_dir, tmp_path / "run", adapter_dir)
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+    theirs = peft.PeftModel.from_pretrained(base, adapter_dir).eval()
+    ours.eval()
+    idx = tokens(seq_len)
+    with torch.no_grad():
+        our_logits, their_logits = ours(idx), theirs(idx).logits
+        with theirs.disable_adapter():
+            base_logits = theirs(idx).logits
+    assert (our_logits - base_logits).abs().max() > 1e-2
+    assert (our_logits - their_logits).abs().max() <= 1e-4
+
+    saved_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert saved_config["r"] == 4 and saved_config["lora_alpha"] == 6 and saved_config["task_type"] == "CAUSAL_LM"
+    assert saved_config["use_dora"] == lora_config.dora
+    with safe_open(adapter_dir / "adapter_model.safetensors", framework="pt") as f:
+        keys = set(f.keys())
+    if case == "llama2-dora":
+        prefix = "base_model.model.model.layers.0"
+        assert saved_config["target_modules"] == ["down_proj", "gate_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+        assert {f"{prefix}.self_attn.q_proj.lora_A.weight", f"{prefix}.self_attn.q_proj.lora_B.weight",
+                f"{prefix}.self_attn.q_proj.lora_magnitude_vector"} <= keys
+        assert not any("k_proj" in key for key in keys)
+    if case == "phi-3-4k":  # q and v share the fused layer: rank 2r; gate and up likewise
+        assert saved_config["rank_pattern"] == {"qkv_proj": 8, "gate_up_proj": 8}
+        assert saved_config["alpha_pattern"] == {"qkv_proj": 12, "gate_up_proj": 12}
+
+
+def test_export_refuses_what_peft_cannot_express(tmp_path):
+    def checkpoint(family: str, **overrides) -> Path:
+        # the export reads only the config: a config file is a checkpoint enough
+        checkpoint_dir = tmp_path / family
+        checkpoint_dir.mkdir()
+        tiny_config(**overrides).save(checkpoint_dir)
+        return checkpoint_dir
+
+    def run_dir(name: str, config: Config, lora_config: LoRAConfig) -> Path:
+        with torch.device("meta"):
+            model = inject_lora(GPT(config), lora_config)
+        directory = tmp_path / name
+        save_run(model.to_empty(device="cpu"), lora_config, directory)
+        return directory
+
+    phi3 = checkpoint("phi3", hf_architecture="Phi3ForCausalLM")
+    partial_dora = run_dir("partial-dora", Config.from_checkpoint(phi3), LoRAConfig(query=True, value=True, dora=True))
+    result = run_script("scripts/export_peft.py", "--checkpoint_dir", str(phi3), "--lora_dir", str(partial_dora),
+                        "--output_dir", str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert "error: DoRA on only part of model.layers.0.self_attn.qkv_proj" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+    export_peft = load_script("scripts/export_peft.py").export_peft
+    mixtral = checkpoint("mixtral", hf_architecture="MixtralForCausalLM", mlp_class_name="LLaMAMoE", n_expert=2,
+                         n_expert_per_token=1)
+    experts = run_dir("experts", Config.from_checkpoint(mixtral), LoRAConfig(mlp=True))
+    with pytest.raises(ValueError, match="Mixtral's experts"):
+        export_peft(mixtral, experts, tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def test_adapter_mismatches_are_named():
+    trained = inject_lora(tiny_gpt(), LoRAConfig(r=4))
+    with pytest.raises(ValueError, match="trained with r=4 but the model has r=8"):
+        load_lora_state_dict(inject_lora(tiny_gpt(), LoRAConfig(r=8)), lora_state_dict(trained))
+    with pytest.raises(ValueError, match="trained with dora=False but the model has dora=True"):
+        load_lora_state_dict(inject_lora(tiny_gpt(), LoRAConfig(r=4, dora=True)), lora_state_dict(trained))
+    with pytest.raises(ValueError, match=r"1?\d missing .*attn\.qkv\.lora\.k\.A"):
+        load_lora_state_dict(inject_lora(tiny_gpt(), LoRAConfig(r=4, key=True)), lora_state_dict(trained))
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        load_lora_state_dict(tiny_gpt(), lora_state_dict(trained))
+    with pytest.raises(ValueError, match="already has LoRA"):
+        inject_lora(trained, LoRAConfig())
+    with pytest.raises(ValueError, match="rank r must be positive"):
+        LoRAConfig(r=0)
+
+
+def test_load_lora_run_names_what_is_missing(tmp_path):
+    model = inject_lora(tiny_gpt(), LoRAConfig(r=4, dora=True))
+    perturb_lora(model)
+    with pytest.raises(FileNotFoundError, match="hparams.yaml not found"):
+        load_lora_run(tmp_path)
+    save_run(model, LoRAConfig(r=4, dora=True), tmp_path)
+    lora_config, state_dict = load_lora_run(tmp_path)
+    assert lora_config == LoRAConfig(r=4, dora=True)
+    assert all(torch.equal(state_dict[k], v) for k, v in lora_state_dict(model).items())
+
+    (tmp_path / "lora.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="lora.safetensors not found"):
+        load_lora_run(tmp_path)
+    save_run(model, LoRAConfig(r=4, dora=True), tmp_path / "other")
+    (tmp_path / "other" / "hparams.yaml").write_text(yaml.safe_dump({"lora_r": 4, "lora_alpha": 8}))
+    with pytest.raises(ValueError, match="lacks the LoRA settings lora_dropout"):
+        load_lora_run(tmp_path / "other")
+
+
+def test_dequantized_base_is_read_not_written():
+    """DoRA and merging read a 4-bit base only through dequantize_linear; the packed weight never changes."""
+    torch.manual_seed(0)
+    layer = quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 64)), "bnb.nf4", compute_dtype=torch.float32)[0]
+    packed = layer.weight.data.clone()
+    lora = LoRALinear(layer, r=4, alpha=8, dora=True)
+    assert torch.allclose(lora.lora.all.magnitude, torch.linalg.norm(dequantize_linear(layer), dim=1))
+    lora.merged_weight()
+    lora(torch.randn(2, 64)).sum().backward()
+    assert torch.equal(layer.weight.data, packed)
