@@ -83,18 +83,24 @@ def main(
     """
     if quantize is not None and quantize not in QUANTIZE_MODES:
         raise ValueError(f"Unknown --quantize {quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
-    if max_new_tokens < 1 or num_samples < 1 or temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError("max_new_tokens and num_samples must be >= 1, temperature >= 0 and 0 < top_p <= 1")
+    check_sampling_flags(max_new_tokens, num_samples, temperature, top_p)
     style = PromptStyle.from_name(prompt_style) if prompt_style else load_prompt_style(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
     t0 = time.perf_counter()
     model = load_model(checkpoint_dir, device=device, precision=precision, quantize=quantize)
-    device_ = model.lm_head.weight.device
     print(f"Loaded the model in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    generate_and_print(model, tokenizer, style, prompt, system, max_new_tokens, temperature, top_k, top_p, num_samples,
+                       seed)
 
-    encoded = tokenizer.encode(style.apply(prompt, system=system)).to(device_)
+
+def generate_and_print(model, tokenizer: Tokenizer, style: PromptStyle, prompt: str, system: Optional[str],
+                       max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: float, num_samples: int,
+                       seed: int) -> None:
+    """Stream `num_samples` replies to stdout, with speed and memory on stderr."""
+    device = model.transformer.wte.weight.device
+    encoded = tokenizer.encode(style.apply(prompt, system=system)).to(device)
     stop_ids, stop_strings = stop_ids_and_strings(tokenizer, style)
-    generator = torch.Generator(device_).manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)
     for _ in range(num_samples):
         t0 = time.perf_counter()
         generated: list[int] = []
@@ -106,7 +112,12 @@ def main(
         print(flush=True)
         print(f"Time for inference: {elapsed:.2f} s, {len(generated) / elapsed:.2f} tokens/s, {len(generated)} tokens",
               file=sys.stderr)
-    print(f"Memory used: {peak_memory_gb(device_):.02f} GB", file=sys.stderr)
+    print(f"Memory used: {peak_memory_gb(device):.02f} GB", file=sys.stderr)
+
+
+def check_sampling_flags(max_new_tokens: int, num_samples: int, temperature: float, top_p: float) -> None:
+    if max_new_tokens < 1 or num_samples < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError("max_new_tokens and num_samples must be >= 1, temperature >= 0 and 0 < top_p <= 1")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def chat(
     style = PromptStyle.from_name(prompt_style) if prompt_style else load_prompt_style(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
     model = load_model(checkpoint_dir, device=device, precision=precision, quantize=quantize)
-    device_ = model.lm_head.weight.device
+    device_ = model.transformer.wte.weight.device
     stop_ids, stop_strings = stop_ids_and_strings(tokenizer, style)
     generator = torch.Generator(device_).manual_seed(seed)
     context = model.config.block_size

@@ -58,15 +58,17 @@ class GPT(nn.Module):
             model = cls(config)
         state_dict = load_state_dict(checkpoint_dir, device=device, dtype=dtype)
         model.load_state_dict(state_dict, strict=True, assign=True)
-        if config.tie_embeddings:
-            model.lm_head.weight = model.transformer.wte.weight
         model.reset_rope(device)
         return model.eval()
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        if self.config.tie_embeddings and "lm_head.weight" not in state_dict:
+        tied = self.config.tie_embeddings
+        if tied and "lm_head.weight" not in state_dict and "transformer.wte.weight" in state_dict:
             state_dict = dict(state_dict, **{"lm_head.weight": state_dict["transformer.wte.weight"]})
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if tied and assign:  # assigning gives the head its own Parameter: share the embedding's again
+            self.lm_head.weight = self.transformer.wte.weight
+        return result
 
     def reset_rope(self, device: torch.device | str | None = None) -> None:
         """(Re)compute the RoPE frequencies, e.g. after building the model on the meta device."""
@@ -118,11 +120,11 @@ class GPT(nn.Module):
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         max_seq_length = min(max_seq_length or self.config.block_size, self.config.block_size)
-        ref = self.lm_head.weight
+        ref = self.transformer.wte.weight
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(
                 batch_size, self.config.n_query_groups, max_seq_length, self.config.head_size,
-                device=device or ref.device, dtype=dtype or (ref.dtype if ref.is_floating_point() else torch.bfloat16),
+                device=device or ref.device, dtype=dtype or ref.dtype,
             )
 
     def clear_kv_cache(self) -> None:

@@ -111,8 +111,10 @@ class LoRALinear(nn.Module):
         self.r, self.alpha, self.scaling, self.dora = r, alpha, alpha / r, dora
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         out_slices = out_slices or {"all": (0, self.out_features)}
+        # kept in row order, which the forward relies on to assemble the output
+        ordered = sorted(out_slices.items(), key=lambda item: item[1][0])
         end = 0
-        for name, (start, size) in sorted(out_slices.items(), key=lambda item: item[1][0]):
+        for _, (start, size) in ordered:
             if start < end or size <= 0 or start + size > self.out_features:
                 raise ValueError(f"LoRA slices {out_slices} overlap or fall outside the {self.out_features} output rows")
             end = start + size
@@ -121,7 +123,7 @@ class LoRALinear(nn.Module):
         dtype = dtype or (weight.dtype if weight.is_floating_point() else getattr(linear, "compute_dtype", None) or torch.float32)
         self.lora = nn.ModuleDict({
             name: LoRAAdapter(self.in_features, start, size, r, dora, weight.device, dtype)
-            for name, (start, size) in sorted(out_slices.items(), key=lambda item: item[1][0])
+            for name, (start, size) in ordered
         })
         # On the meta device (a model built before its weights are loaded) the magnitudes come with the adapter's state dict
         if dora and weight.device.type != "meta":
@@ -132,8 +134,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.linear(x)
-        first = next(iter(self.lora.values()))
-        x = x.to(first.A.dtype)
+        x = x.to(next(iter(self.lora.values())).A.dtype)
         dropped = self.dropout(x)
         base_weight = dequantize_linear(self.linear).to(x.dtype) if self.dora else None
         pieces, end = [], 0

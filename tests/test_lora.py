@@ -32,6 +32,7 @@ from model.lora import (
     merge_lora,
 )
 from model.quantize import dequantize_linear, quantize_model
+from model.utils import run_cli
 
 ROOT = Path(__file__).parent.parent
 EVERYWHERE = dict(query=True, key=True, value=True, projection=True, mlp=True, head=True)
@@ -222,10 +223,11 @@ def test_matches_peft_logits_and_gradients(llama_dir, dora):
 
 # ------------------------------------------------------------------------------------------------ QLoRA
 
-# Measured over seeds 0-4 on this model (Gaussian weights, std 0.02): NF4 moves the base model's logits by a relative
-# 5.0-5.7%, and LoRA (or DoRA) on the 4-bit base differs from the same adapter on the dense base by the same amount
-# (the update itself is identical; only the base weight's quantization error remains). The bound leaves headroom.
-QLORA_LOGITS_ERROR_BOUND = 0.08
+# NF4 moves each weight by ~9% (relative Frobenius error, see test_quantize.py); through the six quantized linears
+# of this model that moves the logits by 9.8-11.5% (measured over seeds 0-4). The adapter is the same on the 4-bit
+# and on the dense base, so the QLoRA model differs from the dense LoRA model only by that base error: measured
+# 0.73-0.92 times the base model's own error after the training below, for LoRA and DoRA alike.
+NF4_LOGITS_ERROR_BOUND = 0.13
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -241,7 +243,10 @@ def test_qlora_nf4_trains_and_merges(dora):
             if name.endswith("weight") and param.ndim == 2:
                 param.normal_(std=0.02)
     lora_config = LoRAConfig(r=4, alpha=8, dropout=0.0, query=True, value=True, mlp=True, dora=dora)
-    model = quantize_model(copy.deepcopy(dense), "bnb.nf4", compute_dtype=torch.float32)
+    model = quantize_model(copy.deepcopy(dense), "bnb.nf4", compute_dtype=torch.float32).eval()
+    idx, targets = tokens(16), tokens(16, seed=2)
+    with torch.no_grad():
+        base_error = relative_error(model(idx), dense.eval()(idx))
     inject_lora(model, lora_config)
     mark_only_lora_as_trainable(model)
     qkv = model.transformer.h[0].attn.qkv
@@ -251,7 +256,6 @@ def test_qlora_nf4_trains_and_merges(dora):
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     initial = {n: t.clone() for n, t in lora_state_dict(model).items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    idx, targets = tokens(16), tokens(16, seed=2)
     model.train()
     losses = []
     for _ in range(5):
@@ -276,7 +280,8 @@ def test_qlora_nf4_trains_and_merges(dora):
     assert type(merged_qkv) is torch.nn.Linear and merged_qkv.weight.dtype == torch.float32
     # merging the dequantized weight is exact: the merged model is the QLoRA model
     assert (merged - unmerged).abs().max() <= 1e-5
-    assert relative_error(merged, dense_logits) <= QLORA_LOGITS_ERROR_BOUND
+    assert base_error <= NF4_LOGITS_ERROR_BOUND
+    assert relative_error(merged, dense_logits) <= 1.1 * base_error
 
 
 # ------------------------------------------------------------------------------------------------ PEFT export
@@ -357,7 +362,7 @@ def test_export_peft_reproduces_our_logits(case, tmp_path):
         assert saved_config["alpha_pattern"] == {"qkv_proj": 12, "gate_up_proj": 12}
 
 
-def test_export_refuses_what_peft_cannot_express(tmp_path):
+def test_export_refuses_what_peft_cannot_express(tmp_path, capsys):
     def checkpoint(family: str, **overrides) -> Path:
         # the export reads only the config: a config file is a checkpoint enough
         checkpoint_dir = tmp_path / family
@@ -372,15 +377,16 @@ def test_export_refuses_what_peft_cannot_express(tmp_path):
         save_run(model.to_empty(device="cpu"), lora_config, directory)
         return directory
 
+    export_peft = load_script("scripts/export_peft.py").export_peft
     phi3 = checkpoint("phi3", hf_architecture="Phi3ForCausalLM")
     partial_dora = run_dir("partial-dora", Config.from_checkpoint(phi3), LoRAConfig(query=True, value=True, dora=True))
-    result = run_script("scripts/export_peft.py", "--checkpoint_dir", str(phi3), "--lora_dir", str(partial_dora),
-                        "--output_dir", str(tmp_path / "out"))
-    assert result.returncode == 1
-    assert "error: DoRA on only part of model.layers.0.self_attn.qkv_proj" in result.stderr
+    with pytest.raises(SystemExit) as exit_info:  # the command line: one error line, exit status 1, no output
+        run_cli(export_peft, ["--checkpoint_dir", str(phi3), "--lora_dir", str(partial_dora),
+                              "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 1
+    assert "error: DoRA on only part of model.layers.0.self_attn.qkv_proj" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
-    export_peft = load_script("scripts/export_peft.py").export_peft
     mixtral = checkpoint("mixtral", hf_architecture="MixtralForCausalLM", mlp_class_name="LLaMAMoE", n_expert=2,
                          n_expert_per_token=1)
     experts = run_dir("experts", Config.from_checkpoint(mixtral), LoRAConfig(mlp=True))

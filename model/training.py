@@ -1,0 +1,246 @@
+"""Mechanics the fine-tuning scripts share: batch order, learning-rate schedule, checkpoints that resume exactly,
+metrics and the progress line. The training loops themselves stay in the scripts, written out.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+
+from model.checkpoint import atomic_write_text
+
+STEP_DIR_PREFIX = "step-"
+
+
+# ----------------------------------------------------------------------------------------------- batches
+
+
+def epoch_batches(lengths: list[int], micro_batch_size: int, epoch: int, seed: int) -> list[list[int]]:
+    """The micro-batches (lists of sample indices) of one epoch: a seeded shuffle, with the batch holding the
+    longest sample moved to the front so that running out of memory happens at step 1, not hours in."""
+    generator = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    batches = [order[i:i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+    longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+    batches[0], batches[longest] = batches[longest], batches[0]
+    return batches
+
+
+def gradient_accumulation_iters(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    per_step = micro_batch_size * world_size
+    if global_batch_size % per_step:
+        raise ValueError(
+            f"--global_batch_size {global_batch_size} must be a multiple of --micro_batch_size x devices"
+            f" ({micro_batch_size} x {world_size} = {per_step})"
+        )
+    return global_batch_size // per_step
+
+
+# ----------------------------------------------------------------------------------------------- schedule
+
+
+def warmup_cosine(warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.1):
+    """LambdaLR multiplier: linear warmup to the peak, then cosine decay to `min_lr_ratio` of it at `max_steps`."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def step_dir(out_dir: Path, step: int) -> Path:
+    return Path(out_dir) / f"{STEP_DIR_PREFIX}{step:06d}"
+
+
+def save_training_state(fabric, out_dir: Path, step: int, state: dict, trainable_only: bool) -> Path:
+    """Save everything `--resume` needs into `out_dir/step-NNNNNN/training_state.pt`, atomically: the files are
+    written into a temporary directory that is renamed into place only when complete, so a run killed while
+    saving leaves the previous checkpoint as the latest."""
+    final = step_dir(out_dir, step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if fabric.global_rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    fabric.barrier()
+    trainable = {n for n, p in state["model"].named_parameters() if p.requires_grad}
+    filter_ = {"model": lambda name, _: _strip_wrappers(name) in trainable} if trainable_only else None
+    fabric.save(tmp / "training_state.pt", state, filter=filter_)
+    fabric.barrier()
+    if fabric.global_rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    fabric.barrier()
+    return final
+
+
+def _strip_wrappers(name: str) -> str:
+    for prefix in ("_forward_module.", "_orig_mod.", "module."):
+        name = name.removeprefix(prefix)
+    return name
+
+
+def latest_checkpoint(out_dir: Path) -> Optional[Path]:
+    steps = sorted(p for p in Path(out_dir).glob(f"{STEP_DIR_PREFIX}*") if (p / "training_state.pt").is_file())
+    return steps[-1] if steps else None
+
+
+def resolve_resume(resume: bool | str | Path, out_dir: Path) -> Optional[Path]:
+    """`--resume false`: start fresh; `true`/`auto`: the latest checkpoint in out_dir (auto: none is fine);
+    a path: that checkpoint directory."""
+    if resume is False or resume in ("false", "False"):
+        return None
+    if resume is True or resume in ("auto", "true", "True"):
+        found = latest_checkpoint(out_dir)
+        if found is None and resume != "auto":
+            raise FileNotFoundError(f"--resume: no checkpoint (step-*/training_state.pt) in {out_dir}")
+        return found
+    path = Path(resume)
+    if not (path / "training_state.pt").is_file():
+        raise FileNotFoundError(f"--resume {path}: {path / 'training_state.pt'} not found")
+    return path
+
+
+def load_training_state(fabric, path: Path, state: dict, trainable_only: bool) -> None:
+    fabric.load(path / "training_state.pt", state, strict=not trainable_only, weights_only=True)
+
+
+def save_hparams(out_dir: Path, hparams: dict) -> None:
+    """Every flag of the run, so later scripts (merge, generate, export) never ask the user to repeat them."""
+    plain = {k: (str(v) if isinstance(v, Path) else v) for k, v in hparams.items()}
+    atomic_write_text(Path(out_dir) / "hparams.yaml", yaml.safe_dump(plain, sort_keys=False))
+
+
+def load_hparams(run_dir: Path) -> dict:
+    path = Path(run_dir) / "hparams.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} the output directory of a fine-tuning run?")
+    return yaml.safe_load(path.read_text())
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+
+class MetricsLogger:
+    """Appends one row per logged step to `metrics.csv` (and to TensorBoard when it is installed).
+
+    On resume, rows after the resumed step are dropped first, so a run killed after logging past its last
+    checkpoint does not end up with duplicated steps."""
+
+    def __init__(self, out_dir: Path, fieldnames: list[str], resume_step: Optional[int], enabled: bool = True):
+        self.path = Path(out_dir) / "metrics.csv"
+        self.fieldnames = fieldnames
+        self.enabled = enabled
+        self.tensorboard = None
+        if not enabled:
+            return
+        rows = []
+        if resume_step is not None and self.path.is_file():
+            with open(self.path, newline="") as fp:
+                rows = [r for r in csv.DictReader(fp) if int(r["step"]) <= resume_step]
+        with open(self.path, "w", newline="") as fp:
+            writer = csv.DictWriter(fp, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+        except ImportError:
+            pass
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", newline="") as fp:
+            csv.DictWriter(fp, fieldnames=self.fieldnames).writerow({k: row.get(k, "") for k in self.fieldnames})
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, row["step"])
+
+
+@dataclass
+class Throughput:
+    """Tokens per second and time left, over the steps of this process (resumed steps excluded)."""
+
+    start_step: int
+    max_steps: int
+    tokens: int = 0
+    started: float = 0.0
+
+    def __post_init__(self):
+        self.started = time.perf_counter()
+
+    def update(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def line(self, step: int, loss: float, lr: float, memory_gb: float) -> str:
+        elapsed = time.perf_counter() - self.started
+        done = max(1, step - self.start_step)
+        eta = elapsed / done * (self.max_steps - step)
+        return (f"step {step}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {self.tokens / elapsed:,.0f} tok/s"
+                f" | ETA {_duration(eta)} | mem {memory_gb:.2f} GB")
+
+    def tokens_per_s(self) -> float:
+        return self.tokens / (time.perf_counter() - self.started)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def print_rank0(fabric, *args, **kwargs) -> None:
+    if fabric.global_rank == 0:
+        print(*args, **kwargs, file=sys.stderr, flush=True)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def run_output_dir(path: Path, weights_name: str) -> Path:
+    """The directory holding a run's weights: `path` itself, or its `final/` when given the run's out_dir."""
+    path = Path(path)
+    if (path / weights_name).is_file():
+        return path
+    if (path / "final" / weights_name).is_file():
+        return path / "final"
+    raise FileNotFoundError(
+        f"No {weights_name} in {path} or {path / 'final'}: pass the output directory of a finished fine-tuning run"
+        " (or one of its step-* checkpoints)"
+    )

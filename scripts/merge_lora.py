@@ -1,0 +1,74 @@
+"""Merge a LoRA or DoRA adapter into its base model and save a plain checkpoint.
+
+    python scripts/merge_lora.py --lora_dir out/lora/final --out_dir checkpoints/my-org/smollm2-tasks
+
+The output is a complete checkpoint directory (model_config.yaml, lit_model.safetensors, tokenizer files,
+prompt_style.yaml) that every script reads like any other, and that `scripts/convert_to_hf.py` exports. A run
+trained on a quantized base (QLoRA/QDoRA) is merged into the same dequantized weights it was trained against and
+saved in the base checkpoint's dtype.
+"""
+
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from model.checkpoint import load_state_dict, save_sharded
+from model.config import Config
+from model.gpt import GPT
+from model.lora import inject_lora, load_lora_run, load_lora_state_dict, merge_lora
+from model.quantize import quantize_model
+from model.training import load_hparams, run_output_dir
+from model.utils import run_cli
+
+COPIED_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                "generation_config.json", "prompt_style.yaml", "chat_template.jinja")
+
+
+def merge(lora_dir: Path, out_dir: Path, checkpoint_dir: Optional[Path] = None) -> None:
+    """Merge the adapter in `lora_dir` into its base and write the result to `out_dir`.
+
+    Args:
+        lora_dir: The run's output directory (or its final/ or a step-*/ directory).
+        out_dir: Where to write the merged checkpoint (must not exist yet, or be empty).
+        checkpoint_dir: The base checkpoint; default: the one the run was trained from.
+    """
+    run_dir = run_output_dir(lora_dir, "lora.safetensors")
+    hparams = load_hparams(run_dir)
+    checkpoint_dir = checkpoint_dir or Path(hparams["checkpoint_dir"])
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} is not empty; choose a new --out_dir")
+    lora_config, adapter = load_lora_run(run_dir)
+
+    config = Config.from_checkpoint(checkpoint_dir)
+    state_dict = load_state_dict(checkpoint_dir)
+    dtype = state_dict["transformer.wte.weight"].dtype
+    model = GPT(config)
+    model.load_state_dict(state_dict)
+    quantize = hparams.get("quantize")
+    if quantize:
+        # merge into the weights the adapter was trained against: the dequantized 4/8-bit base
+        quantize_model(model, quantize, compute_dtype=dtype)
+    inject_lora(model, lora_config)
+    load_lora_state_dict(model, adapter)
+    merge_lora(model.eval(), dtype=dtype)
+    if lora_config.head and config.tie_embeddings:
+        config.tie_embeddings = False  # the merged head differs from the embedding now
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        merged = model.state_dict()
+        if config.tie_embeddings:
+            merged.pop("lm_head.weight")
+        save_sharded(iter(merged.items()), out_dir)
+        config.save(out_dir)
+        for name in COPIED_FILES:
+            if (checkpoint_dir / name).is_file():
+                shutil.copy2(checkpoint_dir / name, out_dir / name)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    print(f"Merged {run_dir} into {checkpoint_dir.name} and saved it to {out_dir}")
+
+
+if __name__ == "__main__":
+    run_cli(merge)
