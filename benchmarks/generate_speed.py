@@ -5,7 +5,7 @@
 The checkpoint directory must hold both formats (a GGUF conversion or `download.py` leaves the HF files beside
 ours). Each engine runs in its own process, so peak memory (GPU: max allocated; CPU: peak resident set) is its
 own; both generate exactly `max_new_tokens` tokens from the same prompt with the same dtype and thread count,
-after one warm-up, and the median of `repeats` timed runs is reported.
+after one warm-up; the engines alternate over several rounds and the median is reported.
 """
 
 import json
@@ -73,23 +73,32 @@ def main(
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
     repeats: int = 3,
     device: str = "auto",
+    rounds: int = 3,
     engine: Literal["both", "forge", "transformers"] = "both",
 ) -> None:
-    """Compare tokens/s and peak memory of Forge and transformers on the same checkpoint."""
+    """Compare tokens/s and peak memory of Forge and transformers on the same checkpoint.
+
+    Each of `rounds` rounds runs both engines in turn, each in a fresh process doing one warm-up and `repeats`
+    timed generations; the table shows the median over rounds."""
     if engine != "both":
         print(json.dumps(run_engine(engine, checkpoint_dir, prompt, max_new_tokens, dtype, repeats, device)))
         return
-    results = {}
-    for name in ("forge", "transformers"):
-        cmd = [sys.executable, __file__, "--engine", name, "--checkpoint_dir", str(checkpoint_dir), "--prompt", prompt,
-               "--max_new_tokens", str(max_new_tokens), "--dtype", dtype, "--repeats", str(repeats), "--device", device]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            raise SystemExit(f"{name} failed:\n{out.stderr}")
-        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    # the engines take turns, so a change in the machine's background load hits both alike
+    runs: dict[str, list[dict]] = {"forge": [], "transformers": []}
+    for _ in range(rounds):
+        for name in runs:
+            cmd = [sys.executable, __file__, "--engine", name, "--checkpoint_dir", str(checkpoint_dir), "--prompt", prompt,
+                   "--max_new_tokens", str(max_new_tokens), "--dtype", dtype, "--repeats", str(repeats), "--device", device]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                raise SystemExit(f"{name} failed:\n{out.stderr}")
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    results = {name: dict(r[0], tokens_per_s=statistics.median(x["tokens_per_s"] for x in r),
+                          peak_memory_gb=max(x["peak_memory_gb"] for x in r)) for name, r in runs.items()}
     forge, hf = results["forge"], results["transformers"]
     same = forge["token_ids"] == hf["token_ids"]
-    print(f"checkpoint: {checkpoint_dir}  dtype: {dtype}  new tokens: {max_new_tokens}  threads: {torch.get_num_threads()}")
+    print(f"checkpoint: {checkpoint_dir}  dtype: {dtype}  new tokens: {max_new_tokens}  threads: {torch.get_num_threads()}"
+          f"  rounds: {rounds} x {repeats}")
     print("| engine | tokens/s | peak memory (GB) |")
     print("|---|---|---|")
     for r in (forge, hf):

@@ -93,8 +93,8 @@ class GPT(nn.Module):
             input_pos = torch.arange(T, device=idx.device)
         if T > self.config.block_size or int(input_pos[-1]) >= self.config.block_size:
             raise ValueError(f"Sequence position {int(input_pos[-1])} is beyond the model's block_size {self.config.block_size}")
-        cos, sin = self.rope(input_pos)
         x = self.transformer.wte(idx)
+        cos, sin = (t.to(x.dtype) for t in self.rope(input_pos))
         for block in self.transformer.h:
             x = block(x, cos, sin, input_pos)
         x = self.transformer.ln_f(x)
@@ -223,10 +223,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # normalize in float32, then scale in the input dtype, as the reference Llama implementation does
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -325,10 +323,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_elem: in
     """Rotate the first `n_elem` dims of each head (the "rotate half" convention of HF checkpoints)."""
     if n_elem == 0:
         return x
-    rotated, passthrough = x[..., :n_elem], x[..., n_elem:]
-    x1, x2 = rotated.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    rotated = rotated * cos + torch.cat((-x2, x1), dim=-1) * sin
-    if passthrough.size(-1) == 0:
-        return rotated
-    return torch.cat((rotated, passthrough), dim=-1)
+    if n_elem < x.size(-1):  # partial rotary (Phi): the remaining dims pass through unrotated
+        return torch.cat((apply_rope(x[..., :n_elem], cos, sin, n_elem), x[..., n_elem:]), dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
