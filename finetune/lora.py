@@ -133,9 +133,10 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, 
     train_data = load_dataset(data_dir / "train.pt", vocab_size=config.vocab_size)
     val_data = load_dataset(data_dir / "test.pt", vocab_size=config.vocab_size)
     max_seq_length = min(h["max_seq_length"] or config.block_size, config.block_size)
+    h = {**h, **lora_config.to_hparams()}
     if fabric.global_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_hparams(out_dir, {**h, **lora_config.to_hparams()})
+        save_hparams(out_dir, h)
 
     # The base model: loaded in the training dtype, optionally quantized, then wrapped with adapters
     dtype = {"32-true": torch.float32, "bf16-true": torch.bfloat16}.get(fabric.strategy.precision.precision, torch.float32)
@@ -170,7 +171,7 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, 
 
     train(fabric, state, train_data, val_data, tokenizer, max_steps, accumulate, lengths, max_seq_length, out_dir, h)
     if fabric.global_rank == 0:
-        save_adapter(model, out_dir / "final", {**h, **lora_config.to_hparams()})
+        save_adapter(model, out_dir / "final", h)
         print_rank0(fabric, f"Saved the adapter to {out_dir / 'final'}")
 
 
@@ -195,8 +196,7 @@ def train(fabric, state, train_data, val_data, tokenizer, max_steps, accumulate,
                 input_ids, labels = batch["input_ids"].to(fabric.device), batch["labels"].to(fabric.device)
                 # no gradient all-reduce until the last micro-batch of the step
                 with fabric.no_backward_sync(model, enabled=i < accumulate - 1):
-                    logits = model(input_ids)
-                    loss = next_token_loss(logits, labels)
+                    loss = next_token_loss(model, input_ids, labels)
                     fabric.backward(loss / accumulate)
                 loss_sum += loss.item()
                 throughput.update(int(input_ids.numel()) * fabric.world_size)
@@ -224,16 +224,22 @@ def train(fabric, state, train_data, val_data, tokenizer, max_steps, accumulate,
             if step % h["save_interval"] == 0 or step == max_steps:
                 state["rng"] = rng_state()
                 path = save_training_state(fabric, out_dir, step, state, trainable_only=True)
+                if fabric.global_rank == 0:  # the adapter alone too, for generate/lora.py and merge_lora.py
+                    save_adapter(model, path, h)
                 print_rank0(fabric, f"Saved a checkpoint to {path}")
         if state["step"] < max_steps:
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
 
 
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting token t+1 from position t, over the positions whose label is not -100."""
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1),
-                           ignore_index=-100)
+def next_token_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting token t+1 at position t, over the positions whose next label is not -100.
+
+    Logits are computed only at those positions: with the prompt masked, that skips most of the output head."""
+    targets = labels[:, 1:]
+    predicting = torch.nn.functional.pad(targets != -100, (0, 1))  # position t predicts label t+1; the last predicts nothing
+    logits = model(input_ids, logits_mask=predicting)
+    return F.cross_entropy(logits.float(), targets[targets != -100])
 
 
 @torch.no_grad()
@@ -242,8 +248,7 @@ def validate(fabric, model, val_data, collate, tokenizer, h, metrics, step) -> N
     losses = []
     for i in range(0, min(len(val_data), h["eval_iters"] * h["micro_batch_size"]), h["micro_batch_size"]):
         batch = collate(val_data[i:i + h["micro_batch_size"]])
-        logits = model(batch["input_ids"].to(fabric.device))
-        losses.append(next_token_loss(logits, batch["labels"].to(fabric.device)))
+        losses.append(next_token_loss(model, batch["input_ids"].to(fabric.device), batch["labels"].to(fabric.device)))
     val_loss = fabric.all_reduce(torch.stack(losses).mean(), reduce_op="mean").item()
     # a sample generation shows what the numbers mean
     sample = val_data[0]
@@ -260,7 +265,7 @@ def validate(fabric, model, val_data, collate, tokenizer, h, metrics, step) -> N
 
 def save_adapter(model, run_dir: Path, hparams: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(lora_state_dict(model), run_dir / LORA_WEIGHTS)
+    atomic_save_safetensors(lora_state_dict(getattr(model, "module", model)), run_dir / LORA_WEIGHTS)
     save_hparams(run_dir, hparams)
 
 

@@ -57,8 +57,8 @@ def generate(
     model.set_kv_cache(batch_size=1, max_seq_length=total, device=device)
     try:
         input_pos = torch.arange(prompt.numel(), device=device)
-        # only the last prompt position's logits are needed: skip the output head for the others
-        logits = model.lm_head(model(prompt.unsqueeze(0), input_pos, return_hidden=True)[:, -1])
+        last_only = (input_pos == input_pos[-1]).unsqueeze(0)
+        logits = model(prompt.unsqueeze(0), input_pos, logits_mask=last_only)
         for _ in range(max_new_tokens):
             token = sample(logits, temperature, top_k, top_p, generator)
             token_id = int(token)

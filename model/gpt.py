@@ -81,12 +81,15 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         input_pos: Optional[torch.Tensor] = None,
         return_hidden: bool = False,
+        logits_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Logits `(B, T, vocab_size)` for token ids `idx` `(B, T)`.
 
         `input_pos` `(T,)` gives the positions of `idx` in the sequence; with a KV cache (`set_kv_cache`) it says
         where to write the new keys and values. Without it, `idx` is a whole sequence starting at position 0.
         `return_hidden=True` returns the final normalized hidden states `(B, T, n_embd)` instead of logits.
+        `logits_mask` `(B, T)` (bool) returns the logits of the masked positions only, `(N, vocab_size)`: the output
+        head is a large matmul, and a loss on the responses or a generation's next token needs few positions.
         """
         T = idx.size(1)
         if input_pos is None:
@@ -100,6 +103,8 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if return_hidden:
             return x
+        if logits_mask is not None:
+            x = x[logits_mask]
         return self.lm_head(x)
 
     def rope(self, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -96,8 +96,9 @@ def save_training_state(fabric, out_dir: Path, step: int, state: dict, trainable
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     fabric.barrier()
-    trainable = {n for n, p in state["model"].named_parameters() if p.requires_grad}
-    filter_ = {"model": lambda name, _: _strip_wrappers(name) in trainable} if trainable_only else None
+    module = getattr(state["model"], "module", state["model"])  # the model inside Fabric's wrapper
+    trainable = {name for name, param in module.named_parameters() if param.requires_grad}
+    filter_ = {"model": lambda name, _: name in trainable} if trainable_only else None
     fabric.save(tmp / "training_state.pt", state, filter=filter_)
     fabric.barrier()
     if fabric.global_rank == 0:
@@ -105,12 +106,6 @@ def save_training_state(fabric, out_dir: Path, step: int, state: dict, trainable
         tmp.rename(final)
     fabric.barrier()
     return final
-
-
-def _strip_wrappers(name: str) -> str:
-    for prefix in ("_forward_module.", "_orig_mod.", "module."):
-        name = name.removeprefix(prefix)
-    return name
 
 
 def latest_checkpoint(out_dir: Path) -> Optional[Path]:
