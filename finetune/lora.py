@@ -9,7 +9,6 @@ magnitudes) train. The run directory gets `hparams.yaml` (every flag), `metrics.
 """
 
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import Config
-from model.data import SFTDataset, get_collate_fn, load_dataset
+from model.data import get_collate_fn, load_dataset
 from model.generate import generate
 from model.gpt import GPT
 from model.lora import LoRAConfig, LORA_WEIGHTS, inject_lora, lora_state_dict, mark_only_lora_as_trainable, count_parameters
@@ -38,7 +37,7 @@ def setup(
     data_dir: Path = Path("data/tasks"),
     out_dir: Path = Path("out/lora"),
     precision: Optional[Literal["32-true", "bf16-true", "bf16-mixed", "16-mixed"]] = None,
-    quantize: Optional[Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8-training"]] = None,
+    quantize: Optional[str] = None,
     devices: int = 1,
     num_nodes: int = 1,
     strategy: Literal["auto", "ddp", "fsdp"] = "auto",
@@ -73,8 +72,8 @@ def setup(
         data_dir: Prepared data: `train.pt` and `test.pt` from a `scripts/prepare_*.py` script run with this checkpoint.
         out_dir: Where the run writes hparams.yaml, metrics.csv, step-*/ checkpoints and final/.
         precision: 32-true, bf16-true, bf16-mixed or 16-mixed. Default: bf16-true on GPU, 32-true on CPU.
-        quantize: Store the frozen base in 4 bits (QLoRA: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq) or
-            bnb.int8-training. Works on CPU and GPU.
+        quantize: Store the frozen base in 4 bits (QLoRA: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq) or 8 bits
+            (bnb.int8, bnb.int8-training). Works on CPU and GPU.
         devices: Devices per node (GPUs, or CPU processes with --strategy ddp).
         num_nodes: Number of nodes.
         strategy: auto, ddp or fsdp.
@@ -201,12 +200,17 @@ def train(fabric, state, train_data, val_data, tokenizer, max_steps, accumulate,
                 loss_sum += loss.item()
                 throughput.update(int(input_ids.numel()) * fabric.world_size)
             loss = loss_sum / accumulate
-            if not math.isfinite(loss):
+            # checked before the optimizer step, so a non-finite value never reaches the weights or a checkpoint;
+            # the norm is of the all-reduced gradients, so every rank stops together. With 16-mixed an overflow
+            # is routine: the grad scaler skips that step and lowers its scale.
+            grad_norm = fabric.clip_gradients(model, optimizer, max_norm=1.0, error_if_nonfinite=False).item()
+            skips_overflow = getattr(fabric.strategy.precision, "scaler", None) is not None
+            if not math.isfinite(loss) or not (math.isfinite(grad_norm) or skips_overflow):
+                what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {grad_norm}"
                 raise ValueError(
-                    f"The loss became {loss} at step {state['step'] + 1}; nothing was saved after the last good"
-                    f" checkpoint in {out_dir}. Lower --learning_rate, or use --precision 32-true or bf16-true."
+                    f"The {what} at step {state['step'] + 1}; nothing was saved after the last good checkpoint in"
+                    f" {out_dir}. Lower --learning_rate, or use --precision 32-true or bf16-true."
                 )
-            fabric.clip_gradients(model, optimizer, max_norm=1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -223,9 +227,9 @@ def train(fabric, state, train_data, val_data, tokenizer, max_steps, accumulate,
                 validate(fabric, model, val_data, collate, tokenizer, h, metrics, step)
             if step % h["save_interval"] == 0 or step == max_steps:
                 state["rng"] = rng_state()
-                path = save_training_state(fabric, out_dir, step, state, trainable_only=True)
-                if fabric.global_rank == 0:  # the adapter alone too, for generate/lora.py and merge_lora.py
-                    save_adapter(model, path, h)
+                # the adapter alone too, for generate/lora.py and merge_lora.py
+                path = save_training_state(fabric, out_dir, step, state, trainable_only=True,
+                                           extra=lambda directory: save_adapter(model, directory, h))
                 print_rank0(fabric, f"Saved a checkpoint to {path}")
         if state["step"] < max_steps:
             state["epoch"] += 1

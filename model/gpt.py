@@ -185,12 +185,18 @@ class CausalSelfAttention(nn.Module):
                 mask = attention_mask(input_pos, torch.arange(k.size(2), device=x.device), c.sliding_window)
         elif c.sliding_window is not None and T > c.sliding_window:
             mask = attention_mask(input_pos, input_pos, c.sliding_window)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=1.0 / math.sqrt(c.head_size),
-            enable_gqa=c.n_query_groups != c.n_head,
-        )
+        y = self.attend(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, c.n_head * c.head_size)
         return self.proj(y)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The heads' outputs `(B, n_head, T, head_size)`; `mask=None` is causal. A method so that LLaMA-Adapter
+        (model/adapter.py) can add its prompt's term to it."""
+        c = self.config
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and q.size(2) > 1, scale=1.0 / math.sqrt(c.head_size),
+            enable_gqa=c.n_query_groups != c.n_head,
+        )
 
 
 def attention_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_window: Optional[int]) -> torch.Tensor:

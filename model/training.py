@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import yaml
@@ -86,10 +86,13 @@ def step_dir(out_dir: Path, step: int) -> Path:
     return Path(out_dir) / f"{STEP_DIR_PREFIX}{step:06d}"
 
 
-def save_training_state(fabric, out_dir: Path, step: int, state: dict, trainable_only: bool) -> Path:
+def save_training_state(
+    fabric, out_dir: Path, step: int, state: dict, trainable_only: bool, extra: Optional[Callable[[Path], None]] = None
+) -> Path:
     """Save everything `--resume` needs into `out_dir/step-NNNNNN/training_state.pt`, atomically: the files are
     written into a temporary directory that is renamed into place only when complete, so a run killed while
-    saving leaves the previous checkpoint as the latest."""
+    saving leaves the previous checkpoint as the latest. `extra(directory)`, called on rank 0, adds files that
+    must appear together with the checkpoint (a LoRA run's adapter)."""
     final = step_dir(out_dir, step)
     tmp = final.with_name(f".{final.name}.tmp")
     if fabric.global_rank == 0:
@@ -100,6 +103,8 @@ def save_training_state(fabric, out_dir: Path, step: int, state: dict, trainable
     trainable = {name for name, param in module.named_parameters() if param.requires_grad}
     filter_ = {"model": lambda name, _: name in trainable} if trainable_only else None
     fabric.save(tmp / "training_state.pt", state, filter=filter_)
+    if extra is not None and fabric.global_rank == 0:
+        extra(tmp)
     fabric.barrier()
     if fabric.global_rank == 0:
         shutil.rmtree(final, ignore_errors=True)

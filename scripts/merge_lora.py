@@ -12,11 +12,14 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+import bitsandbytes as bnb
+import torch
+
 from model.checkpoint import load_state_dict, save_sharded
 from model.config import Config
 from model.gpt import GPT
 from model.lora import inject_lora, load_lora_run, load_lora_state_dict, merge_lora
-from model.quantize import quantize_model
+from model.quantize import dequantize_linear, quantize_model
 from model.training import load_hparams, run_output_dir
 from model.utils import run_cli
 
@@ -51,6 +54,8 @@ def merge(lora_dir: Path, out_dir: Path, checkpoint_dir: Optional[Path] = None) 
     inject_lora(model, lora_config)
     load_lora_state_dict(model, adapter)
     merge_lora(model.eval(), dtype=dtype)
+    if quantize:
+        dequantize_unadapted_layers(model, dtype)
     if lora_config.head and config.tie_embeddings:
         config.tie_embeddings = False  # the merged head differs from the embedding now
 
@@ -68,6 +73,20 @@ def merge(lora_dir: Path, out_dir: Path, checkpoint_dir: Optional[Path] = None) 
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
     print(f"Merged {run_dir} into {checkpoint_dir.name} and saved it to {out_dir}")
+
+
+def dequantize_unadapted_layers(model: GPT, dtype: torch.dtype) -> None:
+    """Replace the 4/8-bit layers that had no adapter (merging replaced the others) by plain nn.Linear layers holding
+    their dequantized weights: the weights the adapter was trained with, in a checkpoint any script can load."""
+    for path, module in list(model.named_modules()):
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            parent_path, _, name = path.rpartition(".")
+            bias = module.bias is not None
+            dense = torch.nn.Linear(module.in_features, module.out_features, bias=bias, device="meta")
+            dense.weight = torch.nn.Parameter(dequantize_linear(module).to(dtype))
+            if bias:
+                dense.bias = torch.nn.Parameter(module.bias.detach().to(dtype))
+            setattr(model.get_submodule(parent_path), name, dense)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,270 @@
+"""Full fine-tuning: every weight of the model trains.
+
+    python finetune/full.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct --data_dir data/tasks
+
+The most capable and the most memory-hungry method: training holds four numbers per weight (the weight, its
+gradient and AdamW's two moments), 16 bytes per weight in fp32 and with bf16-mixed, before activations; use
+finetune/lora.py or finetune/adapter.py where that does not fit. The run directory gets `hparams.yaml` (every flag),
+`metrics.csv`, resumable checkpoints `step-NNNNNN/` and, in `final/`, a complete checkpoint directory
+(`lit_model.safetensors`, `model_config.yaml`, the tokenizer files, `prompt_style.yaml`, `hparams.yaml`) that
+every script reads like any other: `python generate/full.py --checkpoint_dir out/full`. To save disk, a step
+directory holds only the training state (`training_state.pt`, model and optimizer, for `--resume`), not a
+checkpoint directory. Copy this file and edit it: the loop is all here.
+"""
+
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from model.config import Config
+from model.data import get_collate_fn, load_dataset
+from model.generate import generate
+from model.gpt import GPT
+from model.lora import count_parameters
+from model.checkpoint import load_state_dict, save_sharded
+from model.tokenizer import Tokenizer
+from model.training import (
+    MetricsLogger, Throughput, epoch_batches, gradient_accumulation_iters, load_training_state, print_rank0,
+    resolve_resume, rng_state, save_hparams, save_training_state, set_rng_state, step_dir, warmup_cosine,
+)
+from model.utils import peak_memory_gb, run_cli
+
+# what final/ takes from the base checkpoint besides the weights and config, so that it is a checkpoint directory
+COPIED_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                "generation_config.json", "prompt_style.yaml", "chat_template.jinja")
+
+
+def setup(
+    checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"),
+    data_dir: Path = Path("data/tasks"),
+    out_dir: Path = Path("out/full"),
+    precision: Optional[Literal["32-true", "bf16-true", "bf16-mixed", "16-mixed"]] = None,
+    quantize: Optional[str] = None,
+    devices: int = 1,
+    num_nodes: int = 1,
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
+    micro_batch_size: int = 4,
+    global_batch_size: int = 16,
+    learning_rate: float = 3e-5,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 10,
+    max_steps: Optional[int] = None,
+    epochs: int = 1,
+    max_seq_length: Optional[int] = None,
+    eval_interval: int = 50,
+    eval_iters: int = 20,
+    save_interval: int = 100,
+    seed: int = 1337,
+    resume: Union[bool, Literal["auto"], Path] = False,
+) -> None:
+    """Fine-tune every weight of `checkpoint_dir` on the prepared data in `data_dir`.
+
+    Args:
+        checkpoint_dir: A converted checkpoint directory (the base model).
+        data_dir: Prepared data: `train.pt` and `test.pt` from a `scripts/prepare_*.py` script run with this checkpoint.
+        out_dir: Where the run writes hparams.yaml, metrics.csv, step-*/ checkpoints and final/.
+        precision: 32-true, bf16-true, bf16-mixed or 16-mixed. Default: bf16-mixed on GPU, 32-true on CPU.
+            bf16-true halves the memory of weights, gradients and optimizer state, but a bf16 weight cannot hold
+            an update much smaller than 1/256 of itself, and at full fine-tuning learning rates most updates are.
+        quantize: Not supported: quantization freezes the base; use finetune/lora.py --quantize for QLoRA.
+        devices: Devices per node (GPUs, or CPU processes with --strategy ddp).
+        num_nodes: Number of nodes.
+        strategy: auto, ddp or fsdp.
+        micro_batch_size: Samples per forward pass per device.
+        global_batch_size: Samples per optimizer step (gradient accumulation makes up the difference).
+        learning_rate: Peak learning rate (lower than for adapters: every pretrained weight moves).
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear warmup steps before the cosine decay.
+        max_steps: Optimizer steps to run; default: `epochs` over the training set.
+        epochs: Passes over the training set (when max_steps is not given).
+        max_seq_length: Truncate samples to this many tokens; default: the longest sample (up to the model's context).
+        eval_interval: Validate (loss + a sample generation) every this many optimizer steps.
+        eval_iters: Validation batches per evaluation.
+        save_interval: Save a resumable checkpoint (the training state only) every this many optimizer steps.
+        seed: Random seed (data order, dropout, initialization).
+        resume: Continue a run: true/auto (the latest checkpoint in out_dir; auto starts fresh if none) or the path
+            of a step-* directory.
+    """
+    hparams = dict(locals())
+    if quantize:
+        raise ValueError("quantization freezes the base; use finetune/lora.py --quantize for QLoRA")
+    if not (checkpoint_dir / "model_config.yaml").is_file():
+        raise FileNotFoundError(f"{checkpoint_dir / 'model_config.yaml'} not found. Convert the checkpoint first:"
+                                f" `python scripts/convert_hf_checkpoint.py --checkpoint_dir {checkpoint_dir}`")
+    if precision is None:
+        precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    if strategy == "fsdp":
+        from lightning.fabric.strategies import FSDPStrategy
+
+        from model.gpt import Block
+
+        strategy = FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", sharding_strategy="FULL_SHARD")
+    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision)
+    fabric.launch(main, checkpoint_dir, data_dir, out_dir, hparams)
+
+
+def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, hparams: dict) -> None:
+    h = hparams
+    fabric.seed_everything(h["seed"])
+    config = Config.from_checkpoint(checkpoint_dir)
+    tokenizer = Tokenizer(checkpoint_dir)
+    train_data = load_dataset(data_dir / "train.pt", vocab_size=config.vocab_size)
+    val_data = load_dataset(data_dir / "test.pt", vocab_size=config.vocab_size)
+    max_seq_length = min(h["max_seq_length"] or config.block_size, config.block_size)
+    if fabric.global_rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_hparams(out_dir, h)
+
+    # The model in the training dtype (fp32 under the mixed precisions: those keep fp32 master weights). With tied
+    # embeddings, loading re-ties the head to the embedding, so the one shared weight trains once.
+    dtype = {"32-true": torch.float32, "bf16-true": torch.bfloat16}.get(fabric.strategy.precision.precision, torch.float32)
+    with fabric.init_module(empty_init=True):
+        model = GPT(config)
+    model.load_state_dict(load_state_dict(checkpoint_dir, dtype=dtype), assign=True)
+    model.reset_rope(fabric.device)
+    print_rank0(fabric, f"Trainable parameters: {count_parameters(model):,}")
+    model = fabric.setup_module(model)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=h["learning_rate"], weight_decay=h["weight_decay"],
+                                  betas=(0.9, 0.95))
+    optimizer = fabric.setup_optimizers(optimizer)
+
+    accumulate = gradient_accumulation_iters(h["global_batch_size"], h["micro_batch_size"], fabric.world_size)
+    lengths = [min(len(s["input_ids"]), max_seq_length) for s in train_data]
+    batches_per_epoch = len(epoch_batches(lengths, h["micro_batch_size"], 0, h["seed"])) // fabric.world_size
+    max_steps = h["max_steps"] or max(1, h["epochs"] * batches_per_epoch // accumulate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(h["warmup_steps"], max_steps))
+
+    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "step": 0, "epoch": 0, "batch_in_epoch": 0,
+             "rng": None}
+    resume_from = resolve_resume(h["resume"], out_dir)
+    if resume_from is not None:
+        load_training_state(fabric, resume_from, state, trainable_only=False)
+        set_rng_state(state["rng"])
+        print_rank0(fabric, f"Resumed from {resume_from} at step {state['step']}")
+
+    train(fabric, state, train_data, val_data, tokenizer, max_steps, accumulate, lengths, max_seq_length, out_dir, h)
+    if fabric.global_rank == 0:
+        save_checkpoint_dir(step_dir(out_dir, state["step"]), checkpoint_dir, config, out_dir / "final", h)
+        print_rank0(fabric, f"Saved the fine-tuned checkpoint to {out_dir / 'final'}")
+
+
+def train(fabric, state, train_data, val_data, tokenizer, max_steps, accumulate, lengths, max_seq_length, out_dir, h):
+    model, optimizer, scheduler = state["model"], state["optimizer"], state["scheduler"]
+    collate = get_collate_fn(pad_id=0, max_seq_length=max_seq_length)
+    metrics = MetricsLogger(out_dir, ["step", "epoch", "loss", "lr", "tokens_per_s", "val_loss", "memory_gb"],
+                            resume_step=state["step"] if h["resume"] else None, enabled=fabric.global_rank == 0)
+    throughput = Throughput(start_step=state["step"], max_steps=max_steps)
+    model.train()
+
+    if state["step"] == 0:
+        validate(fabric, model, val_data, collate, tokenizer, h, metrics, step=0)
+    while state["step"] < max_steps:
+        batches = epoch_batches(lengths, h["micro_batch_size"], state["epoch"], h["seed"])
+        batches = batches[fabric.global_rank::fabric.world_size][: len(batches) // fabric.world_size]
+        while state["batch_in_epoch"] + accumulate <= len(batches) and state["step"] < max_steps:
+            loss_sum = 0.0
+            for i in range(accumulate):
+                indices = batches[state["batch_in_epoch"] + i]
+                batch = collate([train_data[j] for j in indices])
+                input_ids, labels = batch["input_ids"].to(fabric.device), batch["labels"].to(fabric.device)
+                # no gradient all-reduce until the last micro-batch of the step
+                with fabric.no_backward_sync(model, enabled=i < accumulate - 1):
+                    loss = next_token_loss(model, input_ids, labels)
+                    fabric.backward(loss / accumulate)
+                loss_sum += loss.item()
+                throughput.update(int(input_ids.numel()) * fabric.world_size)
+            loss = loss_sum / accumulate
+            if not math.isfinite(loss):
+                raise ValueError(
+                    f"The loss became {loss} at step {state['step'] + 1}; nothing was saved after the last good"
+                    f" checkpoint in {out_dir}. Lower --learning_rate, or use --precision 32-true or bf16-mixed."
+                )
+            fabric.clip_gradients(model, optimizer, max_norm=1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state["step"] += 1
+            state["batch_in_epoch"] += accumulate
+            step = state["step"]
+
+            lr = scheduler.get_last_lr()[0]
+            memory = peak_memory_gb(fabric.device)
+            print_rank0(fabric, throughput.line(step, loss, lr, memory))
+            metrics.log({"step": step, "epoch": state["epoch"], "loss": loss, "lr": lr,
+                         "tokens_per_s": throughput.tokens_per_s(), "memory_gb": memory})
+            if step % h["eval_interval"] == 0 or step == max_steps:
+                validate(fabric, model, val_data, collate, tokenizer, h, metrics, step)
+            if step % h["save_interval"] == 0 or step == max_steps:
+                state["rng"] = rng_state()
+                path = save_training_state(fabric, out_dir, step, state, trainable_only=False)
+                if fabric.global_rank == 0:
+                    save_hparams(path, h)
+                print_rank0(fabric, f"Saved a checkpoint to {path}")
+        if state["step"] < max_steps:
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+
+
+def next_token_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting token t+1 at position t, over the positions whose next label is not -100.
+
+    Logits are computed only at those positions: with the prompt masked, that skips most of the output head."""
+    targets = labels[:, 1:]
+    predicting = torch.nn.functional.pad(targets != -100, (0, 1))  # position t predicts label t+1; the last predicts nothing
+    logits = model(input_ids, logits_mask=predicting)
+    return F.cross_entropy(logits.float(), targets[targets != -100])
+
+
+@torch.no_grad()
+def validate(fabric, model, val_data, collate, tokenizer, h, metrics, step) -> None:
+    model.eval()
+    losses = []
+    for i in range(0, min(len(val_data), h["eval_iters"] * h["micro_batch_size"]), h["micro_batch_size"]):
+        batch = collate(val_data[i:i + h["micro_batch_size"]])
+        losses.append(next_token_loss(model, batch["input_ids"].to(fabric.device), batch["labels"].to(fabric.device)))
+    val_loss = fabric.all_reduce(torch.stack(losses).mean(), reduce_op="mean").item()
+    # a sample generation shows what the numbers mean
+    sample = val_data[0]
+    prompt_ids = tokenizer.encode(sample["prompt"]).to(fabric.device)
+    t0 = time.perf_counter()
+    answer_ids = [t for t in generate(model, prompt_ids, 48, temperature=0.0, stop_ids=tokenizer.stop_ids)
+                  if t not in tokenizer.stop_ids]
+    print_rank0(fabric, f"step {step} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 20)):.2f}"
+                        f" | {time.perf_counter() - t0:.1f}s\n  prompt:   {sample['prompt']!r}\n"
+                        f"  expected: {sample['response']!r}\n  got:      {tokenizer.decode(answer_ids)!r}")
+    metrics.log({"step": step, "val_loss": val_loss})
+    model.train()
+
+
+def save_checkpoint_dir(step_path: Path, checkpoint_dir: Path, config: Config, final_dir: Path, hparams: dict) -> None:
+    """Write the weights of the checkpoint in `step_path` as a complete checkpoint directory `final_dir`.
+
+    The weights come from the training state rather than the model in memory: Fabric saved them there whole,
+    gathered from every device even when FSDP shards them. They keep the training dtype. The directory is
+    assembled beside `final_dir` and renamed into place, so a killed run never leaves half a checkpoint."""
+    weights = torch.load(step_path / "training_state.pt", weights_only=True, mmap=True)["model"]
+    if config.tie_embeddings:  # one tensor, saved once, as the converter does; loading re-ties the head
+        weights.pop("lm_head.weight")
+    tmp = final_dir.with_name(f".{final_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_sharded(iter(weights.items()), tmp)
+    config.save(tmp)
+    for name in COPIED_FILES:
+        if (checkpoint_dir / name).is_file():
+            shutil.copy2(checkpoint_dir / name, tmp / name)
+    save_hparams(tmp, hparams)
+    shutil.rmtree(final_dir, ignore_errors=True)
+    tmp.rename(final_dir)
+
+
+if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")
+    run_cli(setup)
