@@ -23,7 +23,9 @@ from model.config import Config
 from model.data import get_collate_fn, load_dataset
 from model.generate import generate
 from model.gpt import GPT
-from model.adapter import ADAPTER_WEIGHTS, AdapterConfig, adapter_state_dict, inject_adapter, mark_only_adapter_as_trainable
+from model.adapter import (
+    ADAPTER_WEIGHTS, AdapterConfig, adapter_state_dict, inject_adapter, mark_only_adapter_as_trainable,
+)
 from model.lora import count_parameters
 from model.checkpoint import atomic_save_safetensors, load_state_dict
 from model.quantize import quantize_model, validate_quantize
@@ -119,9 +121,6 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, 
     val_data = load_dataset(data_dir / "test.pt", vocab_size=config.vocab_size)
     max_seq_length = min(h["max_seq_length"] or config.block_size, config.block_size)
     h = {**h, **adapter_config.to_hparams()}
-    if fabric.global_rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_hparams(out_dir, h)
 
     # The base model: loaded in the training dtype, optionally quantized, then wrapped with adapters
     dtype = {"32-true": torch.float32, "bf16-true": torch.bfloat16}.get(fabric.strategy.precision.precision, torch.float32)
@@ -146,6 +145,11 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, 
     max_steps = h["max_steps"] or max(1, h["epochs"] * batches_per_epoch // accumulate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(h["warmup_steps"], max_steps))
 
+    # written only now that the data, the model and the batch sizes have passed their checks: a bad input
+    # leaves no output directory behind
+    if fabric.global_rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_hparams(out_dir, h)
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "step": 0, "epoch": 0, "batch_in_epoch": 0,
              "rng": None}
     resume_from = resolve_resume(h["resume"], out_dir)

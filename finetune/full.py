@@ -117,9 +117,6 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, 
     train_data = load_dataset(data_dir / "train.pt", vocab_size=config.vocab_size)
     val_data = load_dataset(data_dir / "test.pt", vocab_size=config.vocab_size)
     max_seq_length = min(h["max_seq_length"] or config.block_size, config.block_size)
-    if fabric.global_rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_hparams(out_dir, h)
 
     # The model in the training dtype (fp32 under the mixed precisions: those keep fp32 master weights). With tied
     # embeddings, loading re-ties the head to the embedding, so the one shared weight trains once.
@@ -141,6 +138,11 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, 
     max_steps = h["max_steps"] or max(1, h["epochs"] * batches_per_epoch // accumulate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(h["warmup_steps"], max_steps))
 
+    # written only now that the data, the model and the batch sizes have passed their checks: a bad input
+    # leaves no output directory behind
+    if fabric.global_rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_hparams(out_dir, h)
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "step": 0, "epoch": 0, "batch_in_epoch": 0,
              "rng": None}
     resume_from = resolve_resume(h["resume"], out_dir)

@@ -132,6 +132,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, 
     train_data = load_dataset(data_dir / "train.pt", vocab_size=config.vocab_size)
     val_data = load_dataset(data_dir / "test.pt", vocab_size=config.vocab_size)
     max_seq_length = min(h["max_seq_length"] or config.block_size, config.block_size)
+    train_data = with_answers(fabric, train_data, max_seq_length, data_dir / "train.pt")
+    val_data = with_answers(fabric, val_data, max_seq_length, data_dir / "test.pt")
     h = {**h, **lora_config.to_hparams()}
     if fabric.global_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -157,6 +159,12 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, 
     accumulate = gradient_accumulation_iters(h["global_batch_size"], h["micro_batch_size"], fabric.world_size)
     lengths = [min(len(s["input_ids"]), max_seq_length) for s in train_data]
     batches_per_epoch = len(epoch_batches(lengths, h["micro_batch_size"], 0, h["seed"])) // fabric.world_size
+    if batches_per_epoch < accumulate:  # an epoch would end before the first optimizer step, forever
+        raise ValueError(
+            f"{data_dir / 'train.pt'} has {len(train_data)} samples: too few for one optimizer step of"
+            f" --global_batch_size {h['global_batch_size']} on {fabric.world_size} device(s). Lower"
+            " --global_batch_size or prepare more samples."
+        )
     max_steps = h["max_steps"] or max(1, h["epochs"] * batches_per_epoch // accumulate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(h["warmup_steps"], max_steps))
 
@@ -234,6 +242,19 @@ def train(fabric, state, train_data, val_data, tokenizer, max_steps, accumulate,
         if state["step"] < max_steps:
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
+
+
+def with_answers(fabric, samples: list[dict], max_seq_length: int, path: Path) -> list[dict]:
+    """The samples that keep an answer token to learn within `max_seq_length`: a micro-batch of samples cut before
+    their answer has no target at all, and a NaN loss."""
+    kept = [s for s in samples if (s["labels"][1:max_seq_length] != -100).any()]  # position 0 is never predicted
+    if not kept:
+        raise ValueError(f"--max_seq_length {max_seq_length} cuts off the answer of every sample in {path}; raise it"
+                         f" (the longest sample has {max(len(s['input_ids']) for s in samples)} tokens)")
+    if len(kept) < len(samples):
+        print_rank0(fabric, f"Skipping {len(samples) - len(kept)} of {len(samples)} samples of {path}: no answer token"
+                            f" within --max_seq_length {max_seq_length}")
+    return kept
 
 
 def next_token_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,9 @@ the normalization layers' parameters too.
 Like `model/lora.py`, this works by injection into a loaded GPT: `inject_adapter` swaps each adapted block's
 attention for an `AdapterAttention` that reuses its qkv and proj layers, and (v2) wraps the linears in
 `AdapterV2Linear`. The base may be quantized first (`model.quantize.quantize_model`). The prompt is not part of the
-KV cache: every forward pass attends to it in addition to the cached positions.
+KV cache: every forward pass projects it (prompt_length more rows through qkv) and attends to it in addition to
+the cached positions, which keeps generation free of adapter state at some cost in decoding speed (~15% on a CPU
+for SmolLM2-135M with 28 adapted blocks).
 
 An adapter run directory holds `adapter.safetensors` (from `adapter_state_dict`) and `hparams.yaml`, whose adapter
 settings use the keys in `HPARAM_KEYS` (`AdapterConfig.to_hparams()` writes them).
@@ -64,7 +66,9 @@ class AdapterConfig:
     def from_hparams(cls, hparams: dict, source: str = HPARAMS) -> "AdapterConfig":
         missing = [key for key in HPARAM_KEYS.values() if key not in hparams]
         if missing:
-            raise ValueError(f"{source} lacks the adapter settings {', '.join(missing)}; was it written by an adapter run?")
+            raise ValueError(
+                f"{source} lacks the adapter settings {', '.join(missing)}; was it written by an adapter run?"
+            )
         return cls(**{name: hparams[key] for name, key in HPARAM_KEYS.items()})
 
 
@@ -79,7 +83,8 @@ class AdapterAttention(CausalSelfAttention):
         c = self.config
         weight = attn.qkv.weight
         # a quantized weight has no dtype to train in: the prompt takes the dtype the layer computes in
-        dtype = weight.dtype if weight.is_floating_point() else getattr(attn.qkv, "compute_dtype", None) or torch.float32
+        dtype = weight.dtype if weight.is_floating_point() else getattr(attn.qkv, "compute_dtype", None)
+        dtype = dtype or torch.float32
         # N(0, 1) as nn.Embedding, which the paper's code and lit-gpt hold the prompt in; it has the scale of the
         # normalized hidden states that qkv usually sees
         self.adapter_prompt = nn.Parameter(torch.randn(prompt_length, c.n_embd, device=weight.device, dtype=dtype))
@@ -169,11 +174,11 @@ def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 def mark_only_adapter_as_trainable(model: nn.Module) -> None:
     """Freeze everything but the adapter (its version is the model's: v2 trains the linears' scales and biases and
     the norms too)."""
-    trainable = set(_adapter_parameters(model).values())
+    trainable = {id(param) for param in _adapter_parameters(model).values()}
     if not trainable:
         raise ValueError("The model has no adapter; call inject_adapter(model, adapter_config) first")
     for param in model.parameters():
-        param.requires_grad_(param in trainable)
+        param.requires_grad_(id(param) in trainable)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -190,7 +195,9 @@ def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor
     trained_version, model_version = (2 if any(k.endswith(".adapter_scale") for k in keys) else 1
                                       for keys in (state_dict, expected))
     if trained_version != model_version:
-        raise ValueError(f"The adapter was trained as version {trained_version} but the model has version {model_version}")
+        raise ValueError(
+            f"The adapter was trained as version {trained_version} but the model has version {model_version}"
+        )
     trained_layers, model_layers = (sorted(int(k.split(".")[2]) for k in keys if k.endswith(".adapter_prompt"))
                                     for keys in (state_dict, expected))
     if trained_layers != model_layers:
@@ -220,7 +227,8 @@ def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor
 
 
 def load_adapter_run(run_dir: Path | str) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
-    """The AdapterConfig and adapter weights that an adapter run saved in `run_dir` (hparams.yaml + adapter.safetensors)."""
+    """The AdapterConfig and adapter weights that an adapter run saved in `run_dir` (hparams.yaml and
+    adapter.safetensors)."""
     import yaml
     from safetensors import SafetensorError
     from safetensors.torch import load_file

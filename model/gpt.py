@@ -97,7 +97,12 @@ class GPT(nn.Module):
         if T > self.config.block_size or int(input_pos[-1]) >= self.config.block_size:
             raise ValueError(f"Sequence position {int(input_pos[-1])} is beyond the model's block_size {self.config.block_size}")
         x = self.transformer.wte(idx)
-        cos, sin = (t.to(x.dtype) for t in self.rope(input_pos))
+        rope_pos = input_pos
+        cache = self.transformer.h[0].attn.kv_cache
+        if cache is not None and cache.pad_lengths is not None:
+            # left-padded batch: each sample's positions start after its padding
+            rope_pos = (input_pos.unsqueeze(0) - cache.pad_lengths.unsqueeze(1)).clamp(min=0)
+        cos, sin = (t.to(x.dtype) for t in self.rope(rope_pos))
         for block in self.transformer.h:
             x = block(x, cos, sin, input_pos)
         x = self.transformer.ln_f(x)
@@ -122,14 +127,16 @@ class GPT(nn.Module):
 
     def set_kv_cache(
         self, batch_size: int, max_seq_length: Optional[int] = None, device: torch.device | str | None = None,
-        dtype: Optional[torch.dtype] = None,
+        dtype: Optional[torch.dtype] = None, pad_lengths: Optional[torch.Tensor] = None,
     ) -> None:
+        """Allocate a KV cache. `pad_lengths` `(batch_size,)`: how many left-padding tokens each sample of a batch
+        starts with; they are masked out and each sample's positions start after them."""
         max_seq_length = min(max_seq_length or self.config.block_size, self.config.block_size)
         ref = self.transformer.wte.weight
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(
                 batch_size, self.config.n_query_groups, max_seq_length, self.config.head_size,
-                device=device or ref.device, dtype=dtype or ref.dtype,
+                device=device or ref.device, dtype=dtype or ref.dtype, pad_lengths=pad_lengths,
             )
 
     def clear_kv_cache(self) -> None:
@@ -180,9 +187,15 @@ class CausalSelfAttention(nn.Module):
         mask = None
         if self.kv_cache is not None:
             k, v = self.kv_cache(input_pos, k, v)
-            # one new token sees the whole filled cache: it needs a mask only when the window cuts the cache
-            if T > 1 or (c.sliding_window is not None and k.size(2) > c.sliding_window):
-                mask = attention_mask(input_pos, torch.arange(k.size(2), device=x.device), c.sliding_window)
+            pad_lengths = self.kv_cache.pad_lengths
+            # one new token sees the whole filled cache: it needs a mask only when the window or padding cuts it
+            if T > 1 or pad_lengths is not None or (c.sliding_window is not None and k.size(2) > c.sliding_window):
+                key_pos = torch.arange(k.size(2), device=x.device)
+                mask = attention_mask(input_pos, key_pos, c.sliding_window)
+                if pad_lengths is not None:
+                    # no attending to padding; a padding position attends to itself so no row is empty (NaN)
+                    keep = key_pos.view(1, 1, 1, -1) >= pad_lengths.view(-1, 1, 1, 1)
+                    mask = (mask & keep) | (input_pos.view(-1, 1) == key_pos.view(1, -1))
         elif c.sliding_window is not None and T > c.sliding_window:
             mask = attention_mask(input_pos, input_pos, c.sliding_window)
         y = self.attend(q, k, v, mask)
@@ -211,11 +224,12 @@ def attention_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_windo
 class KVCache(nn.Module):
     """Keys and values of past positions, `(B, n_query_groups, max_seq_length, head_size)`."""
 
-    def __init__(self, batch_size, n_query_groups, max_seq_length, head_size, device, dtype) -> None:
+    def __init__(self, batch_size, n_query_groups, max_seq_length, head_size, device, dtype, pad_lengths=None) -> None:
         super().__init__()
         shape = (batch_size, n_query_groups, max_seq_length, head_size)
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.pad_lengths = None if pad_lengths is None else pad_lengths.to(device)
 
     def forward(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if int(input_pos[-1]) >= self.k.size(2):
@@ -336,5 +350,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_elem: in
         return x
     if n_elem < x.size(-1):  # partial rotary (Phi): the remaining dims pass through unrotated
         return torch.cat((apply_rope(x[..., :n_elem], cos, sin, n_elem), x[..., n_elem:]), dim=-1)
+    if cos.dim() == 3:  # per-sample positions (B, T, n_elem): broadcast over the heads
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin

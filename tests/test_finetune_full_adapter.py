@@ -337,13 +337,13 @@ def test_bad_input_is_one_clear_error(script, args, message, tiny_dir, tmp_path,
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("script", ["full", "adapter_v2"])
-def test_real_model_smoke(script, smollm2_dir, tiny_dir, tmp_path):
-    """Two steps on SmolLM2-135M-Instruct (the tiny data set uses its tokenizer): the loss is finite and the
-    output loads."""
-    losses = finetune(script, smollm2_dir, tmp_path, "--max_steps", "2", data_dir=tiny_dir.parent.parent / "data")
+def test_real_model_adapter_v2_smoke(smollm2_dir, tiny_dir, tmp_path):
+    """Two steps of adapter v2 (the superset of v1) on SmolLM2-135M-Instruct, with its default learning rate and
+    start layer; the tiny data set is in its tokenizer. (Full fine-tuning of the real model is left out: on a CPU its
+    1.6 GB of training state takes a minute.)"""
+    losses = finetune("adapter_v2", smollm2_dir, tmp_path, "--max_steps", "2", data_dir=tiny_dir.parent.parent / "data")
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
-    if script == "full":
-        assert GPT.from_checkpoint(tmp_path / "final").lm_head.weight.shape == (49152, 576)
-    else:
-        assert load_adapter_run(tmp_path / "final")[0].version == 2
+    adapter_config, state_dict = load_adapter_run(tmp_path / "final")
+    assert adapter_config == AdapterConfig(prompt_length=10, start_layer=2, version=2)
+    model = inject_adapter(GPT.from_checkpoint(smollm2_dir), adapter_config)
+    load_adapter_state_dict(model, state_dict)

@@ -277,6 +277,20 @@ def test_a_crash_while_saving_leaves_no_step_dir_without_its_adapter(tiny_dir, m
         assert sorted(p.name for p in step_dir.iterdir()) == ["hparams.yaml", LORA_WEIGHTS, "training_state.pt"]
 
 
+def test_samples_cut_before_their_answer_are_skipped_not_a_nan_loss(tiny_dir, make_data, tmp_path, capsys):
+    samples = load_dataset(make_data(8) / "train.pt")
+    first_answer_token = sorted(int((s["labels"] != -100).nonzero()[0]) for s in samples)
+    max_seq_length = first_answer_token[3] + 1  # keeps an answer token of the 4 samples with the shortest prompts
+    # one sample per micro-batch: a micro-batch of a cut sample alone has no target at all
+    finetune(tiny_dir, make_data(8), tmp_path, max_steps=8, micro_batch_size=1, global_batch_size=1,
+             max_seq_length=max_seq_length)
+    kept = sum(index < max_seq_length for index in first_answer_token)
+    assert 0 < kept < 8
+    assert f"Skipping {8 - kept} of 8 samples of {make_data(8) / 'train.pt'}" in capsys.readouterr().err
+    losses = [float(row["loss"]) for row in training_rows(tmp_path)]
+    assert len(losses) == 8 and all(math.isfinite(loss) for loss in losses)
+
+
 # ----------------------------------------------------------------------------------------------- non-finite
 
 
@@ -380,10 +394,14 @@ def finished_run(tiny_dir, make_data, tmp_path_factory) -> Path:
     ({"quantize": "bnb.nf4", "strategy": "fsdp"}, r"--quantize cannot be combined with --strategy fsdp"),
     ({"global_batch_size": 6, "micro_batch_size": 4},
      r"--global_batch_size 6 must be a multiple of --micro_batch_size x devices \(4 x 1 = 4\)"),
+    ({"global_batch_size": 16, "micro_batch_size": 4},
+     r"train.pt has 8 samples: too few for one optimizer step of --global_batch_size 16 on 1 device\(s\)"),
+    ({"max_seq_length": 20}, r"--max_seq_length 20 cuts off the answer of every sample in .*train.pt; raise it"),
     ({"quantize": "bnb.nf5"}, r"Unknown quantize mode 'bnb.nf5'; choose one of bnb.nf4, "),
     ({"lora_query": False, "lora_value": False}, r"LoRA is enabled on no layer"),
     ({"resume": True}, r"--resume: no checkpoint \(step-\*/training_state.pt\) in"),
-], ids=["missing-data", "other-tokenizer", "qlora-fsdp", "batch-sizes", "unknown-quantize", "no-target", "resume-none"])
+], ids=["missing-data", "other-tokenizer", "qlora-fsdp", "batch-sizes", "too-little-data", "answers-cut-off",
+        "unknown-quantize", "no-target", "resume-none"])
 def test_finetune_bad_input_is_one_error_line(flags, message, tiny_dir, make_data, tmp_path, capsys):
     other = tmp_path / "other_tokenizer"
     other.mkdir()
@@ -394,7 +412,7 @@ def test_finetune_bad_input_is_one_error_line(flags, message, tiny_dir, make_dat
     if "data_dir" in flags:
         flags = {**flags, "data_dir": tmp_path / flags["data_dir"]}
     args = as_cli(**{"checkpoint_dir": tiny_dir, "data_dir": make_data(8), "out_dir": tmp_path / "run",
-                     "max_steps": 1, **flags})
+                     "max_steps": 1, "micro_batch_size": 4, "global_batch_size": 4, **flags})
     error = cli_error(capsys, lora.setup, args)
     assert re.search(message, error), error
 

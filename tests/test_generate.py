@@ -139,3 +139,19 @@ def test_real_model_kv_cache_matches_recompute(smollm2_dir):
     model = GPT.from_checkpoint(smollm2_dir, dtype=torch.float32)
     prompt = Tokenizer(smollm2_dir).encode("The three primary colors are")
     assert list(generate(model, prompt, 12, temperature=0.0)) == greedy_without_cache(model, prompt, 12)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 4])
+def test_batched_generation_equals_one_at_a_time(sliding_window):
+    from model.generate import generate_batch
+
+    torch.manual_seed(0)
+    model = GPT(Config(name="t", vocab_size=VOCAB, n_layer=2, n_head=4, n_query_groups=2, n_embd=32,
+                       intermediate_size=64, block_size=64, sliding_window=sliding_window)).eval()
+    prompts = [torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(n)) for n in (3, 9, 6, 1)]
+    alone = [list(generate(model, p, 12, temperature=0.0)) for p in prompts]
+    assert generate_batch(model, prompts, 12, temperature=0.0) == alone
+    # a stop token ends one sample's answer without ending the others'
+    stop = alone[1][2]
+    expected = [a[: a.index(stop)] if stop in a else a for a in alone]
+    assert generate_batch(model, prompts, 12, temperature=0.0, stop_ids={stop}) == expected
