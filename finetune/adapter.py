@@ -32,7 +32,7 @@ from model.quantize import quantize_model, validate_quantize
 from model.tokenizer import Tokenizer
 from model.training import (
     MetricsLogger, Throughput, epoch_batches, gradient_accumulation_iters, load_training_state, print_rank0,
-    resolve_resume, rng_state, save_hparams, save_training_state, set_rng_state, warmup_cosine,
+    resolve_resume, rng_state, save_hparams, save_training_state, set_rng_state, warmup_cosine, with_answers,
 )
 from model.utils import peak_memory_gb, run_cli
 
@@ -42,7 +42,7 @@ def setup(
     data_dir: Path = Path("data/tasks"),
     out_dir: Path = Path("out/adapter"),
     precision: Optional[Literal["32-true", "bf16-true", "bf16-mixed", "16-mixed"]] = None,
-    quantize: Optional[Literal["bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8-training"]] = None,
+    quantize: Optional[str] = None,
     devices: int = 1,
     num_nodes: int = 1,
     strategy: Literal["auto", "ddp", "fsdp"] = "auto",
@@ -69,8 +69,8 @@ def setup(
         data_dir: Prepared data: `train.pt` and `test.pt` from a `scripts/prepare_*.py` script run with this checkpoint.
         out_dir: Where the run writes hparams.yaml, metrics.csv, step-*/ checkpoints and final/.
         precision: 32-true, bf16-true, bf16-mixed or 16-mixed. Default: bf16-true on GPU, 32-true on CPU.
-        quantize: Store the frozen base in 4 bits (bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq) or
-            bnb.int8-training. Works on CPU and GPU.
+        quantize: Store the frozen base in 4 bits (bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq) or 8 bits
+            (bnb.int8, bnb.int8-training). Works on CPU and GPU.
         devices: Devices per node (GPUs, or CPU processes with --strategy ddp).
         num_nodes: Number of nodes.
         strategy: auto, ddp or fsdp.
@@ -120,6 +120,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, 
     train_data = load_dataset(data_dir / "train.pt", vocab_size=config.vocab_size)
     val_data = load_dataset(data_dir / "test.pt", vocab_size=config.vocab_size)
     max_seq_length = min(h["max_seq_length"] or config.block_size, config.block_size)
+    train_data = with_answers(fabric, train_data, max_seq_length, data_dir / "train.pt")
+    val_data = with_answers(fabric, val_data, max_seq_length, data_dir / "test.pt")
     h = {**h, **adapter_config.to_hparams()}
 
     # The base model: loaded in the training dtype, optionally quantized, then wrapped with adapters
@@ -142,6 +144,12 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, 
     accumulate = gradient_accumulation_iters(h["global_batch_size"], h["micro_batch_size"], fabric.world_size)
     lengths = [min(len(s["input_ids"]), max_seq_length) for s in train_data]
     batches_per_epoch = len(epoch_batches(lengths, h["micro_batch_size"], 0, h["seed"])) // fabric.world_size
+    if batches_per_epoch < accumulate:  # an epoch would end before the first optimizer step, forever
+        raise ValueError(
+            f"{data_dir / 'train.pt'} has {len(train_data)} samples: too few for one optimizer step of"
+            f" --global_batch_size {h['global_batch_size']} on {fabric.world_size} device(s). Lower"
+            " --global_batch_size or prepare more samples."
+        )
     max_steps = h["max_steps"] or max(1, h["epochs"] * batches_per_epoch // accumulate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(h["warmup_steps"], max_steps))
 
@@ -190,12 +198,17 @@ def train(fabric, state, train_data, val_data, tokenizer, max_steps, accumulate,
                 loss_sum += loss.item()
                 throughput.update(int(input_ids.numel()) * fabric.world_size)
             loss = loss_sum / accumulate
-            if not math.isfinite(loss):
+            # checked before the optimizer step, so a non-finite value never reaches the weights or a checkpoint;
+            # the norm is of the all-reduced gradients, so every rank stops together. With 16-mixed an overflow
+            # is routine: the grad scaler skips that step and lowers its scale.
+            grad_norm = fabric.clip_gradients(model, optimizer, max_norm=1.0, error_if_nonfinite=False).item()
+            skips_overflow = getattr(fabric.strategy.precision, "scaler", None) is not None
+            if not math.isfinite(loss) or not (math.isfinite(grad_norm) or skips_overflow):
+                what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {grad_norm}"
                 raise ValueError(
-                    f"The loss became {loss} at step {state['step'] + 1}; nothing was saved after the last good"
-                    f" checkpoint in {out_dir}. Lower --learning_rate, or use --precision 32-true or bf16-true."
+                    f"The {what} at step {state['step'] + 1}; nothing was saved after the last good checkpoint in"
+                    f" {out_dir}. Lower --learning_rate, or use --precision 32-true or bf16-true."
                 )
-            fabric.clip_gradients(model, optimizer, max_norm=1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -212,9 +225,9 @@ def train(fabric, state, train_data, val_data, tokenizer, max_steps, accumulate,
                 validate(fabric, model, val_data, collate, tokenizer, h, metrics, step)
             if step % h["save_interval"] == 0 or step == max_steps:
                 state["rng"] = rng_state()
-                path = save_training_state(fabric, out_dir, step, state, trainable_only=True)
-                if fabric.global_rank == 0:  # the adapter alone too, for generate/adapter.py
-                    save_adapter(model, path, h)
+                # the adapter alone too, for generate/adapter.py
+                path = save_training_state(fabric, out_dir, step, state, trainable_only=True,
+                                           extra=lambda directory: save_adapter(model, directory, h))
                 print_rank0(fabric, f"Saved a checkpoint to {path}")
         if state["step"] < max_steps:
             state["epoch"] += 1

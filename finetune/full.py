@@ -32,6 +32,7 @@ from model.tokenizer import Tokenizer
 from model.training import (
     MetricsLogger, Throughput, epoch_batches, gradient_accumulation_iters, load_training_state, print_rank0,
     resolve_resume, rng_state, save_hparams, save_training_state, set_rng_state, step_dir, warmup_cosine,
+    with_answers,
 )
 from model.utils import peak_memory_gb, run_cli
 
@@ -117,6 +118,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, 
     train_data = load_dataset(data_dir / "train.pt", vocab_size=config.vocab_size)
     val_data = load_dataset(data_dir / "test.pt", vocab_size=config.vocab_size)
     max_seq_length = min(h["max_seq_length"] or config.block_size, config.block_size)
+    train_data = with_answers(fabric, train_data, max_seq_length, data_dir / "train.pt")
+    val_data = with_answers(fabric, val_data, max_seq_length, data_dir / "test.pt")
 
     # The model in the training dtype (fp32 under the mixed precisions: those keep fp32 master weights). With tied
     # embeddings, loading re-ties the head to the embedding, so the one shared weight trains once.
@@ -135,6 +138,12 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, 
     accumulate = gradient_accumulation_iters(h["global_batch_size"], h["micro_batch_size"], fabric.world_size)
     lengths = [min(len(s["input_ids"]), max_seq_length) for s in train_data]
     batches_per_epoch = len(epoch_batches(lengths, h["micro_batch_size"], 0, h["seed"])) // fabric.world_size
+    if batches_per_epoch < accumulate:  # an epoch would end before the first optimizer step, forever
+        raise ValueError(
+            f"{data_dir / 'train.pt'} has {len(train_data)} samples: too few for one optimizer step of"
+            f" --global_batch_size {h['global_batch_size']} on {fabric.world_size} device(s). Lower"
+            " --global_batch_size or prepare more samples."
+        )
     max_steps = h["max_steps"] or max(1, h["epochs"] * batches_per_epoch // accumulate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(h["warmup_steps"], max_steps))
 
@@ -183,12 +192,17 @@ def train(fabric, state, train_data, val_data, tokenizer, max_steps, accumulate,
                 loss_sum += loss.item()
                 throughput.update(int(input_ids.numel()) * fabric.world_size)
             loss = loss_sum / accumulate
-            if not math.isfinite(loss):
+            # checked before the optimizer step, so a non-finite value never reaches the weights or a checkpoint;
+            # the norm is of the all-reduced gradients, so every rank stops together. With 16-mixed an overflow
+            # is routine: the grad scaler skips that step and lowers its scale.
+            grad_norm = fabric.clip_gradients(model, optimizer, max_norm=1.0, error_if_nonfinite=False).item()
+            skips_overflow = getattr(fabric.strategy.precision, "scaler", None) is not None
+            if not math.isfinite(loss) or not (math.isfinite(grad_norm) or skips_overflow):
+                what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {grad_norm}"
                 raise ValueError(
-                    f"The loss became {loss} at step {state['step'] + 1}; nothing was saved after the last good"
-                    f" checkpoint in {out_dir}. Lower --learning_rate, or use --precision 32-true or bf16-mixed."
+                    f"The {what} at step {state['step'] + 1}; nothing was saved after the last good checkpoint in"
+                    f" {out_dir}. Lower --learning_rate, or use --precision 32-true or bf16-mixed."
                 )
-            fabric.clip_gradients(model, optimizer, max_norm=1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -205,9 +219,8 @@ def train(fabric, state, train_data, val_data, tokenizer, max_steps, accumulate,
                 validate(fabric, model, val_data, collate, tokenizer, h, metrics, step)
             if step % h["save_interval"] == 0 or step == max_steps:
                 state["rng"] = rng_state()
-                path = save_training_state(fabric, out_dir, step, state, trainable_only=False)
-                if fabric.global_rank == 0:
-                    save_hparams(path, h)
+                path = save_training_state(fabric, out_dir, step, state, trainable_only=False,
+                                           extra=lambda directory: save_hparams(directory, h))
                 print_rank0(fabric, f"Saved a checkpoint to {path}")
         if state["step"] < max_steps:
             state["epoch"] += 1

@@ -27,7 +27,7 @@ from model.quantize import quantize_model, validate_quantize
 from model.tokenizer import Tokenizer
 from model.training import (
     MetricsLogger, Throughput, epoch_batches, gradient_accumulation_iters, load_training_state, print_rank0,
-    resolve_resume, rng_state, save_hparams, save_training_state, set_rng_state, warmup_cosine,
+    resolve_resume, rng_state, save_hparams, save_training_state, set_rng_state, warmup_cosine, with_answers,
 )
 from model.utils import peak_memory_gb, run_cli
 
@@ -242,19 +242,6 @@ def train(fabric, state, train_data, val_data, tokenizer, max_steps, accumulate,
         if state["step"] < max_steps:
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
-
-
-def with_answers(fabric, samples: list[dict], max_seq_length: int, path: Path) -> list[dict]:
-    """The samples that keep an answer token to learn within `max_seq_length`: a micro-batch of samples cut before
-    their answer has no target at all, and a NaN loss."""
-    kept = [s for s in samples if (s["labels"][1:max_seq_length] != -100).any()]  # position 0 is never predicted
-    if not kept:
-        raise ValueError(f"--max_seq_length {max_seq_length} cuts off the answer of every sample in {path}; raise it"
-                         f" (the longest sample has {max(len(s['input_ids']) for s in samples)} tokens)")
-    if len(kept) < len(samples):
-        print_rank0(fabric, f"Skipping {len(samples) - len(kept)} of {len(samples)} samples of {path}: no answer token"
-                            f" within --max_seq_length {max_seq_length}")
-    return kept
 
 
 def next_token_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,19 @@ def gradient_accumulation_iters(global_batch_size: int, micro_batch_size: int, w
     return global_batch_size // per_step
 
 
+def with_answers(fabric, samples: list[dict], max_seq_length: int, path: Path) -> list[dict]:
+    """The samples that keep an answer token to learn within `max_seq_length`: a micro-batch of samples cut before
+    their answer has no target at all, and a NaN loss."""
+    kept = [s for s in samples if (s["labels"][1:max_seq_length] != -100).any()]  # position 0 is never predicted
+    if not kept:
+        raise ValueError(f"--max_seq_length {max_seq_length} cuts off the answer of every sample in {path}; raise it"
+                         f" (the longest sample has {max(len(s['input_ids']) for s in samples)} tokens)")
+    if len(kept) < len(samples):
+        print_rank0(fabric, f"Skipping {len(samples) - len(kept)} of {len(samples)} samples of {path}: no answer token"
+                            f" within --max_seq_length {max_seq_length}")
+    return kept
+
+
 # ----------------------------------------------------------------------------------------------- schedule
 
 

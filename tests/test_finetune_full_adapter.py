@@ -5,6 +5,7 @@ full fine-tune's final/ is a checkpoint that the generation scripts read."""
 import copy
 import csv
 import math
+import re
 import shutil
 
 import pytest
@@ -30,6 +31,7 @@ from model.generate import generate
 from model.lora import count_parameters
 from model.prompts import load_prompt_style
 from model.tokenizer import Tokenizer
+from model.training import latest_checkpoint
 from model.utils import run_cli
 
 VOCAB = 96
@@ -208,10 +210,10 @@ def tiny_dir(tmp_path_factory, smollm2_dir):
     return checkpoint_dir
 
 
-def finetune(script: str, checkpoint_dir, out_dir, *args: str, data_dir=None) -> list[float]:
+def finetune(script: str, checkpoint_dir, out_dir, *args: str, data_dir=None, module=None) -> list[float]:
     """Run a fine-tuning script in-process through its CLI (one optimizer step = one epoch of the 8 samples);
-    the training losses from metrics.csv."""
-    module = load_script(f"finetune/{script}.py")
+    the training losses from metrics.csv. `module`: the script already loaded (and patched)."""
+    module = module or load_script(f"finetune/{script}.py")
     run_cli(module.setup, [
         "--checkpoint_dir", str(checkpoint_dir), "--data_dir", str(data_dir or checkpoint_dir.parent.parent / "data"),
         "--out_dir", str(out_dir), "--micro_batch_size", "4", "--global_batch_size", "8", "--eval_interval", "1000",
@@ -326,14 +328,112 @@ def test_resume_is_bitwise_exact(script, tiny_dir, tmp_path):
     ("full", ["--max_steps", "1"], "prepare_tasks.py"),
     ("adapter", ["--max_steps", "1"], "prepare_tasks.py"),
     ("adapter_v2", ["--adapter_start_layer", "3"], "the model has 3 blocks"),
+    ("full", ["--global_batch_size", "16"], "train.pt has 8 samples: too few for one optimizer step of"
+                                            " --global_batch_size 16 on 1 device(s)"),
+    ("adapter", ["--global_batch_size", "16"], "train.pt has 8 samples: too few for one optimizer step"),
+    ("adapter_v2", ["--max_seq_length", "5"], "--max_seq_length 5 cuts off the answer of every sample in"),
+    ("adapter", ["--quantize", "bnb.nf5"], "Unknown quantize mode 'bnb.nf5'; choose one of bnb.nf4, "),
 ])
 def test_bad_input_is_one_clear_error(script, args, message, tiny_dir, tmp_path, capsys):
     data_dir = tmp_path / "no-data" if message == "prepare_tasks.py" else None
     with pytest.raises(SystemExit) as exit_info:
         finetune(script, tiny_dir, tmp_path / "out", *args, data_dir=data_dir)
     assert exit_info.value.code == 1
-    assert message in capsys.readouterr().err
+    stderr = capsys.readouterr().err
+    assert message in stderr
+    assert len([line for line in stderr.splitlines() if line.startswith("error:")]) == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script", ["full", "adapter", "adapter_v2"])
+def test_samples_cut_before_their_answer_are_skipped_not_a_nan_loss(script, tiny_dir, tmp_path, capsys):
+    """Half the samples get a prompt too long to leave an answer token within --max_seq_length; one sample per
+    micro-batch, so that a cut sample would be a micro-batch without a single target (a NaN loss)."""
+    tokenizer, style = Tokenizer(tiny_dir), load_prompt_style(tiny_dir)
+    preamble = "Read all of this long preamble first, then do as it says at its very end. " * 2
+    samples = [encode_example(tokenizer, style, f"{preamble if i % 2 else ''}Repeat the word: {word}", word)
+               for i, word in enumerate(WORDS)]
+    first_answer_token = [int((s["labels"] != -100).nonzero()[0]) for s in samples]
+    max_seq_length = max(first_answer_token[0::2]) + 1
+    assert min(first_answer_token[1::2]) >= max_seq_length
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    save_dataset(samples, data_dir / "train.pt")
+    save_dataset(samples[:2], data_dir / "test.pt")
+    losses = finetune(script, tiny_dir, tmp_path / "out", "--max_steps", "4", "--micro_batch_size", "1",
+                      "--global_batch_size", "1", "--max_seq_length", str(max_seq_length), "--learning_rate",
+                      OVERFIT[script][3], data_dir=data_dir)
+    stderr = capsys.readouterr().err
+    assert f"Skipping 4 of 8 samples of {data_dir / 'train.pt'}" in stderr
+    assert f"Skipping 1 of 2 samples of {data_dir / 'test.pt'}" in stderr
+    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
+
+
+class InfiniteGradient(torch.autograd.Function):
+    """The identity, whose backward makes every gradient infinite: a finite loss with exploding gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.inf
+
+
+@pytest.mark.parametrize("script", ["full", "adapter", "adapter_v2"])
+def test_infinite_gradient_stops_and_keeps_the_last_good_checkpoint(script, tiny_dir, tmp_path, capsys):
+    """A finite loss whose gradients are infinite at step 3: the run stops before the optimizer step, with the
+    checkpoints of steps 1 and 2 whole and finite."""
+    module = load_script(f"finetune/{script}.py")
+    next_token_loss, calls = module.next_token_loss, []
+
+    def breaks_at_step_3(model, input_ids, labels):
+        loss = next_token_loss(model, input_ids, labels)
+        if torch.is_grad_enabled():
+            calls.append(None)
+            if len(calls) == 5:  # two micro-batches a step: the first of step 3
+                return InfiniteGradient.apply(loss)
+        return loss
+
+    module.next_token_loss = breaks_at_step_3
+    with pytest.raises(SystemExit) as exit_info:
+        finetune(script, tiny_dir, tmp_path, "--max_steps", "6", "--save_interval", "1", "--learning_rate",
+                 OVERFIT[script][3], module=module)
+    assert exit_info.value.code == 1
+    stderr = capsys.readouterr().err
+    assert re.search(r"error: The gradient norm became (nan|inf) at step 3; .* Lower --learning_rate", stderr), stderr
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000001", "step-000002"]
+    assert not (tmp_path / "final").exists()
+    state = torch.load(tmp_path / "step-000002" / "training_state.pt", weights_only=True)
+    assert state["step"] == 2
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    if script != "full":
+        adapter = load_file(tmp_path / "step-000002" / "adapter.safetensors")
+        assert all(torch.equal(state["model"][key], adapter[key]) for key in adapter)
+
+
+@pytest.mark.parametrize("script, function, crash_at", [("full", "save_hparams", 3), ("adapter", "save_adapter", 2)])
+def test_a_crash_while_saving_leaves_no_incomplete_step_dir(script, function, crash_at, tiny_dir, tmp_path):
+    """Killed between the training state and the file saved beside it (full: hparams.yaml, whose first save is the
+    run's own; adapters: the adapter): the step directory is not there, and the previous one is the latest."""
+    module = load_script(f"finetune/{script}.py")
+    save, saves = getattr(module, function), []
+
+    def crash(*args):
+        saves.append(None)
+        if len(saves) == crash_at:
+            raise KeyboardInterrupt
+        save(*args)
+
+    setattr(module, function, crash)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(script, tiny_dir, tmp_path, "--max_steps", "3", "--save_interval", "1", module=module)
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-000001"
+    expected = ["hparams.yaml", "training_state.pt"] if script == "full" else [
+        "adapter.safetensors", "hparams.yaml", "training_state.pt"]
+    for step_dir in tmp_path.glob("step-*"):
+        assert sorted(p.name for p in step_dir.iterdir()) == expected
 
 
 @pytest.mark.real_model
