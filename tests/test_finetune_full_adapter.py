@@ -447,3 +447,20 @@ def test_real_model_adapter_v2_smoke(smollm2_dir, tiny_dir, tmp_path):
     assert adapter_config == AdapterConfig(prompt_length=10, start_layer=2, version=2)
     model = inject_adapter(GPT.from_checkpoint(smollm2_dir), adapter_config)
     load_adapter_state_dict(model, state_dict)
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("script", ["full", "adapter"])
+def test_real_model_one_step(script, smollm2_dir, tiny_dir, tmp_path):
+    """One optimizer step of full fine-tuning and of adapter v1 on SmolLM2-135M-Instruct: finite loss, and the
+    saved result is usable (full: a checkpoint whose weights moved; adapter: an adapter that loads)."""
+    losses = finetune(script, smollm2_dir, tmp_path, "--max_steps", "1", data_dir=tiny_dir.parent.parent / "data")
+    assert len(losses) == 1 and math.isfinite(losses[0])
+    if script == "full":
+        tuned = GPT.from_checkpoint(tmp_path / "final").state_dict()
+        base = GPT.from_checkpoint(smollm2_dir).state_dict()
+        assert not torch.equal(tuned["transformer.h.0.attn.qkv.weight"], base["transformer.h.0.attn.qkv.weight"])
+    else:
+        adapter_config, state_dict = load_adapter_run(tmp_path / "final")
+        model = inject_adapter(GPT.from_checkpoint(smollm2_dir), adapter_config)
+        load_adapter_state_dict(model, state_dict)
