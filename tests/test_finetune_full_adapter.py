@@ -274,7 +274,7 @@ def test_full_fine_tune_final_is_a_checkpoint(overfit_run, tiny_dir, capsys):
 
     # final/ holds the trained weights: its loss on the training set is the trained model's
     next_token_loss = load_script("finetune/full.py").next_token_loss
-    batch = load_script("finetune/full.py").get_collate_fn()(torch.load(tiny_dir.parent.parent / "data" / "train.pt"))
+    batch = load_script("finetune/full.py").get_collate_fn()(torch.load(tiny_dir.parent.parent / "data" / "train.pt", weights_only=True))
     with torch.no_grad():
         assert next_token_loss(model, batch["input_ids"], batch["labels"]) < 0.5 * losses[0]
 
