@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.gpt import GPT, CausalSelfAttention, RMSNorm
+from model.training import load_run
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 HPARAMS = "hparams.yaml"
@@ -229,21 +230,5 @@ def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor
 def load_adapter_run(run_dir: Path | str) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     """The AdapterConfig and adapter weights that an adapter run saved in `run_dir` (hparams.yaml and
     adapter.safetensors)."""
-    import yaml
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    run_dir = Path(run_dir)
-    for name in (HPARAMS, ADAPTER_WEIGHTS):
-        if not (run_dir / name).is_file():
-            raise FileNotFoundError(
-                f"{run_dir / name} not found: an adapter run directory holds {HPARAMS} and {ADAPTER_WEIGHTS}, as"
-                " written by `python finetune/adapter.py --out_dir ...` (or finetune/adapter_v2.py)"
-            )
-    hparams = yaml.safe_load((run_dir / HPARAMS).read_text()) or {}
-    adapter_config = AdapterConfig.from_hparams(hparams, source=str(run_dir / HPARAMS))
-    try:
-        state_dict = load_file(run_dir / ADAPTER_WEIGHTS)
-    except SafetensorError as e:
-        raise ValueError(f"{run_dir / ADAPTER_WEIGHTS} is not a valid safetensors file ({e})") from e
-    return adapter_config, state_dict
+    hparams, state_dict = load_run(run_dir, ADAPTER_WEIGHTS, "finetune/adapter.py (or adapter_v2.py)")
+    return AdapterConfig.from_hparams(hparams, source=str(Path(run_dir) / HPARAMS)), state_dict

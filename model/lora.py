@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from model.gpt import GPT
 from model.quantize import dequantize_linear
+from model.training import load_run
 
 LORA_WEIGHTS = "lora.safetensors"
 HPARAMS = "hparams.yaml"
@@ -282,24 +283,8 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
 
 def load_lora_run(run_dir: Path | str) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
     """The LoRAConfig and adapter weights that a LoRA run saved in `run_dir` (hparams.yaml + lora.safetensors)."""
-    import yaml
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    run_dir = Path(run_dir)
-    for name in (HPARAMS, LORA_WEIGHTS):
-        if not (run_dir / name).is_file():
-            raise FileNotFoundError(
-                f"{run_dir / name} not found: a LoRA run directory holds {HPARAMS} and {LORA_WEIGHTS}, as written by"
-                " `python finetune/lora.py --out_dir ...`"
-            )
-    hparams = yaml.safe_load((run_dir / HPARAMS).read_text()) or {}
-    lora_config = LoRAConfig.from_hparams(hparams, source=str(run_dir / HPARAMS))
-    try:
-        state_dict = load_file(run_dir / LORA_WEIGHTS)
-    except SafetensorError as e:
-        raise ValueError(f"{run_dir / LORA_WEIGHTS} is not a valid safetensors file ({e})") from e
-    return lora_config, state_dict
+    hparams, state_dict = load_run(run_dir, LORA_WEIGHTS, "finetune/lora.py")
+    return LoRAConfig.from_hparams(hparams, source=str(Path(run_dir) / HPARAMS)), state_dict
 
 
 def merge_lora(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:

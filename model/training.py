@@ -246,6 +246,27 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def load_run(run_dir: Path | str, weights_name: str, made_by: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The hparams.yaml and the safetensors weights that a fine-tuning run saved in `run_dir` (its final/ or a step-*
+    directory); `made_by` names the script that writes such a directory, for the error messages."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    for name in ("hparams.yaml", weights_name):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(
+                f"{run_dir / name} not found: such a run directory holds hparams.yaml and {weights_name}, as written"
+                f" by `python {made_by} --out_dir ...`"
+            )
+    hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text()) or {}
+    try:
+        state_dict = load_file(run_dir / weights_name)
+    except SafetensorError as e:
+        raise ValueError(f"{run_dir / weights_name} is not a valid safetensors file ({e})") from e
+    return hparams, state_dict
+
+
 def run_output_dir(path: Path, weights_name: str) -> Path:
     """The directory holding a run's weights: `path` itself, or its `final/` when given the run's out_dir."""
     path = Path(path)
