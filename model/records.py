@@ -13,6 +13,7 @@ so later checks (a missing field, an empty answer) can name the row too.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import tempfile
@@ -94,7 +95,8 @@ def _iter_json(path: Path) -> Iterator[Record]:
 
 def _iter_csv(path: Path) -> Iterator[Record]:
     text = _read_text(path)
-    reader = csv.DictReader(text.splitlines(keepends=True), strict=True)
+    # not str.splitlines: it also breaks lines at U+0085, U+2028, \x0c... which are ordinary characters in a CSV field
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
     try:
         for row in reader:
             if None in row:
