@@ -69,3 +69,50 @@ def load_model(checkpoint_dir, device: str = "auto", precision: str | None = Non
     for block in model.transformer.h:
         quantize_model(block.to(device), quantize, compute_dtype=dtype)
     return model.to(device)
+
+
+def load_model_run(checkpoint_dir=None, lora_dir=None, adapter_dir=None, device: str = "auto",
+                   precision: str | None = None, quantize: str | None = None):
+    """The model that an eval script scores: a checkpoint, or a LoRA/DoRA run (finetune/lora.py) or an adapter run
+    (finetune/adapter.py, adapter_v2.py) on top of its base, straight from the run directory (no merge needed).
+
+    The base defaults to the run's own `checkpoint_dir`, and its quantization to the one the run trained with.
+    Returns `(model, checkpoint_dir, run_dir)`; `run_dir` is the directory holding the run's weights, or None.
+    """
+    from pathlib import Path
+
+    from model.adapter import ADAPTER_WEIGHTS, inject_adapter, load_adapter_run, load_adapter_state_dict
+    from model.lora import LORA_WEIGHTS, inject_lora, load_lora_run, load_lora_state_dict
+    from model.training import load_hparams, run_output_dir
+
+    if lora_dir is not None and adapter_dir is not None:
+        raise ValueError("Give --lora_dir or --adapter_dir, not both")
+    run_dir = None
+    if lora_dir is not None:
+        run_dir = run_output_dir(lora_dir, LORA_WEIGHTS)
+    elif adapter_dir is not None:
+        run_dir = run_output_dir(adapter_dir, ADAPTER_WEIGHTS)
+    if run_dir is None and checkpoint_dir is None:
+        raise ValueError("Give --checkpoint_dir, or a run with --lora_dir or --adapter_dir")
+    if run_dir is not None:
+        hparams = load_hparams(run_dir)
+        checkpoint_dir = checkpoint_dir or hparams["checkpoint_dir"]
+        quantize = quantize or hparams.get("quantize")
+        if quantize == "bnb.int8-training":
+            quantize = "bnb.int8"
+    checkpoint_dir = Path(checkpoint_dir)
+    if not (checkpoint_dir / "model_config.yaml").is_file():
+        raise FileNotFoundError(
+            f"{checkpoint_dir / 'model_config.yaml'} not found: --checkpoint_dir must be a Forge checkpoint (make one"
+            f" with `python scripts/download.py` or `python scripts/convert_hf_checkpoint.py --checkpoint_dir DIR`)"
+        )
+    model = load_model(checkpoint_dir, device=device, precision=precision, quantize=quantize)
+    if lora_dir is not None:
+        lora_config, weights = load_lora_run(run_dir)
+        inject_lora(model, lora_config)
+        load_lora_state_dict(model, weights)
+    elif adapter_dir is not None:
+        adapter_config, weights = load_adapter_run(run_dir)
+        inject_adapter(model, adapter_config)
+        load_adapter_state_dict(model, weights)
+    return model.to(model.transformer.wte.weight.device).eval(), checkpoint_dir, run_dir
