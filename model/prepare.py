@@ -316,15 +316,22 @@ def prepare_sft_dataset(
     seed: int,
     reverse_instructions: bool,
     source: str,
+    test_examples: list[Example] | None = None,
 ) -> dict:
-    """Split the examples, tokenize them, write train.pt / test.pt / meta.json and print a report; returns meta."""
+    """Split the examples (unless `test_examples` gives the test split), tokenize them, write train.pt / test.pt /
+    meta.json and print a report; returns meta."""
     from tqdm import tqdm
 
     if not examples:
         raise RecordError(f"{source}: no rows to prepare")
-    train, val = split_train_val(examples, val_split_fraction, seed)
+    if test_examples is None:
+        train, val = split_train_val(examples, val_split_fraction, seed)
+    elif not test_examples:
+        raise RecordError("The test file has no rows")
+    else:
+        train, val = examples, test_examples
     splits, stats = {}, {}
-    progress = tqdm(total=len(examples), desc="tokenizing", unit=" rows", mininterval=2)
+    progress = tqdm(total=len(train) + len(val), desc="tokenizing", unit=" rows", mininterval=2)
     for name, split in (("train", train), ("test", val)):
         samples, dropped = [], 0
         for example in split:
@@ -408,7 +415,7 @@ def hub_dataset_file(repo_id: str, filename: str, gated: bool = False) -> Path:
     except Exception as error:  # no network, offline mode, missing file: all mean "use --data_file"
         hint = f" (the dataset is gated: accept its terms and set HF_TOKEN)" if gated else ""
         raise ValueError(f"Could not download {filename} from the Hugging Face dataset {repo_id}{hint}:"
-                         f" {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. "
+                         f" {type(error).__name__}: {str(error).splitlines()[0].rstrip('.') if str(error) else ''}. "
                          f"{OFFLINE_HINT}") from None
 
 

@@ -1,0 +1,221 @@
+"""model/prepare.py: rows -> examples (instruction, OpenAI and ShareGPT chat, reversed), multi-turn encoding with the
+loss on assistant turns only, the seeded split, the all-or-nothing write-out and the downloads' offline errors."""
+
+import pytest
+import torch
+
+from model.data import IGNORE_INDEX, encode_example
+from model.prepare import (
+    Example, chat_example, conversation_example, encode_conversation, hub_dataset_file, instruction_example,
+    marked_loss_text, split_train_val, url_file, write_prepared,
+)
+from model.prompts import PromptStyle, prompt_styles
+from model.records import Record, RecordError
+from model.tokenizer import Tokenizer
+from test_data import chatml_dir, sentencepiece_dir  # noqa: F401 (fixtures)
+
+CONVERSATION = [
+    {"role": "user", "content": "Capital of France?"},
+    {"role": "assistant", "content": "Paris"},
+    {"role": "user", "content": "And of Germany?"},
+    {"role": "assistant", "content": "Berlin is the capital"},
+]
+
+
+def loss_runs(sample):
+    """The token runs that carry the loss, as (start, end) index pairs."""
+    has_loss = (sample["labels"] != IGNORE_INDEX).tolist() + [False]
+    runs, start = [], None
+    for index, flag in enumerate(has_loss):
+        if flag and start is None:
+            start = index
+        elif not flag and start is not None:
+            runs.append((start, index))
+            start = None
+    return runs
+
+
+@pytest.mark.parametrize("style_name", list(prompt_styles))
+def test_multi_turn_loss_is_on_every_assistant_turn_and_nothing_else(chatml_dir, style_name):
+    """For every prompt style: the tokens are the whole rendered conversation, and the runs of tokens with loss
+    decode to exactly the assistant segments the style marks (answer + end-of-turn marker), EOS after the last one
+    where the style has no marker of its own."""
+    tokenizer, style = Tokenizer(chatml_dir), PromptStyle.from_name(style_name)
+    sample = encode_conversation(tokenizer, style, CONVERSATION, system="Be brief.")
+    segments = style.apply_turns(CONVERSATION, "Be brief.")
+    last = max(i for i, (_, is_answer) in enumerate(segments) if is_answer)
+    answers = [text for text, is_answer in segments if is_answer]
+    appended_eos = not answers[-1].endswith(style.stop_tokens())
+    if appended_eos:
+        answers[-1] += "<|im_end|>"  # this tokenizer's EOS token
+    full_text = "".join(text for text, _ in segments[: last + 1]) + ("<|im_end|>" if appended_eos else "")
+    assert tokenizer.decode(sample["input_ids"]) == "<|endoftext|>" + full_text  # BOS, then the text
+    assert [tokenizer.decode(sample["input_ids"][a:b]) for a, b in loss_runs(sample)] == answers
+    assert torch.equal(sample["labels"][sample["labels"] != IGNORE_INDEX],
+                       sample["input_ids"][sample["labels"] != IGNORE_INDEX])
+    assert sample["prompt"] == "".join(text for text, _ in segments[:last])
+    assert sample["response"] == "Berlin is the capital" and sample["truncated"] == 0
+
+    unmasked = encode_conversation(tokenizer, style, CONVERSATION, system="Be brief.", mask_inputs=False)
+    assert torch.equal(unmasked["labels"], sample["input_ids"])
+
+
+@pytest.mark.parametrize("style_name", ["llama2", "mistral", "alpaca", "default", "zephyr"])
+def test_multi_turn_masking_with_sentencepiece(sentencepiece_dir, style_name):
+    """sentencepiece puts a "▁" before every text it encodes alone: the tokens must still be those of the whole
+    text, and exactly the two answers carry the loss."""
+    tokenizer, style = Tokenizer(sentencepiece_dir), PromptStyle.from_name(style_name)
+    sample = encode_conversation(tokenizer, style, CONVERSATION)
+    segments = style.apply_turns(CONVERSATION)
+    last = max(i for i, (_, is_answer) in enumerate(segments) if is_answer)
+    appended_eos = not segments[last][0].endswith(style.stop_tokens())
+    whole = tokenizer.encode("".join(text for text, _ in segments[: last + 1]), eos=appended_eos)
+    assert torch.equal(sample["input_ids"], whole)
+    texts = [tokenizer.decode(sample["input_ids"][a:b]).strip() for a, b in loss_runs(sample)]
+    assert len(texts) == 2 and texts[0].startswith("Paris") and texts[1].startswith("Berlin is the capital")
+    assert texts[1].endswith("</s>")
+
+
+@pytest.mark.parametrize("style_name", ["chatml", "llama3", "alpaca", "phi3", "falcon", "mistral-v0.3"])
+def test_a_single_exchange_is_encoded_as_encode_example_does(chatml_dir, style_name):
+    tokenizer, style = Tokenizer(chatml_dir), PromptStyle.from_name(style_name)
+    messages = [{"role": "user", "content": "Reverse: a b c"}, {"role": "assistant", "content": "c b a"}]
+    for mask_inputs in (True, False):
+        ours = encode_conversation(tokenizer, style, messages, system="Sys.", mask_inputs=mask_inputs)
+        reference = encode_example(tokenizer, style, "Reverse: a b c", "c b a", system="Sys.", mask_inputs=mask_inputs)
+        assert ours.keys() == reference.keys()
+        for key in ours:
+            assert (torch.equal(ours[key], reference[key]) if isinstance(ours[key], torch.Tensor)
+                    else ours[key] == reference[key])
+
+
+def test_truncation_keeps_partial_answers_and_drops_answerless_samples(chatml_dir):
+    tokenizer, style = Tokenizer(chatml_dir), PromptStyle.from_name("chatml")
+    full = encode_conversation(tokenizer, style, CONVERSATION)
+    first_answer = loss_runs(full)[0][0]
+    cut = encode_conversation(tokenizer, style, CONVERSATION, max_seq_length=first_answer + 1)
+    assert cut["truncated"] == len(full["input_ids"]) - first_answer - 1
+    assert torch.equal(cut["input_ids"], full["input_ids"][: first_answer + 1])
+    assert (cut["labels"] != IGNORE_INDEX).sum() == 1
+    # cut before the first answer token: nothing to learn, with or without masked inputs
+    assert encode_conversation(tokenizer, style, CONVERSATION, max_seq_length=first_answer) is None
+    assert encode_conversation(tokenizer, style, CONVERSATION, max_seq_length=first_answer, mask_inputs=False) is None
+
+
+def test_alpaca_input_renders_the_papers_template(chatml_dir):
+    style = PromptStyle.from_name("alpaca")
+    example = instruction_example(style, "Translate to French.", "Le chat dort.", input="The cat sleeps.")
+    sample = encode_conversation(Tokenizer(chatml_dir), style, example.messages, example.system)
+    assert sample["prompt"] == style.apply({"instruction": "Translate to French.", "input": "The cat sleeps."})
+    other = instruction_example(PromptStyle.from_name("chatml"), "Translate to French.", "x", input="The cat sleeps.")
+    assert other.messages[0]["content"] == "Translate to French.\n\nThe cat sleeps." and other.system is None
+
+
+def test_reverse_instructions_learn_the_instruction_from_the_response(chatml_dir):
+    style = PromptStyle.from_name("chatml")
+    example = instruction_example(style, "Summarize:", "A short summary.", input="A long text.", system="S",
+                                  reverse=True)
+    assert example.messages == [{"role": "user", "content": "A short summary."},
+                                {"role": "assistant", "content": "Summarize:\n\nA long text."}]
+    assert example.system is None  # the system prompt describes the forward task
+    sample = encode_conversation(Tokenizer(chatml_dir), style, example.messages)
+    assert marked_loss_text(Tokenizer(chatml_dir), sample).endswith("⟦Summarize:\n\nA long text.<|im_end|>⟧")
+
+    reversed_chat = conversation_example(CONVERSATION, reverse=True)
+    assert [m["content"] for m in reversed_chat.messages] == [
+        "Paris", "Capital of France?", "Berlin is the capital", "And of Germany?"]
+    assert [m["role"] for m in reversed_chat.messages] == ["user", "assistant"] * 2
+    with pytest.raises(RecordError, match="row 3: --reverse_instructions needs turns that alternate.*turn 1"):
+        conversation_example([{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                              {"role": "assistant", "content": "c"}], reverse=True, where="row 3")
+
+
+def test_openai_and_sharegpt_chats_give_the_same_example():
+    openai = Record({"messages": [{"role": "system", "content": "Be kind."}, *CONVERSATION,
+                                  {"role": "user", "content": "thanks"}]}, "a.jsonl line 1")
+    sharegpt = Record({"conversations": [
+        {"from": "system", "value": "Be kind."},
+        *[{"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]} for m in CONVERSATION],
+        {"from": "human", "value": "thanks"},
+    ]}, "b.json item 0")
+    for record in (openai, sharegpt):
+        example = chat_example(record)
+        # the trailing user turn has no answer to learn and is dropped; the system turn becomes the system prompt
+        assert example.messages == CONVERSATION and example.system == "Be kind."
+    # a row's system field only applies to a chat without a system turn of its own
+    assert chat_example(Record({"messages": CONVERSATION}, "x"), "From the row.").system == "From the row."
+    assert chat_example(openai, "From the row.").system == "Be kind."
+
+
+@pytest.mark.parametrize(
+    "row, match",
+    [
+        ({"text": "hi"}, r"data.jsonl line 4: missing field 'messages' or 'conversations' \(it has \['text'\]\)"),
+        ({"messages": []}, "line 4: field 'messages' should be a non-empty list"),
+        ({"messages": [{"role": "user"}]}, "line 4: messages turn 0 should be an object with 'role' and 'content'"),
+        ({"conversations": [{"from": "robot", "value": "x"}]}, "line 4: conversations turn 0 has the unknown from 'robot'"),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]},
+         "line 4: assistant turn 1 is empty"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "line 4: the conversation has no assistant turn"),
+        ({"messages": [{"role": "user", "content": 5}]}, "line 4: messages turn 0: 'content' should be text, got int"),
+    ],
+)
+def test_bad_chat_rows_name_the_row_and_the_problem(row, match):
+    with pytest.raises(RecordError, match=match):
+        chat_example(Record(row, "data.jsonl line 4"))
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    items = list(range(100))
+    train, val = split_train_val(items, 0.1, seed=1)
+    assert len(val) == 10 and sorted(train + val) == items
+    assert split_train_val(items, 0.1, seed=1) == (train, val)
+    assert split_train_val(items, 0.1, seed=2)[1] != val
+    assert len(split_train_val(items[:3], 0.01, seed=1)[1]) == 1  # at least one validation row
+    with pytest.raises(ValueError, match="1 row.* too few to split"):
+        split_train_val(items[:1], 0.5, seed=1)
+
+
+def test_write_prepared_is_all_or_nothing(tmp_path, monkeypatch):
+    import model.prepare as prepare
+
+    sample = {"input_ids": torch.tensor([1, 2]), "labels": torch.tensor([-100, 2]), "prompt": "p", "response": "r"}
+    out_dir = tmp_path / "out"
+    write_prepared(out_dir, {"train": [sample], "test": [sample]}, {"a": 1})
+    before = {path.name: path.read_bytes() for path in out_dir.iterdir()}
+    assert sorted(before) == ["meta.json", "test.pt", "train.pt"]
+
+    published = []
+
+    def fail_on_second(tmp, path):
+        if published:
+            raise OSError("disk full")
+        published.append(path)
+        # nothing is renamed: the files already there stay as they were until every new one is complete
+
+    monkeypatch.setattr(prepare, "_publish", fail_on_second)
+    with pytest.raises(OSError, match="disk full"):
+        write_prepared(out_dir, {"train": [sample] * 2, "test": [sample]}, {"a": 2})
+    assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == before  # no temp files left either
+    with pytest.raises(OSError, match="disk full"):
+        published.clear()
+        write_prepared(tmp_path / "new", {"train": [sample], "test": [sample]}, {})
+    assert not (tmp_path / "new").exists()
+
+
+def test_downloads_offline_say_to_use_data_file(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ValueError, match="Could not download data.jsonl from the Hugging Face dataset org/d.*--data_file"):
+        hub_dataset_file("org/d", "data.jsonl")
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set.*--data_file PATH"):
+        url_file("https://example.com/data/train.json", tmp_path / "downloads")
+    assert not (tmp_path / "downloads").exists()
+    # a file downloaded before is used as it is
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads" / "train.json").write_text("[]")
+    assert url_file("https://example.com/data/train.json", tmp_path / "downloads") == tmp_path / "downloads/train.json"
+
