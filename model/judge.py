@@ -6,8 +6,8 @@ Three pieces that the curation pipeline (scripts/curate.py) and the evaluation s
   "I'd give it 9 out of 10"), or None when there is none. Judges, small ones above all, ramble; a parser that
   crashes or guesses on junk would silently bias the filter, so junk is None and the caller decides.
 - `judge_prompt(instruction, response)`: the question put to the judge (accuracy, helpfulness, complexity).
-- `Judge`: batched greedy scoring with a Forge checkpoint, and `ScoreCache`: scores appended to a JSONL file
-  keyed by a hash of the judged pair, so a killed run continues where it stopped.
+- `Judge`: batched greedy scoring with a Forge checkpoint (its reply prefilled with "Score:"), and `ScoreCache`:
+  scores appended to a JSONL file keyed by a hash of the judged pair, so a killed run continues where it stopped.
 """
 
 from __future__ import annotations
@@ -150,7 +150,8 @@ class Judge:
     """Greedy 1-10 scores from a Forge checkpoint, many pairs per forward pass (`generate_batch`)."""
 
     def __init__(self, checkpoint_dir: Path | str, device: str = "auto", precision: Optional[str] = None,
-                 max_new_tokens: int = 24, max_prompt_tokens: int = 1536, template: str = JUDGE_TEMPLATE) -> None:
+                 max_new_tokens: int = 8, max_prompt_tokens: int = 1536, template: str = JUDGE_TEMPLATE,
+                 prefill: str = "Score:") -> None:
         from model.prompts import load_prompt_style
         from model.tokenizer import Tokenizer
         from model.utils import load_model
@@ -164,20 +165,24 @@ class Judge:
         self.max_new_tokens = max_new_tokens
         self.max_prompt_tokens = min(max_prompt_tokens, self.model.config.block_size - max_new_tokens)
         self.template = template
+        self.prefill = prefill
         self.stop_ids = set(self.tokenizer.stop_ids)
         for stop in self.style.stop_tokens():
             try:
                 self.stop_ids.add(self.tokenizer.token_to_id(stop))
             except ValueError:
                 pass  # a multi-token stop string; the score line comes first anyway
-        self.id = f"{self.checkpoint_dir.resolve()}|{max_new_tokens}|{hashlib.sha256(template.encode()).hexdigest()[:16]}"
+        setup = f"{max_new_tokens}|{prefill}|{template}"
+        self.id = f"{self.checkpoint_dir.resolve()}|{hashlib.sha256(setup.encode()).hexdigest()[:16]}"
 
     def encode(self, instruction: str, response: str):
         import torch
 
         messages = [{"role": "system", "content": JUDGE_SYSTEM},
                     {"role": "user", "content": judge_prompt(instruction, response, self.template)}]
-        ids = self.tokenizer.encode(self.style.apply(messages))
+        # The reply is started for the judge ("Score:"), so even a small model's next tokens are the number
+        # rather than a restatement of the answer it was asked to grade.
+        ids = self.tokenizer.encode(self.style.apply(messages) + self.prefill)
         if ids.numel() > self.max_prompt_tokens:
             # keep the head (instruction) and the tail (the "Reply with Score: N" request); the middle of a long
             # response is what the judge can best do without
@@ -191,7 +196,7 @@ class Judge:
 
         prompts = [self.encode(instruction, response) for instruction, response in pairs]
         outputs = generate_batch(self.model, prompts, self.max_new_tokens, temperature=0.0, stop_ids=self.stop_ids)
-        replies = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
+        replies = [(self.prefill + self.tokenizer.decode(ids, skip_special_tokens=True)).strip() for ids in outputs]
         return [(parse_score(reply), reply) for reply in replies]
 
 
