@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import Config
-from model.data import get_collate_fn, load_dataset
+from model.data import get_collate_fn, get_packed_collate_fn, load_dataset, pack_samples
 from model.generate import generate
 from model.gpt import GPT
 from model.lora import count_parameters
@@ -58,6 +58,7 @@ def setup(
     max_steps: Optional[int] = None,
     epochs: int = 1,
     max_seq_length: Optional[int] = None,
+    packing: bool = False,
     eval_interval: int = 50,
     eval_iters: int = 20,
     save_interval: int = 100,
@@ -85,6 +86,9 @@ def setup(
         max_steps: Optimizer steps to run; default: `epochs` over the training set.
         epochs: Passes over the training set (when max_steps is not given).
         max_seq_length: Truncate samples to this many tokens; default: the longest sample (up to the model's context).
+        packing: Pack several samples into each row of up to max_seq_length tokens, each sample attending only to
+            itself with its positions restarting (no padding wasted; the loss is unchanged). micro_batch_size and
+            global_batch_size then count rows.
         eval_interval: Validate (loss + a sample generation) every this many optimizer steps.
         eval_iters: Validation batches per evaluation.
         save_interval: Save a resumable checkpoint (the training state only) every this many optimizer steps.
@@ -137,6 +141,11 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, 
 
     accumulate = gradient_accumulation_iters(h["global_batch_size"], h["micro_batch_size"], fabric.world_size)
     lengths = [min(len(s["input_ids"]), max_seq_length) for s in train_data]
+    if h["packing"]:
+        packs = pack_samples(lengths, max_seq_length)
+        print_rank0(fabric, f"Packed {len(train_data)} samples into {len(packs)} rows of up to {max_seq_length} tokens")
+        train_data = [[train_data[i] for i in pack] for pack in packs]
+        lengths = [sum(lengths[i] for i in pack) for pack in packs]
     batches_per_epoch = len(epoch_batches(lengths, h["micro_batch_size"], 0, h["seed"])) // fabric.world_size
     if batches_per_epoch < accumulate:  # an epoch would end before the first optimizer step, forever
         raise ValueError(
@@ -169,6 +178,7 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, 
 def train(fabric, state, train_data, val_data, tokenizer, max_steps, accumulate, lengths, max_seq_length, out_dir, h):
     model, optimizer, scheduler = state["model"], state["optimizer"], state["scheduler"]
     collate = get_collate_fn(pad_id=0, max_seq_length=max_seq_length)
+    train_collate = get_packed_collate_fn(pad_id=0, max_seq_length=max_seq_length) if h["packing"] else collate
     metrics = MetricsLogger(out_dir, ["step", "epoch", "loss", "lr", "tokens_per_s", "val_loss", "memory_gb"],
                             resume_step=state["step"] if h["resume"] else None, enabled=fabric.global_rank == 0)
     throughput = Throughput(start_step=state["step"], max_steps=max_steps)
@@ -183,11 +193,11 @@ def train(fabric, state, train_data, val_data, tokenizer, max_steps, accumulate,
             loss_sum = 0.0
             for i in range(accumulate):
                 indices = batches[state["batch_in_epoch"] + i]
-                batch = collate([train_data[j] for j in indices])
+                batch = train_collate([train_data[j] for j in indices])
                 input_ids, labels = batch["input_ids"].to(fabric.device), batch["labels"].to(fabric.device)
                 # no gradient all-reduce until the last micro-batch of the step
                 with fabric.no_backward_sync(model, enabled=i < accumulate - 1):
-                    loss = next_token_loss(model, input_ids, labels)
+                    loss = next_token_loss(model, input_ids, labels, batch.get("segment_ids"))
                     fabric.backward(loss / accumulate)
                 loss_sum += loss.item()
                 throughput.update(int(input_ids.numel()) * fabric.world_size)
@@ -227,13 +237,16 @@ def train(fabric, state, train_data, val_data, tokenizer, max_steps, accumulate,
             state["batch_in_epoch"] = 0
 
 
-def next_token_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def next_token_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
+                    segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean cross-entropy of predicting token t+1 at position t, over the positions whose next label is not -100.
 
     Logits are computed only at those positions: with the prompt masked, that skips most of the output head."""
     targets = labels[:, 1:]
     predicting = torch.nn.functional.pad(targets != -100, (0, 1))  # position t predicts label t+1; the last predicts nothing
-    logits = model(input_ids, logits_mask=predicting)
+    if segment_ids is not None:
+        segment_ids = segment_ids.to(input_ids.device)
+    logits = model(input_ids, logits_mask=predicting, segment_ids=segment_ids)
     return F.cross_entropy(logits.float(), targets[targets != -100])
 
 

@@ -22,6 +22,7 @@ data prepared again; `load_dataset(path, vocab_size=...)` catches the common cas
 
 from __future__ import annotations
 
+import bisect
 import io
 import os
 import tempfile
@@ -200,5 +201,64 @@ def get_collate_fn(
             batch_ids[row, : len(ids)] = ids
             batch_labels[row, : len(targets)] = targets.masked_fill(targets == IGNORE_INDEX, ignore_index)
         return {"input_ids": batch_ids, "labels": batch_labels}
+
+    return collate
+
+
+# ---------------------------------------------------------------------------------------------------------- packing
+def pack_samples(lengths: list[int], max_seq_length: int) -> list[list[int]]:
+    """Group sample indices into packs of at most `max_seq_length` tokens in all (best-fit decreasing).
+
+    Short instruction samples padded to the longest in a batch waste most of a batch on padding; packing several
+    into one row wastes almost none. A sample longer than `max_seq_length` gets a pack of its own (the collate
+    function cuts it as it would unpacked). The same lengths always give the same packs.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    packs: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, pack index), sorted: the tightest pack that fits comes first
+    for index in order:
+        length = min(lengths[index], max_seq_length)
+        slot = bisect.bisect_left(free, (length, -1))
+        if slot < len(free):
+            room, pack = free.pop(slot)
+            packs[pack].append(index)
+        else:
+            room, pack = max_seq_length, len(packs)
+            packs.append([index])
+        if room - length > 0:
+            bisect.insort(free, (room - length, pack))
+    return packs
+
+
+def get_packed_collate_fn(
+    pad_id: int = 0, ignore_index: int = IGNORE_INDEX, max_seq_length: int = -1
+) -> Callable[[list[list[dict]]], dict[str, torch.Tensor]]:
+    """A collate_fn for packs (lists of samples, see `pack_samples`): each pack becomes one row, right-padded.
+
+    Besides `input_ids` and `labels` it returns `segment_ids` `(B, T)` (the sample each token belongs to, -1 for
+    padding) for `GPT.forward(..., segment_ids=...)`, which restarts positions and keeps attention inside each
+    sample. The first label of every sample is `ignore_index`: it would be the target of the previous sample's last
+    token, and unpacked it is never a target either, so each sample's loss is exactly its unpacked loss.
+    """
+
+    def collate(packs: list[list[dict]]) -> dict[str, torch.Tensor]:
+        limit = max_seq_length if max_seq_length > 0 else None
+        rows = []
+        for pack in packs:
+            pieces = [(sample["input_ids"][:limit], sample["labels"][:limit]) for sample in pack]
+            ids = torch.cat([piece_ids for piece_ids, _ in pieces])[:limit]
+            labels = torch.cat([piece_labels.masked_fill(piece_labels == IGNORE_INDEX, ignore_index)
+                                .index_fill(0, torch.tensor([0]), ignore_index) for _, piece_labels in pieces])[:limit]
+            segments = torch.cat([torch.full((len(piece_ids),), n) for n, (piece_ids, _) in enumerate(pieces)])[:limit]
+            rows.append((ids, labels, segments))
+        longest = max(len(ids) for ids, _, _ in rows)
+        batch_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+        batch_labels = torch.full((len(rows), longest), ignore_index, dtype=torch.long)
+        batch_segments = torch.full((len(rows), longest), -1, dtype=torch.long)
+        for row, (ids, labels, segments) in enumerate(rows):
+            batch_ids[row, : len(ids)] = ids
+            batch_labels[row, : len(labels)] = labels
+            batch_segments[row, : len(segments)] = segments
+        return {"input_ids": batch_ids, "labels": batch_labels, "segment_ids": batch_segments}
 
     return collate

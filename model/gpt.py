@@ -82,6 +82,7 @@ class GPT(nn.Module):
         input_pos: Optional[torch.Tensor] = None,
         return_hidden: bool = False,
         logits_mask: Optional[torch.Tensor] = None,
+        segment_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Logits `(B, T, vocab_size)` for token ids `idx` `(B, T)`.
 
@@ -90,6 +91,9 @@ class GPT(nn.Module):
         `return_hidden=True` returns the final normalized hidden states `(B, T, n_embd)` instead of logits.
         `logits_mask` `(B, T)` (bool) returns the logits of the masked positions only, `(N, vocab_size)`: the output
         head is a large matmul, and a loss on the responses or a generation's next token needs few positions.
+        `segment_ids` `(B, T)` marks packed samples (model/data.py `pack_samples`): each run of equal ids is one
+        sample, whose positions restart at 0 and which attends only to itself, so its logits are the ones it gets
+        alone.
         """
         T = idx.size(1)
         if input_pos is None:
@@ -102,9 +106,14 @@ class GPT(nn.Module):
         if cache is not None and cache.pad_lengths is not None:
             # left-padded batch: each sample's positions start after its padding
             rope_pos = (input_pos.unsqueeze(0) - cache.pad_lengths.unsqueeze(1)).clamp(min=0)
+        mask = None
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed samples) are for training; generation with a KV cache takes one sample per row")
+            rope_pos, mask = packed_positions_and_mask(segment_ids, self.config.sliding_window)
         cos, sin = (t.to(x.dtype) for t in self.rope(rope_pos))
         for block in self.transformer.h:
-            x = block(x, cos, sin, input_pos)
+            x = block(x, cos, sin, input_pos, mask)
         x = self.transformer.ln_f(x)
         if return_hidden:
             return x
@@ -153,9 +162,10 @@ class Block(nn.Module):
         self.norm_2 = None if config.shared_attention_norm else build_norm(config)
         self.mlp = build_mlp(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         x_normed = self.norm_1(x)
-        attention_output = self.attn(x_normed, cos, sin, input_pos)
+        attention_output = self.attn(x_normed, cos, sin, input_pos, mask)
         if self.config.parallel_residual:
             mlp_input = x_normed if self.norm_2 is None else self.norm_2(x)
             return self.mlp(mlp_input) + attention_output + x
@@ -173,7 +183,9 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_head * config.head_size, config.n_embd, bias=config.bias)
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`mask` `(B, 1, T, T)`, True where a query may attend: given for packed samples (see GPT.forward)."""
         B, T, _ = x.shape
         c = self.config
         q_size, kv_size = c.n_head * c.head_size, c.n_query_groups * c.head_size
@@ -184,7 +196,6 @@ class CausalSelfAttention(nn.Module):
         q = apply_rope(q, cos, sin, c.rope_n_elem)
         k = apply_rope(k, cos, sin, c.rope_n_elem)
 
-        mask = None
         if self.kv_cache is not None:
             k, v = self.kv_cache(input_pos, k, v)
             pad_lengths = self.kv_cache.pad_lengths
@@ -196,7 +207,7 @@ class CausalSelfAttention(nn.Module):
                     # no attending to padding; a padding position attends to itself so no row is empty (NaN)
                     keep = key_pos.view(1, 1, 1, -1) >= pad_lengths.view(-1, 1, 1, 1)
                     mask = (mask & keep) | (input_pos.view(-1, 1) == key_pos.view(1, -1))
-        elif c.sliding_window is not None and T > c.sliding_window:
+        elif mask is None and c.sliding_window is not None and T > c.sliding_window:
             mask = attention_mask(input_pos, input_pos, c.sliding_window)
         y = self.attend(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, c.n_head * c.head_size)
@@ -219,6 +230,20 @@ def attention_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_windo
     if sliding_window is not None:
         mask &= distance < sliding_window
     return mask
+
+
+def packed_positions_and_mask(segment_ids: torch.Tensor, sliding_window: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows of packed samples `(B, T)`: each token's position within its own sample `(B, T)`, and the
+    block-diagonal causal mask `(B, 1, T, T)` that keeps attention inside each sample (and its sliding window)."""
+    T = segment_ids.size(1)
+    index = torch.arange(T, device=segment_ids.device).expand_as(segment_ids)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    # the index of the latest sample start at or before each token
+    sample_start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    positions = index - sample_start
+    mask = attention_mask(index[0], index[0], sliding_window) & (segment_ids.unsqueeze(2) == segment_ids.unsqueeze(1))
+    return positions, mask.unsqueeze(1)
 
 
 class KVCache(nn.Module):

@@ -204,6 +204,20 @@ def test_dora_qlora_qdora_train_and_merge_into_the_same_function(variant, tiny_d
 # ----------------------------------------------------------------------------------------------- resume
 
 
+def test_packing_trains_on_fewer_rows_and_the_loss_falls(tiny_dir, make_data, tmp_path, capsys):
+    data_dir = make_data(8)
+    longest = max(len(s["input_ids"]) for s in load_dataset(data_dir / "train.pt"))
+    out_dir = tmp_path / "packed"
+    finetune(tiny_dir, data_dir, out_dir, max_steps=20, micro_batch_size=4, global_batch_size=4, learning_rate=1e-2,
+             warmup_steps=0, lora_dropout=0.0, lora_key=True, lora_projection=True, lora_mlp=True, lora_head=True,
+             packing=True, max_seq_length=2 * longest)
+    rows = int(re.search(r"Packed 8 samples into (\d+) rows", capsys.readouterr().err).group(1))
+    assert rows <= 4  # two or more samples share each row of twice the longest sample's length
+    losses = [float(row["loss"]) for row in training_rows(out_dir)]
+    assert len(losses) == 20 and sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
+    assert yaml.safe_load((out_dir / "hparams.yaml").read_text())["packing"] is True
+
+
 def test_killed_run_resumes_to_the_same_adapter_and_metrics(tiny_dir, make_data, tmp_path, capsys):
     # 16 samples, 2 micro-batches a step: epochs end at steps 4 and 8, so resuming crosses epochs; dropout is on
     flags = dict(data_dir=make_data(16), checkpoint_dir=tiny_dir, max_steps=10, micro_batch_size=2,
