@@ -203,13 +203,34 @@ def encode_conversation(
             f"The {prompt_style.name!r} prompt style ends an answer with the tokenizer's EOS token, but the tokenizer"
             f" in {tokenizer.checkpoint_dir} has none."
         )
-    # Each segment's tokens are what it adds to the tokenization of the text so far, so the whole sample is the
-    # tokenization of the whole text (the tokens a generation script feeds), as in `encode_example`; only where a
-    # token spans a segment boundary is the segment tokenized alone.
+    prompt = "".join(segment for segment, _ in segments[:last])
+    tokens = _tokenize_at_once(tokenizer, segments, append_eos, prompt) if len(segments) > 2 else None
+    input_ids, answer_mask = tokens if tokens is not None else _tokenize_segment_by_segment(tokenizer, segments,
+                                                                                            append_eos)
+    labels = input_ids.masked_fill(~answer_mask, IGNORE_INDEX) if mask_inputs else input_ids.clone()
+
+    truncated = 0
+    if 0 < max_seq_length < len(input_ids):
+        truncated = len(input_ids) - max_seq_length
+        if not answer_mask[1:max_seq_length].any():  # position 0 is never a target
+            return None
+        # clone: a slice would keep (and torch.save would write) the whole original storage
+        input_ids, labels = input_ids[:max_seq_length].clone(), labels[:max_seq_length].clone()
+    return {"input_ids": input_ids, "labels": labels, "prompt": prompt, "response": messages[-1]["content"],
+            "truncated": truncated}
+
+
+
+def _tokenize_segment_by_segment(
+    tokenizer: Tokenizer, segments: list[tuple[str, bool]], append_eos: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each segment's tokens are what it adds to the tokenization of the text so far, so the whole sample is the
+    tokenization of the whole text (the tokens a generation script feeds), as in `encode_example`; only where a
+    token spans a segment boundary is the segment tokenized alone. Returns the ids and which of them are answer."""
     pieces, trained, text, previous = [], [], "", None
     for index, (segment, is_answer) in enumerate(segments):
         text += segment
-        eos = append_eos and index == last
+        eos = append_eos and index == len(segments) - 1
         ids = tokenizer.encode(text, eos=eos)
         if previous is None:
             piece = ids
@@ -220,19 +241,42 @@ def encode_conversation(
         previous = ids
         pieces.append(piece)
         trained.append(torch.full((len(piece),), is_answer))
-    input_ids, answer_mask = torch.cat(pieces), torch.cat(trained)
-    labels = input_ids.masked_fill(~answer_mask, IGNORE_INDEX) if mask_inputs else input_ids.clone()
+    return torch.cat(pieces), torch.cat(trained)
 
-    truncated = 0
-    if 0 < max_seq_length < len(input_ids):
-        truncated = len(input_ids) - max_seq_length
-        if not answer_mask[1:max_seq_length].any():  # position 0 is never a target
+
+def _tokenize_at_once(
+    tokenizer: Tokenizer, segments: list[tuple[str, bool]], append_eos: bool, prompt: str
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The same as `_tokenize_segment_by_segment` in two tokenizations instead of one per segment (a long chat has
+    dozens): the whole text once, each token given to the segment its characters lie in, and the prompt alone, which
+    must be the start of it. None where that cannot be done: a sentencepiece tokenizer (no character offsets here), a
+    token across a segment boundary, or a prompt that tokenizes differently alone."""
+    if tokenizer.backend != "huggingface":
+        return None
+    encoding = tokenizer.processor.encode("".join(segment for segment, _ in segments), add_special_tokens=False)
+    ids, owners, segment_index, segment_end = list(encoding.ids), [], 0, len(segments[0][0])
+    for start, end in encoding.offsets:
+        while segment_index < len(segments) - 1 and start >= segment_end:
+            segment_index += 1
+            segment_end += len(segments[segment_index][0])
+        if end > segment_end:
             return None
-        # clone: a slice would keep (and torch.save would write) the whole original storage
-        input_ids, labels = input_ids[:max_seq_length].clone(), labels[:max_seq_length].clone()
-    prompt = "".join(segment for segment, _ in segments[:last])
-    return {"input_ids": input_ids, "labels": labels, "prompt": prompt, "response": messages[-1]["content"],
-            "truncated": truncated}
+        owners.append(segment_index)
+    # BOS and EOS exactly as Tokenizer.encode adds them
+    if tokenizer.use_bos and ids[:1] != [tokenizer.bos_id]:
+        ids.insert(0, tokenizer.bos_id)
+        owners.insert(0, 0)
+    if append_eos and ids[-1:] != [tokenizer.eos_id]:
+        ids.append(tokenizer.eos_id)
+        owners.append(len(segments) - 1)
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    prompt_ids = tokenizer.encode(prompt)
+    if owners.count(len(segments) - 1) != len(ids) - len(prompt_ids) or not torch.equal(
+        input_ids[: len(prompt_ids)], prompt_ids
+    ):
+        return None
+    answer_mask = torch.tensor([segments[owner][1] for owner in owners])
+    return input_ids, answer_mask
 
 
 # ---------------------------------------------------------------------------------------------- split, stats, write

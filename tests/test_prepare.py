@@ -6,7 +6,7 @@ import torch
 
 from model.data import IGNORE_INDEX, encode_example
 from model.prepare import (
-    Example, chat_example, conversation_example, encode_conversation, hub_dataset_file, instruction_example,
+    _tokenize_at_once, _tokenize_segment_by_segment, chat_example, conversation_example, encode_conversation, hub_dataset_file, instruction_example,
     marked_loss_text, split_train_val, url_file, write_prepared,
 )
 from model.prompts import PromptStyle, prompt_styles
@@ -74,6 +74,35 @@ def test_multi_turn_masking_with_sentencepiece(sentencepiece_dir, style_name):
     texts = [tokenizer.decode(sample["input_ids"][a:b]).strip() for a, b in loss_runs(sample)]
     assert len(texts) == 2 and texts[0].startswith("Paris") and texts[1].startswith("Berlin is the capital")
     assert texts[1].endswith("</s>")
+
+
+@pytest.mark.parametrize("style_name", list(prompt_styles))
+def test_one_tokenization_of_a_long_chat_equals_one_per_segment(chatml_dir, style_name):
+    """The fast path (the whole text tokenized once, tokens given to segments by their character offsets) gives the
+    same ids and mask as tokenizing the growing text once per segment."""
+    tokenizer, style = Tokenizer(chatml_dir), PromptStyle.from_name(style_name)
+    segments = style.apply_turns(CONVERSATION + CONVERSATION[2:], "Be brief.")
+    last = max(i for i, (_, is_answer) in enumerate(segments) if is_answer)
+    segments = segments[: last + 1]
+    append_eos = not segments[-1][0].endswith(style.stop_tokens())
+    prompt = "".join(text for text, _ in segments[:-1])
+    fast = _tokenize_at_once(tokenizer, segments, append_eos, prompt)
+    slow = _tokenize_segment_by_segment(tokenizer, segments, append_eos)
+    assert fast is not None
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+
+
+def test_a_token_across_a_turn_boundary_takes_the_slow_path(chatml_dir, sentencepiece_dir):
+    tokenizer, style = Tokenizer(chatml_dir), PromptStyle.from_name("default")
+    # the default style writes turns back to back: "say the qui" + "ck" has the token "ick" across the boundary
+    messages = [{"role": "user", "content": "say the qui"}, {"role": "assistant", "content": "ck"},
+                {"role": "user", "content": " and"}, {"role": "assistant", "content": " more"}]
+    segments = style.apply_turns(messages)
+    assert _tokenize_at_once(tokenizer, segments, True, "".join(t for t, _ in segments[:-1])) is None
+    sample = encode_conversation(tokenizer, style, messages)
+    ids, mask = _tokenize_segment_by_segment(tokenizer, segments, True)
+    assert torch.equal(sample["input_ids"], ids) and torch.equal(sample["labels"] != IGNORE_INDEX, mask)
+    assert _tokenize_at_once(Tokenizer(sentencepiece_dir), segments, True, "") is None  # no offsets
 
 
 @pytest.mark.parametrize("style_name", ["chatml", "llama3", "alpaca", "phi3", "falcon", "mistral-v0.3"])
