@@ -1,0 +1,302 @@
+"""Model merging: the methods on hand-made tensors, scripts/merge_models.py on tiny random checkpoints, bad input,
+and the peak memory of a streamed merge."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import load_script
+
+from model import GPT, Config
+from model.checkpoint import load_state_dict, save_sharded
+from model.generate import generate
+from model.merge import (
+    dare, drop_and_rescale, elect_sign, gradient_value, linear, resolve_parameter, slerp, task_arithmetic, ties,
+    trim_by_magnitude,
+)
+from model.utils import run_cli
+
+ROOT = Path(__file__).parent.parent
+merge_script = load_script("scripts/merge_models.py")
+TINY = dict(name="tiny", vocab_size=64, n_layer=3, n_head=2, n_query_groups=1, n_embd=16, intermediate_size=24,
+            block_size=64, tie_embeddings=True)
+
+
+def make_checkpoint(directory: Path, seed: int, **overrides) -> Path:
+    """A random Forge checkpoint (random norms too, so a weight taken from the wrong model shows)."""
+    torch.manual_seed(seed)
+    model = GPT(Config(**{**TINY, **overrides}))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(1.0 if "norm" in name or "ln_f" in name else 0.0, 0.2)
+    directory.mkdir(parents=True)
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_sharded(iter(state.items()), directory)
+    model.config.save(directory)
+    (directory / "prompt_style.yaml").write_text("name: chatml\ndefault_system: null\n")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {name: make_checkpoint(root / name, seed) for seed, name in enumerate(("base", "a", "b"))}
+
+
+def run_merge(tmp_path: Path, spec: dict, name: str = "merged") -> Path:
+    """Merge as `--config` does: the YAML's keys are the script's flags."""
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    out_dir = tmp_path / name
+    run_cli(merge_script.merge_models, ["--config", str(config), "--out_dir", str(out_dir)])
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------- the methods
+
+
+def test_slerp_endpoints_unit_norm_and_lerp_fallback():
+    torch.manual_seed(0)
+    a, b = torch.randn(5, 7), torch.randn(5, 7)
+    assert torch.allclose(slerp(a, b, 0.0), a, atol=1e-6)
+    assert torch.allclose(slerp(a, b, 1.0), b, atol=1e-6)
+    a_unit, b_unit = a / a.norm(), b / b.norm()
+    for t in (0.1, 0.3, 0.5, 0.9):
+        mid = slerp(a_unit, b_unit, t)
+        assert mid.norm().item() == pytest.approx(1.0, abs=1e-6)  # stays on the sphere
+        # the angle to each end grows linearly in t
+        total = torch.arccos((a_unit * b_unit).sum())
+        assert torch.arccos((a_unit * mid).sum().clamp(-1, 1)).item() == pytest.approx(t * total.item(), abs=1e-4)
+        assert ((1 - t) * a_unit + t * b_unit).norm().item() < 1.0 - 1e-3  # where lerp would shrink it
+    nearly_the_same = a + 1e-4 * b
+    assert torch.equal(slerp(a, nearly_the_same, 0.25), (0.75 * a.double() + 0.25 * nearly_the_same.double()).float())
+    opposite = slerp(a, -a * 2, 0.5)  # colinear the other way: lerp too (no division by sin(pi) ~ 0)
+    assert torch.isfinite(opposite).all() and torch.allclose(opposite, -0.5 * a, atol=1e-6)
+
+
+def test_linear_and_task_arithmetic_values():
+    x, y = torch.tensor([1.0, 2.0]), torch.tensor([3.0, -2.0])
+    assert torch.equal(linear([x, y], [1.0, 3.0]), torch.tensor([2.5, -1.0]))
+    assert torch.equal(linear([x, y], [1.0, 3.0], normalize=False), torch.tensor([10.0, -4.0]))
+    base = torch.tensor([1.0, 1.0])
+    # base + 0.5 * (x - base) + 1.0 * (y - base), scaled by lambda = 2
+    assert torch.equal(task_arithmetic(base, [x, y], [0.5, 1.0], lambda_=2.0), torch.tensor([1.0 + 2 * 2.0, 1 + 2 * -2.5]))
+
+
+def test_ties_trims_elects_the_sign_and_takes_the_disjoint_mean():
+    base = torch.tensor([10.0, 10.0, 10.0, 10.0, 10.0])
+    a = base + torch.tensor([3.0, -1.0, 0.5, 2.0, 1.0])
+    b = base + torch.tensor([-2.0, -2.0, 1.0, 0.1, -4.0])
+    c = base + torch.tensor([-2.0, 0.2, 0.1, 0.3, 3.5])
+    assert torch.equal(trim_by_magnitude(a - base, 0.4), torch.tensor([3.0, 0, 0, 2.0, 0]))
+    assert torch.equal(trim_by_magnitude(a - base, 0.0), torch.zeros(5))
+    assert torch.equal(elect_sign(torch.tensor([[1.0, -3.0], [-2.0, 1.0]])), torch.tensor([-1.0, -1.0]))
+    merged = ties(base, [a, b, c], weights=[1.0, 1.0, 1.0], densities=[0.4, 0.4, 0.4])
+    # trimmed: a [3, 0, 0, 2, 0], b [-2, -2, 0, 0, -4], c [-2, 0, 0, 0, 3.5]
+    # elected signs: [-1 (3-2-2), -1, + (0 >= 0), +, - (-4+3.5)]; mean over the agreeing, non-zero entries
+    assert torch.equal(merged - base, torch.tensor([-2.0, -2.0, 0.0, 2.0, -4.0]))
+    # weights count in the election and in the mean: a weighted 3x wins the first entry on its own
+    weighted = ties(base, [a, b, c], weights=[3.0, 1.0, 1.0], densities=[0.4, 0.4, 0.4])
+    assert (weighted - base)[0].item() == pytest.approx(3.0)
+    no_normalize = ties(base, [a, b, c], weights=[1.0, 1.0, 1.0], densities=[0.4, 0.4, 0.4], normalize=False)
+    assert torch.equal(no_normalize - base, torch.tensor([-4.0, -2.0, 0.0, 2.0, -4.0]))
+
+
+def test_dare_drops_rescales_and_matches_task_arithmetic_in_expectation():
+    torch.manual_seed(0)
+    delta = torch.randn(200, 50)
+    dropped = drop_and_rescale(delta, 0.3, torch.Generator().manual_seed(1))
+    kept = dropped != 0
+    assert kept.float().mean().item() == pytest.approx(0.3, abs=0.01)
+    assert torch.allclose(dropped[kept], delta[kept] / 0.3)
+    again = drop_and_rescale(delta, 0.3, torch.Generator().manual_seed(1))
+    assert torch.equal(dropped, again)  # seeded
+
+    base = torch.randn(6, 4)
+    tuned = [base + torch.randn(6, 4), base + torch.randn(6, 4)]
+    expected = task_arithmetic(base, tuned, [0.7, 0.5])
+    generator = torch.Generator().manual_seed(0)
+    # entries drop independently, so one call on 20000 stacked copies is 20000 independent merges
+    n = 20000
+    samples = dare(base.expand(n, 6, 4), [t.expand(n, 6, 4) for t in tuned], [0.7, 0.5], [0.4, 0.6], generator,
+                   sign_consensus=False)
+    # the variance of w * drop_and_rescale(delta, d) is w^2 delta^2 (1 - d) / d
+    variance = sum(w**2 * (t - base) ** 2 * (1 - d) / d for w, t, d in zip([0.7, 0.5], tuned, [0.4, 0.6]))
+    assert ((samples.mean(0) - expected).abs() <= 4.5 * (variance / n).sqrt() + 1e-6).all()
+    assert not torch.allclose(samples[0], expected)
+    assert torch.equal(dare(base, tuned, [0.7, 0.5], [1.0, 1.0], generator, sign_consensus=False), expected)
+    assert torch.equal(dare(base, tuned, [1, 1], [1.0, 1.0], generator, sign_consensus=True, normalize=True),
+                       ties(base, tuned, [1, 1], [1.0, 1.0]))
+
+
+def test_parameters_as_gradients_and_filters():
+    assert gradient_value([0.0, 1.0], 0.25) == 0.25
+    assert gradient_value([0.0, 1.0, 0.0], 0.75) == 0.5
+    assert gradient_value([0.2, 0.4, 0.8], 1.0) == pytest.approx(0.8)
+    value = [{"filter": "self_attn", "value": [0.0, 1.0]}, {"filter": "mlp", "value": 0.3}, {"value": 0.5}]
+    assert resolve_parameter(value, "transformer.h.2.attn.qkv.weight", 0.5, "t") == 0.5
+    assert resolve_parameter(value, "transformer.h.2.mlp.fc_1.weight", 0.5, "t") == 0.3
+    assert resolve_parameter(value, "transformer.ln_f.weight", 1.0, "t") == 0.5
+    with pytest.raises(ValueError, match="no entry matches tensor 'transformer.ln_f.weight'"):
+        resolve_parameter(value[:2], "transformer.ln_f.weight", 1.0, "t")
+
+
+# ----------------------------------------------------------------------------------------------- the script
+
+
+def test_slerp_script_endpoints_and_per_layer_gradient(models, tmp_path):
+    a, b = load_state_dict(models["a"]), load_state_dict(models["b"])
+    spec = {"merge_method": "slerp", "base_model": str(models["a"]), "parameters": {"t": 0.0},
+            "models": [{"model": str(models["a"])}, {"model": str(models["b"])}]}
+    at_a = load_state_dict(run_merge(tmp_path, spec, "t0"))
+    assert at_a.keys() == a.keys() and all(torch.allclose(at_a[k], a[k], atol=1e-6) for k in a)
+    at_b = load_state_dict(run_merge(tmp_path, dict(spec, parameters={"t": 1.0}), "t1"))
+    assert all(torch.allclose(at_b[k], b[k], atol=1e-6) for k in a)
+    # mergekit's slices form, t from 0 at the first layer to 1 at the last, attention only; MLPs at 0.5
+    sliced = {"merge_method": "slerp", "base_model": str(models["a"]),
+              "slices": [{"sources": [{"model": str(models["a"]), "layer_range": [0, 3]},
+                                      {"model": str(models["b"]), "layer_range": [0, 3]}]}],
+              "parameters": {"t": [{"filter": "self_attn", "value": [0.0, 1.0]}, {"value": 0.5}]}}
+    out = run_merge(tmp_path, sliced, "gradient")
+    merged = load_state_dict(out)
+    qkv = "transformer.h.{}.attn.qkv.weight"
+    assert torch.allclose(merged[qkv.format(0)], a[qkv.format(0)], atol=1e-6)
+    assert torch.allclose(merged[qkv.format(2)], b[qkv.format(2)], atol=1e-6)
+    assert torch.allclose(merged[qkv.format(1)], slerp(a[qkv.format(1)], b[qkv.format(1)], 0.5), atol=1e-6)
+    fc = "transformer.h.0.mlp.fc_1.weight"
+    assert torch.allclose(merged[fc], slerp(a[fc], b[fc], 0.5), atol=1e-6)
+    assert (out / "prompt_style.yaml").is_file()
+    assert yaml.safe_load((out / "merge_config.yaml").read_text()) == dict(sliced, seed=0)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear"])
+def test_each_method_applies_its_function_to_every_tensor(method, models, tmp_path):
+    base, a, b = (load_state_dict(models[name]) for name in ("base", "a", "b"))
+    spec = {"merge_method": method, "base_model": str(models["base"]), "seed": 3,
+            "models": [{"model": str(models["a"]), "parameters": {"weight": 0.6, "density": 0.5}},
+                       {"model": str(models["b"]), "parameters": {"weight": 0.4, "density": 0.7}}]}
+    if method in ("linear", "task_arithmetic"):
+        spec["models"] = [{"model": m["model"], "parameters": {"weight": m["parameters"]["weight"]}} for m in spec["models"]]
+    merged = load_state_dict(run_merge(tmp_path, spec))
+    name = "transformer.h.1.mlp.proj.weight"
+    expected = {
+        "linear": linear([a[name], b[name]], [0.6, 0.4]),
+        "task_arithmetic": task_arithmetic(base[name], [a[name], b[name]], [0.6, 0.4]),
+        "ties": ties(base[name], [a[name], b[name]], [0.6, 0.4], [0.5, 0.7]),
+    }
+    if method in expected:
+        assert torch.allclose(merged[name], expected[method], atol=1e-6)
+    else:  # seeded: the same config gives the same merge, another seed other drops
+        again = load_state_dict(run_merge(tmp_path, spec, "again"))
+        other = load_state_dict(run_merge(tmp_path, dict(spec, seed=4), "other"))
+        assert torch.equal(merged[name], again[name]) and not torch.equal(merged[name], other[name])
+        delta = merged[name] - base[name]
+        assert 0 < (delta == 0).float().mean().item() < 0.5  # some entries dropped by both models
+    assert set(merged) == set(base)
+
+
+def test_passthrough_self_merge_repeats_layers_loads_and_generates(models, tmp_path):
+    spec = {"merge_method": "passthrough", "dtype": "float32",
+            "slices": [{"sources": [{"model": str(models["a"]), "layer_range": [0, 2]}]},
+                       {"sources": [{"model": str(models["a"]), "layer_range": [1, 3]}]}]}
+    out = run_merge(tmp_path, spec)
+    config = Config.from_checkpoint(out)
+    assert config.n_layer == 4 and config.name == "merged"
+    merged = GPT.from_checkpoint(out)
+    source = GPT.from_checkpoint(models["a"])
+    # the same function as running the source's blocks 0, 1, 1, 2
+    stacked = GPT(config).eval()
+    stacked.load_state_dict(merged.state_dict())
+    stacked.transformer.h = torch.nn.ModuleList([source.transformer.h[i] for i in (0, 1, 1, 2)])
+    idx = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(merged(idx), stacked(idx), atol=1e-5)
+    tokens = list(generate(merged, idx[0], max_new_tokens=5, temperature=0))
+    assert len(tokens) == 5 and all(0 <= t < 64 for t in tokens)
+
+
+def cli_error(capsys, args: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(merge_script.merge_models, args)
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s, m: dict(s, merge_method="frankenstein"), "merge_method 'frankenstein' is not one of linear, slerp"),
+    (lambda s, m: dict(s, models=[*s["models"], {"model": str(m["wide"])}]),
+     "has another architecture than .*n_embd: 16 vs 32"),
+    (lambda s, m: dict(s, models=[*s["models"], {"model": "nowhere/missing"}]), "model 'nowhere/missing' not found"),
+    (lambda s, m: {"merge_method": "passthrough", "slices": [{"sources": [{"model": str(m["a"]), "layer_range": [1, 4]}]}]},
+     r"slices\[0\].sources\[0\].layer_range \[1, 4\] is out of bounds: model .* has 3 layers"),
+    (lambda s, m: dict(s, parameters={"t": 0.5}), r"unknown parameters \['t'\] for this merge_method"),
+    (lambda s, m: {k: v for k, v in s.items() if k != "base_model"}, "ties needs `base_model`"),
+    (lambda s, m: dict(s, models=[{"model": str(m["a"]), "parameters": {"density": 1.5}}]), "density must be in"),
+])
+def test_bad_configs_fail_with_one_error_line_and_no_output(change, message, models, tmp_path, capsys):
+    all_models = dict(models, wide=models["a"].parent / "wide")
+    if not all_models["wide"].exists():
+        make_checkpoint(all_models["wide"], 9, n_embd=32)
+    good = {"merge_method": "ties", "base_model": str(models["base"]),
+            "models": [{"model": str(models["a"]), "parameters": {"density": 0.5}}]}
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(change(good, all_models)))
+    error = cli_error(capsys, ["--config", str(config), "--out_dir", str(tmp_path / "out")])
+    assert re.search(message, error), error
+    assert list(tmp_path.iterdir()) == [config]  # no output, no temporary directory
+
+
+def test_shape_mismatch_names_the_tensor_and_leaves_nothing(models, tmp_path, capsys):
+    # same config, but a checkpoint whose tensor was tampered with: caught before anything is written
+    odd = tmp_path / "odd"
+    make_checkpoint(odd, 5)
+    state = load_state_dict(odd)
+    state["transformer.h.1.attn.proj.weight"] = torch.zeros(16, 8)
+    save_sharded(iter(state.items()), odd)
+    config = tmp_path / "odd.yaml"
+    config.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": str(models["a"])}, {"model": str(odd)}]}))
+    error = cli_error(capsys, ["--config", str(config), "--out_dir", str(tmp_path / "out")])
+    assert "transformer.h.1.attn.proj.weight" in error and "[16, 16]" in error and "[16, 8]" in error
+    assert not (tmp_path / "out").exists()
+
+
+MEMORY_PROBE = """
+import resource, sys, yaml
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from tests.conftest import load_script
+merge = load_script("scripts/merge_models.py")
+def rss_kb():
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1])
+before = rss_kb()
+merge.merge_models(out_dir=Path(sys.argv[2]), shard_size_mb=8, **yaml.safe_load(open(sys.argv[1])))
+print("GROWTH_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def test_streamed_merge_peaks_well_below_the_models_size(tmp_path):
+    big = dict(n_layer=12, n_embd=256, n_head=4, intermediate_size=1024, vocab_size=512)
+    a, b = make_checkpoint(tmp_path / "a", 0, **big), make_checkpoint(tmp_path / "b", 1, **big)
+    both_kb = sum((d / "lit_model.safetensors").stat().st_size for d in (a, b)) // 1024
+    config = tmp_path / "linear.yaml"
+    config.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": str(a)}, {"model": str(b)}]}))
+    probe = tmp_path / "probe.py"
+    probe.write_text(MEMORY_PROBE.format(root=str(ROOT)))
+    result = subprocess.run([sys.executable, str(probe), str(config), str(tmp_path / "out")], capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    growth_kb = int(result.stdout.split("GROWTH_KB")[1])
+    # loading both would need both_kb (~100 MB); streaming needs an 8 MB shard plus a few tensors
+    assert growth_kb < 0.3 * both_kb, (growth_kb, both_kb)
+    merged = load_state_dict(tmp_path / "out")
+    name = "transformer.h.5.mlp.fc_2.weight"
+    assert torch.allclose(merged[name], (load_state_dict(a)[name] + load_state_dict(b)[name]) / 2)
