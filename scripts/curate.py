@@ -70,7 +70,7 @@ def curate(
     max_repeated_ngram_fraction: float = 0.3,
     min_text_fraction: float = 0.5,
     boilerplate: bool = True,
-    drop_regex: Optional[list[str]] = None,
+    drop_regex: Optional[str] = None,
     perplexity_checkpoint_dir: Optional[Path] = None,
     perplexity_percentile: float = 95.0,
     perplexity_max: Optional[float] = None,
@@ -113,7 +113,7 @@ def curate(
         max_repeated_ngram_fraction: Rules: drop responses in which more of the word 3-grams repeat than this.
         min_text_fraction: Rules: drop rows (or responses) with fewer letters, digits and spaces than this share.
         boilerplate: Rules: drop refusals and "as an AI language model" boilerplate in any assistant turn.
-        drop_regex: Rules: drop rows whose instruction or response matches any of these Python regexes.
+        drop_regex: Rules: drop rows whose instruction or response matches this Python regex (join several with |).
         perplexity_checkpoint_dir: Checkpoint that scores the answers' perplexity (needed by the perplexity stage).
         perplexity_percentile: Drop answers above this percentile of perplexity (the most surprising ones).
         perplexity_max: Drop answers above this perplexity instead of using the percentile.
@@ -156,7 +156,8 @@ def curate(
     if map_embeddings == "model" and not (embed_checkpoint_dir or judge_checkpoint_dir or perplexity_checkpoint_dir):
         raise ValueError("--map_embeddings model needs a checkpoint: give --embed_checkpoint_dir")
     rules = Rules(min_instruction_chars, min_response_chars, max_chars, max_repeated_ngram_fraction,
-                  min_text_fraction=min_text_fraction, boilerplate=boilerplate, drop_regex=drop_regex or ())
+                  min_text_fraction=min_text_fraction, boilerplate=boilerplate,
+                  drop_regex=[drop_regex] if drop_regex else [])
     exact = ExactDedup()
     fuzzy = FuzzyDedup(fuzzy_threshold, ngram, shingle, num_perm, seed=seed + 1) if "fuzzy_dedup" in chosen else None
     fields = FieldMap(instruction_field, input_field, output_field, system_field)
