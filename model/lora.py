@@ -20,6 +20,7 @@ the keys in `HPARAM_KEYS` (`LoRAConfig.to_hparams()` writes them).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Optional
@@ -39,12 +40,18 @@ HPARAMS = "hparams.yaml"
 HPARAM_KEYS = {
     "r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout", "query": "lora_query", "key": "lora_key",
     "value": "lora_value", "projection": "lora_projection", "mlp": "lora_mlp", "head": "lora_head", "dora": "dora",
+    "router": "lora_router",
 }
+# settings added after runs were saved without them: such runs had them off
+OPTIONAL_HPARAM_KEYS = {"lora_router"}
+# an MoE router's weight; trained in full (not low-rank) with `router`, and saved beside the LoRA tensors
+ROUTER_SUFFIX = ".mlp.gate.weight"
 
 
 @dataclass
 class LoRAConfig:
-    """Which linears get LoRA, and its hyperparameters. `mlp` covers every linear of the MLP, each expert's of an MoE."""
+    """Which linears get LoRA, and its hyperparameters. `mlp` covers every linear of the MLP, each expert's of an MoE;
+    `router` trains an MoE's routers in full (alone, it trains the routers only, e.g. after scripts/merge_moe.py)."""
 
     r: int = 8
     alpha: float = 16.0
@@ -56,24 +63,26 @@ class LoRAConfig:
     mlp: bool = False
     head: bool = False
     dora: bool = False
+    router: bool = False
 
     def __post_init__(self) -> None:
         if self.r <= 0:
             raise ValueError(f"LoRA rank r must be positive, got {self.r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        if not any((self.query, self.key, self.value, self.projection, self.mlp, self.head)):
-            raise ValueError("LoRA is enabled on no layer: set at least one of query, key, value, projection, mlp, head")
+        if not any((self.query, self.key, self.value, self.projection, self.mlp, self.head, self.router)):
+            raise ValueError("LoRA is enabled on no layer: set at least one of query, key, value, projection, mlp, head,"
+                             " router")
 
     def to_hparams(self) -> dict:
         return {HPARAM_KEYS[f.name]: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_hparams(cls, hparams: dict, source: str = HPARAMS) -> "LoRAConfig":
-        missing = [key for key in HPARAM_KEYS.values() if key not in hparams]
+        missing = [key for key in HPARAM_KEYS.values() if key not in hparams and key not in OPTIONAL_HPARAM_KEYS]
         if missing:
             raise ValueError(f"{source} lacks the LoRA settings {', '.join(missing)}; was it written by a LoRA run?")
-        return cls(**{name: hparams[key] for name, key in HPARAM_KEYS.items()})
+        return cls(**{name: hparams[key] for name, key in HPARAM_KEYS.items() if key in hparams})
 
 
 class LoRAAdapter(nn.Module):
@@ -110,6 +119,7 @@ class LoRALinear(nn.Module):
         self.linear = linear
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.r, self.alpha, self.scaling, self.dora = r, alpha, alpha / r, dora
+        self.adapters_enabled = True  # False: the base layer alone (see `lora_disabled`)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         out_slices = out_slices or {"all": (0, self.out_features)}
         # kept in row order, which the forward relies on to assemble the output
@@ -135,6 +145,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.linear(x)
+        if not self.adapters_enabled:
+            return out
         x = x.to(next(iter(self.lora.values())).A.dtype)
         dropped = self.dropout(x)
         base_weight = dequantize_linear(self.linear).to(x.dtype) if self.dora else None
@@ -206,8 +218,8 @@ def lora_targets(model: GPT, lora_config: LoRAConfig) -> dict[str, Optional[dict
             targets[f"transformer.h.{i}.attn.proj"] = None
         if lora_config.mlp:
             for name, module in block.mlp.named_modules():
-                # An MoE's router stays frozen, as in lit-gpt and PEFT's Mixtral recipes: adapting it reroutes tokens,
-                # and a low-rank update of an (n_expert, n_embd) matrix saves nothing.
+                # An MoE's router gets no LoRA, as in lit-gpt and PEFT's Mixtral recipes: a low-rank update of an
+                # (n_expert, n_embd) matrix saves nothing; `router` trains it in full instead.
                 if isinstance(module, nn.Linear) and name != "gate":
                     targets[f"transformer.h.{i}.mlp.{name}"] = None
     if lora_config.head:
@@ -233,6 +245,20 @@ def inject_lora(model: GPT, lora_config: LoRAConfig) -> GPT:
     return model
 
 
+@contextmanager
+def lora_disabled(model: nn.Module):
+    """Within the block the model computes as its base, every adapter skipped: DPO's reference model without a
+    second copy of the weights in memory."""
+    layers = [module for module in model.modules() if isinstance(module, LoRALinear)]
+    for layer in layers:
+        layer.adapters_enabled = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.adapters_enabled = True
+
+
 def mark_only_lora_as_trainable(model: nn.Module) -> None:
     """Freeze everything but the LoRA matrices and the DoRA magnitudes."""
     for param in model.parameters():
@@ -243,18 +269,40 @@ def mark_only_lora_as_trainable(model: nn.Module) -> None:
                 param.requires_grad_(True)
 
 
+def mark_routers_as_trainable(model: nn.Module) -> None:
+    """Train every MoE router (`transformer.h.{i}.mlp.gate`) in full, beside whatever LoRA trains."""
+    routers = [param for name, param in model.named_parameters() if name.endswith(ROUTER_SUFFIX)]
+    if not routers:
+        raise ValueError("--lora_router trains the routers of a mixture-of-experts model, and this model has none"
+                         " (make one with scripts/merge_moe.py)")
+    for param in routers:
+        param.requires_grad_(True)
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the LoRA tensors, e.g. `transformer.h.0.attn.qkv.lora.q.A` / `.B` / `.magnitude`, `lm_head.lora.all.A`."""
-    return {
+    """Only the LoRA tensors, e.g. `transformer.h.0.attn.qkv.lora.q.A` / `.B` / `.magnitude`, `lm_head.lora.all.A`,
+    and the MoE routers being trained (`transformer.h.0.mlp.gate.weight`)."""
+    adapters = {
         f"{path}.{name}": param.detach()
         for path, module in model.named_modules() if isinstance(module, LoRAAdapter)
         for name, param in module.named_parameters()
     }
+    routers = {name: param.detach() for name, param in model.named_parameters()
+               if name.endswith(ROUTER_SUFFIX) and param.requires_grad}
+    return {**adapters, **routers}
 
 
 def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Copy an adapter into a model injected with the same LoRAConfig; a clear ValueError names any difference."""
+    """Copy an adapter into a model injected with the same LoRAConfig; a clear ValueError names any difference.
+    Trained routers in the adapter replace the model's."""
+    routers = {key: tensor for key, tensor in state_dict.items() if key.endswith(ROUTER_SUFFIX)}
+    if routers:
+        load_routers(model, routers)
+        state_dict = {key: tensor for key, tensor in state_dict.items() if key not in routers}
+        if not state_dict:
+            return
     expected = lora_state_dict(model)
+    expected = {key: tensor for key, tensor in expected.items() if not key.endswith(ROUTER_SUFFIX)}
     if not expected:
         raise ValueError("The model has no LoRA layers; call inject_lora(model, lora_config) before loading an adapter")
     missing, unexpected = expected.keys() - state_dict.keys(), state_dict.keys() - expected.keys()
@@ -279,6 +327,18 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
     with torch.no_grad():
         for key, tensor in state_dict.items():
             expected[key].copy_(tensor)
+
+
+def load_routers(model: nn.Module, routers: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for key, tensor in routers.items():
+        if key not in params or params[key].shape != tensor.shape:
+            shape = tuple(params[key].shape) if key in params else "absent"
+            raise ValueError(f"The adapter's router {key} {tuple(tensor.shape)} does not fit the model ({shape}); was it"
+                             " trained on another MoE?")
+    with torch.no_grad():
+        for key, tensor in routers.items():
+            params[key].copy_(tensor)
 
 
 def load_lora_run(run_dir: Path | str) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:

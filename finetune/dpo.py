@@ -1,0 +1,453 @@
+"""Align a model with preference pairs: DPO (sigmoid), IPO, hinge, robust DPO, or ORPO; with LoRA, QLoRA or full weights.
+
+    python scripts/prepare_preferences.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
+    python finetune/dpo.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct --data_dir data/preferences
+
+Every pair is a prompt x, a chosen answer y_w and a rejected answer y_l. `--loss` picks the objective (formulas in
+model/preference.py), with h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)) on answer tokens only:
+
+    sigmoid   DPO: -log sigma(beta h); with --label_smoothing eps, conservative DPO
+    ipo       (h - 1/(2 beta))^2 on per-token average log-probs
+    hinge     max(0, 1 - beta h)
+    robust    rDPO: ((1-eps)(-log sigma(beta h)) - eps(-log sigma(-beta h))) / (1 - 2 eps), eps = --label_smoothing
+    orpo      ORPO, one stage and no reference model: NLL(y_w) + beta * -log sigma(log odds(y_w) - log odds(y_l))
+
+ORPO is a `--loss` here rather than a script of its own: it needs the same data, batches and loop, and differs
+only in the loss line and in loading no reference.
+
+The reference ref(.) is the model before this run. With `--method lora`/`qlora` it is the same model with its
+adapters switched off (`model.lora.lora_disabled`), so no second copy is held; with `--method full` a frozen copy.
+`--precompute_ref true` computes the reference log-probs of train.pt and test.pt once, saves them in
+`<data_dir>/reference/` under a hash of the data file, the checkpoint's weights, max_seq_length, dtype and
+quantization, and every later run with the same inputs reuses them without loading a reference.
+
+To align an SFT model, merge the SFT adapter first (`scripts/merge_lora.py --lora_dir out/lora --out_dir
+checkpoints/my/sft`) and pass that directory as `--checkpoint_dir`: it is both the starting point and the reference.
+
+The run directory is laid out as finetune/lora.py's (or, with --method full, finetune/full.py's): hparams.yaml,
+metrics.csv (loss, rewards, reward margin and preference accuracy on train and validation), resumable step-NNNNNN/
+checkpoints and final/, which generate/lora.py, eval/tasks.py and scripts/merge_lora.py read as they read an SFT run.
+"""
+
+import math
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import lightning as L
+import torch
+
+from model.checkpoint import atomic_save_safetensors, load_state_dict, save_sharded
+from model.config import Config
+from model.gpt import GPT
+from model.lora import (
+    LORA_WEIGHTS, LoRAConfig, count_parameters, inject_lora, lora_disabled, lora_state_dict, mark_only_lora_as_trainable,
+)
+from model.preference import (
+    collate_pairs, compute_reference, load_pairs, load_reference, pair_lengths, preference_losses,
+    reference_cache_path, reference_key, save_reference, sequence_logps, with_answers,
+)
+from model.quantize import quantize_model, validate_quantize
+from model.training import (
+    MetricsLogger, Throughput, epoch_batches, gradient_accumulation_iters, load_training_state, print_rank0,
+    resolve_resume, rng_state, save_hparams, save_training_state, set_rng_state, step_dir, warmup_cosine,
+)
+from model.utils import peak_memory_gb, run_cli
+
+# what a full run's final/ takes from the base checkpoint besides the weights and config (as finetune/full.py)
+COPIED_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                "generation_config.json", "prompt_style.yaml", "chat_template.jinja")
+METRICS = ["step", "epoch", "loss", "lr", "tokens_per_s", "reward_chosen", "reward_rejected", "reward_margin",
+           "accuracy", "val_loss", "val_reward_chosen", "val_reward_rejected", "val_reward_margin", "val_accuracy",
+           "val_logp_margin", "val_logp_accuracy", "memory_gb"]
+
+
+def setup(
+    checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"),
+    data_dir: Path = Path("data/preferences"),
+    out_dir: Path = Path("out/dpo"),
+    method: Literal["lora", "qlora", "full"] = "lora",
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "orpo"] = "sigmoid",
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    sft_weight: float = 0.0,
+    precompute_ref: bool = False,
+    precision: Optional[Literal["32-true", "bf16-true", "bf16-mixed", "16-mixed"]] = None,
+    quantize: Optional[str] = None,
+    devices: int = 1,
+    num_nodes: int = 1,
+    strategy: Literal["auto", "ddp"] = "auto",
+    lora_r: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.0,
+    lora_query: bool = True,
+    lora_key: bool = False,
+    lora_value: bool = True,
+    lora_projection: bool = False,
+    lora_mlp: bool = False,
+    lora_head: bool = False,
+    dora: bool = False,
+    micro_batch_size: int = 2,
+    global_batch_size: int = 8,
+    learning_rate: float = 5e-5,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 5,
+    max_steps: Optional[int] = None,
+    epochs: int = 1,
+    max_seq_length: Optional[int] = None,
+    eval_interval: int = 25,
+    eval_iters: int = 25,
+    save_interval: int = 100,
+    seed: int = 1337,
+    resume: Union[bool, Literal["auto"], Path] = False,
+) -> None:
+    """Align `checkpoint_dir` with the preference pairs in `data_dir`.
+
+    Args:
+        checkpoint_dir: A converted checkpoint directory: the starting policy and, frozen, the reference model.
+        data_dir: Prepared pairs: `train.pt` and `test.pt` from scripts/prepare_preferences.py run with this checkpoint.
+        out_dir: Where the run writes hparams.yaml, metrics.csv, step-*/ checkpoints and final/.
+        method: lora (adapters on a frozen base), qlora (the same on a 4-bit base; --quantize defaults to bnb.nf4)
+            or full (every weight trains; the reference is a frozen copy unless --precompute_ref).
+        loss: sigmoid (DPO), ipo, hinge, robust (rDPO) or orpo (reference-free, includes the NLL of y_w).
+        beta: DPO's KL strength (0.1 is the paper's default; lower lets the policy move further from the reference);
+            for ipo the target margin is 1 / (2 beta); for orpo the weight lambda of the odds-ratio term.
+        label_smoothing: The assumed label-flip rate eps: conservative DPO with --loss sigmoid, rDPO with --loss robust.
+        sft_weight: Adds this times the NLL of the chosen answers to a DPO-family loss (0: off; orpo has its own).
+        precompute_ref: Compute the reference log-probs once, cache them under data_dir/reference/, and train
+            without a reference model in memory.
+        precision: 32-true, bf16-true, bf16-mixed or 16-mixed. Default: bf16-true on GPU, 32-true on CPU.
+        quantize: With --method lora/qlora, store the frozen base in 4 or 8 bits (bnb.nf4, bnb.nf4-dq, bnb.fp4,
+            bnb.fp4-dq, bnb.int8, bnb.int8-training).
+        devices: Devices per node (GPUs, or CPU processes with --strategy ddp).
+        num_nodes: Number of nodes.
+        strategy: auto or ddp.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
+        lora_dropout: Dropout on the LoRA input (0 by default: dropout makes the policy's log-probs noisy at the
+            start, where DPO expects them to equal the reference's).
+        lora_query: LoRA on the query projection.
+        lora_key: LoRA on the key projection.
+        lora_value: LoRA on the value projection.
+        lora_projection: LoRA on the attention output projection.
+        lora_mlp: LoRA on every MLP linear.
+        lora_head: LoRA on the output head.
+        dora: Weight-decomposed LoRA (DoRA).
+        micro_batch_size: Pairs per forward pass per device (each pair is two sequences).
+        global_batch_size: Pairs per optimizer step (gradient accumulation makes up the difference).
+        learning_rate: Peak learning rate (LoRA: 5e-5 to 5e-4; full: 5e-7 to 5e-6 as in the DPO paper).
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear warmup steps before the cosine decay.
+        max_steps: Optimizer steps to run; default: `epochs` over the training pairs.
+        epochs: Passes over the training pairs (when max_steps is not given).
+        max_seq_length: Cut sequences to this many tokens; default: the longest (up to the model's context).
+        eval_interval: Validate every this many optimizer steps (and at the first and the last).
+        eval_iters: Validation batches per evaluation (the first eval_iters * micro_batch_size pairs of test.pt).
+        save_interval: Save a resumable checkpoint every this many optimizer steps.
+        seed: Random seed (data order, dropout, initialization).
+        resume: Continue a run: true/auto (the latest checkpoint in out_dir; auto starts fresh if none) or the path
+            of a step-* directory.
+    """
+    hparams = dict(locals())
+    if method == "qlora":
+        quantize = hparams["quantize"] = quantize or "bnb.nf4"
+    validate_quantize(quantize)
+    if quantize and method == "full":
+        raise ValueError("--quantize trains adapters on a frozen quantized base: use --method qlora, not full")
+    if beta <= 0:
+        raise ValueError(f"--beta must be positive, got {beta}")
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"--label_smoothing is a label-flip rate in [0, 0.5), got {label_smoothing}")
+    if label_smoothing and loss not in ("sigmoid", "robust"):
+        raise ValueError(f"--label_smoothing applies to --loss sigmoid and robust, not {loss}")
+    if sft_weight < 0:
+        raise ValueError(f"--sft_weight must be >= 0, got {sft_weight}")
+    if sft_weight and loss == "orpo":
+        raise ValueError("--loss orpo includes the NLL of the chosen answers already; leave --sft_weight at 0")
+    if precompute_ref and loss == "orpo":
+        raise ValueError("--loss orpo uses no reference model; --precompute_ref does not apply")
+    lora_config = None
+    if method != "full":
+        lora_config = LoRAConfig(lora_r, lora_alpha, lora_dropout, lora_query, lora_key, lora_value, lora_projection,
+                                 lora_mlp, lora_head, dora)
+    if not (checkpoint_dir / "model_config.yaml").is_file():
+        raise FileNotFoundError(f"{checkpoint_dir / 'model_config.yaml'} not found. Convert the checkpoint first:"
+                                f" `python scripts/convert_hf_checkpoint.py --checkpoint_dir {checkpoint_dir}`")
+    if precision is None:
+        precision = "bf16-true" if torch.cuda.is_available() else "32-true"
+    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision)
+    fabric.launch(main, checkpoint_dir, data_dir, out_dir, lora_config, quantize, hparams)
+
+
+def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, lora_config: Optional[LoRAConfig],
+         quantize: Optional[str], hparams: dict) -> None:
+    h = hparams
+    fabric.seed_everything(h["seed"])
+    config = Config.from_checkpoint(checkpoint_dir)
+    log = lambda message: print_rank0(fabric, message)  # noqa: E731
+    train_data = load_pairs(data_dir / "train.pt", vocab_size=config.vocab_size)
+    val_data = load_pairs(data_dir / "test.pt", vocab_size=config.vocab_size)
+    max_seq_length = min(h["max_seq_length"] or config.block_size, config.block_size)
+    train_data = with_answers(train_data, max_seq_length, data_dir / "train.pt", log)
+    val_data = with_answers(val_data, max_seq_length, data_dir / "test.pt", log)
+    if lora_config is not None:
+        h = {**h, **lora_config.to_hparams()}
+
+    dtype = {"32-true": torch.float32, "bf16-true": torch.bfloat16}.get(fabric.strategy.precision.precision, torch.float32)
+    with fabric.init_module(empty_init=True):
+        model = GPT(config)
+    model.load_state_dict(load_state_dict(checkpoint_dir, dtype=dtype), assign=True)
+    model.reset_rope(fabric.device)
+    if quantize:
+        quantize_model(model.to(fabric.device), quantize, compute_dtype=dtype)
+    if lora_config is not None:
+        inject_lora(model, lora_config)
+        mark_only_lora_as_trainable(model)
+    log(f"Trainable parameters: {count_parameters(model):,} of {count_parameters(model, None):,}")
+    model = fabric.setup_module(model)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=h["learning_rate"], weight_decay=h["weight_decay"], betas=(0.9, 0.95))
+    optimizer = fabric.setup_optimizers(optimizer)
+
+    accumulate = gradient_accumulation_iters(h["global_batch_size"], h["micro_batch_size"], fabric.world_size)
+    lengths = pair_lengths(train_data, max_seq_length)
+    batches_per_epoch = len(epoch_batches(lengths, h["micro_batch_size"], 0, h["seed"])) // fabric.world_size
+    if batches_per_epoch < accumulate:  # an epoch would end before the first optimizer step, forever
+        raise ValueError(
+            f"{data_dir / 'train.pt'} has {len(train_data)} pairs: too few for one optimizer step of"
+            f" --global_batch_size {h['global_batch_size']} on {fabric.world_size} device(s). Lower"
+            " --global_batch_size or prepare more pairs."
+        )
+    max_steps = h["max_steps"] or max(1, h["epochs"] * batches_per_epoch // accumulate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(h["warmup_steps"], max_steps))
+
+    if fabric.global_rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_hparams(out_dir, h)
+
+    # The reference, decided before a resumed state is loaded: until then the policy still is the reference.
+    module = getattr(model, "module", model)
+    reference = Reference(fabric, h["loss"], module, max_seq_length)
+    if h["precompute_ref"]:
+        for split, data in (("train", train_data), ("test", val_data)):
+            reference.cached[split] = cached_reference(fabric, module, data, data_dir / f"{split}.pt", checkpoint_dir,
+                                                       max_seq_length, dtype, quantize, h)
+    elif h["loss"] != "orpo" and lora_config is None:
+        log("Loading a frozen copy of the model as the reference")
+        reference.model = GPT(config).to(dtype)
+        reference.model.load_state_dict(load_state_dict(checkpoint_dir, dtype=dtype))
+        reference.model = reference.model.to(fabric.device).eval().requires_grad_(False)
+        reference.model.reset_rope(fabric.device)
+
+    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "step": 0, "epoch": 0, "batch_in_epoch": 0,
+             "rng": None}
+    resume_from = resolve_resume(h["resume"], out_dir)
+    if resume_from is not None:
+        load_training_state(fabric, resume_from, state, trainable_only=lora_config is not None)
+        set_rng_state(state["rng"])
+        log(f"Resumed from {resume_from} at step {state['step']}")
+
+    train(fabric, state, reference, train_data, val_data, max_steps, accumulate, lengths, max_seq_length, out_dir, h)
+    if fabric.global_rank == 0:
+        if lora_config is not None:
+            save_adapter(model, out_dir / "final", h)
+        else:
+            save_checkpoint_dir(step_dir(out_dir, state["step"]), checkpoint_dir, config, out_dir / "final", h)
+        log(f"Saved the {'adapter' if lora_config is not None else 'aligned checkpoint'} to {out_dir / 'final'}")
+
+
+class Reference:
+    """Reference log-probs of a batch: from the precomputed cache, a frozen copy (`model`), or the policy itself with
+    its LoRA adapters switched off."""
+
+    def __init__(self, fabric, loss: str, policy, max_seq_length: int):
+        self.fabric, self.loss, self.policy, self.max_seq_length = fabric, loss, policy, max_seq_length
+        self.model = None
+        self.cached: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def logps(self, split: str, indices: list[int], input_ids: torch.Tensor, labels: torch.Tensor):
+        if self.loss == "orpo":
+            return None, None
+        if split in self.cached:
+            chosen, rejected = self.cached[split]
+            return chosen[indices].to(self.fabric.device), rejected[indices].to(self.fabric.device)
+        model = self.model if self.model is not None else self.policy
+        switch = lora_disabled(model) if self.model is None else nullcontext()
+        with switch, self.fabric.autocast():
+            logps, _ = sequence_logps(model, input_ids, labels)
+        half = len(logps) // 2
+        return logps[:half], logps[half:]
+
+
+def cached_reference(fabric, module, data, data_file, checkpoint_dir, max_seq_length, dtype, quantize, h):
+    """The reference log-probs of `data` from the cache next to `data_file`, computed and saved first if missing."""
+    key = reference_key(data_file, checkpoint_dir, max_seq_length, dtype, quantize)
+    path = reference_cache_path(data_file, key)
+    if path.is_file():
+        print_rank0(fabric, f"Using the reference log-probs cached in {path}")
+        return load_reference(path, len(data))
+    if fabric.global_rank == 0:
+        print_rank0(fabric, f"Computing the reference log-probs of {len(data)} pairs of {data_file} once")
+        was_training = module.training
+        module.eval()
+
+        def forward(input_ids, labels):
+            with lora_disabled(module), fabric.autocast():
+                return sequence_logps(module, input_ids, labels)
+
+        chosen, rejected = compute_reference(forward, data, h["micro_batch_size"], max_seq_length, fabric.device,
+                                             lambda message: print_rank0(fabric, message))
+        module.train(was_training)
+        save_reference(path, chosen, rejected, key)
+        print_rank0(fabric, f"Saved them to {path}; later runs with the same data and checkpoint reuse them")
+    fabric.barrier()
+    return load_reference(path, len(data))
+
+
+def train(fabric, state, reference, train_data, val_data, max_steps, accumulate, lengths, max_seq_length, out_dir, h):
+    model, optimizer, scheduler = state["model"], state["optimizer"], state["scheduler"]
+    metrics = MetricsLogger(out_dir, METRICS, resume_step=state["step"] if h["resume"] else None,
+                            enabled=fabric.global_rank == 0)
+    throughput = Throughput(start_step=state["step"], max_steps=max_steps)
+    model.train()
+
+    if state["step"] == 0:
+        validate(fabric, model, reference, val_data, max_seq_length, h, metrics, step=0)
+    while state["step"] < max_steps:
+        batches = epoch_batches(lengths, h["micro_batch_size"], state["epoch"], h["seed"])
+        batches = batches[fabric.global_rank::fabric.world_size][: len(batches) // fabric.world_size]
+        while state["batch_in_epoch"] + accumulate <= len(batches) and state["step"] < max_steps:
+            totals = torch.zeros(5)  # loss, reward_chosen, reward_rejected, accuracy, pairs
+            for i in range(accumulate):
+                indices = batches[state["batch_in_epoch"] + i]
+                batch = collate_pairs([train_data[j] for j in indices], max_seq_length)
+                input_ids, labels = batch["input_ids"].to(fabric.device), batch["labels"].to(fabric.device)
+                # no gradient all-reduce until the last micro-batch of the step
+                with fabric.no_backward_sync(model, enabled=i < accumulate - 1):
+                    loss, chosen_rewards, rejected_rewards = pair_loss(model, reference, "train", indices, input_ids,
+                                                                       labels, h)
+                    fabric.backward(loss / accumulate)
+                totals += torch.tensor([loss.item() * len(indices), chosen_rewards.sum().item(),
+                                        rejected_rewards.sum().item(),
+                                        (chosen_rewards > rejected_rewards).sum().item(), len(indices)])
+                throughput.update(int(input_ids.numel()) * fabric.world_size)
+            totals = fabric.all_reduce(totals.to(fabric.device), reduce_op="sum").cpu()
+            loss, reward_chosen, reward_rejected, accuracy = (totals[:4] / totals[4]).tolist()
+            # checked before the optimizer step, so a non-finite value never reaches the weights or a checkpoint
+            grad_norm = fabric.clip_gradients(model, optimizer, max_norm=1.0, error_if_nonfinite=False).item()
+            skips_overflow = getattr(fabric.strategy.precision, "scaler", None) is not None
+            if not math.isfinite(loss) or not (math.isfinite(grad_norm) or skips_overflow):
+                what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {grad_norm}"
+                raise ValueError(
+                    f"The {what} at step {state['step'] + 1}; nothing was saved after the last good checkpoint in"
+                    f" {out_dir}. Lower --learning_rate or --beta, or use --precision 32-true or bf16-true."
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state["step"] += 1
+            state["batch_in_epoch"] += accumulate
+            step = state["step"]
+
+            lr = scheduler.get_last_lr()[0]
+            memory = peak_memory_gb(fabric.device)
+            print_rank0(fabric, f"{throughput.line(step, loss, lr, memory)} | margin {reward_chosen - reward_rejected:.3f}"
+                                f" | acc {accuracy:.2f}")
+            metrics.log({"step": step, "epoch": state["epoch"], "loss": loss, "lr": lr,
+                         "tokens_per_s": throughput.tokens_per_s(), "reward_chosen": reward_chosen,
+                         "reward_rejected": reward_rejected, "reward_margin": reward_chosen - reward_rejected,
+                         "accuracy": accuracy, "memory_gb": memory})
+            if step % h["eval_interval"] == 0 or step == max_steps:
+                validate(fabric, model, reference, val_data, max_seq_length, h, metrics, step)
+            if step % h["save_interval"] == 0 or step == max_steps:
+                state["rng"] = rng_state()
+                path = save_training_state(
+                    fabric, out_dir, step, state, trainable_only=h["method"] != "full",
+                    extra=lambda directory: (save_adapter(model, directory, h) if h["method"] != "full"
+                                             else save_hparams(directory, h)),
+                )
+                print_rank0(fabric, f"Saved a checkpoint to {path}")
+        if state["step"] < max_steps:
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+
+
+def pair_loss(model, reference, split, indices, input_ids, labels, h, policy_logps=None):
+    """The batch's loss and its pairs' chosen and rejected rewards: the preference loss of `--loss`, plus the NLL of
+    the chosen answers (ORPO's L_SFT, or `--sft_weight` times it)."""
+    logps, tokens = policy_logps if policy_logps is not None else sequence_logps(model, input_ids, labels)
+    half = len(indices)
+    ref_chosen, ref_rejected = reference.logps(split, indices, input_ids, labels)
+    losses, chosen_rewards, rejected_rewards = preference_losses(
+        h["loss"], h["beta"], h["label_smoothing"], logps[:half], logps[half:], ref_chosen, ref_rejected,
+        tokens[:half], tokens[half:])
+    chosen_nll = -logps[:half].sum() / tokens[:half].sum()  # token-mean, as an SFT loss
+    if h["loss"] == "orpo":
+        loss = chosen_nll + h["beta"] * losses.mean()
+    else:
+        loss = losses.mean() + h["sft_weight"] * chosen_nll
+    return loss, chosen_rewards, rejected_rewards
+
+
+@torch.no_grad()
+def validate(fabric, model, reference, val_data, max_seq_length, h, metrics, step) -> dict:
+    """Loss, rewards and preference accuracy on the held-out pairs; also the policy's own preference, log pi(y_w)
+    > log pi(y_l), which (unlike the implicit reward, zero for every pair at step 0) says something before training."""
+    model.eval()
+    val_data = val_data[: h["eval_iters"] * h["micro_batch_size"]]  # the first pairs: their indices match the cache
+    totals = torch.zeros(7)  # loss, reward_chosen, reward_rejected, accuracy, logp_margin, logp_accuracy, pairs
+    for start in range(0, len(val_data), h["micro_batch_size"]):
+        indices = list(range(start, min(start + h["micro_batch_size"], len(val_data))))
+        batch = collate_pairs([val_data[j] for j in indices], max_seq_length)
+        input_ids, labels = batch["input_ids"].to(fabric.device), batch["labels"].to(fabric.device)
+        logps, tokens = sequence_logps(model, input_ids, labels)
+        loss, chosen_rewards, rejected_rewards = pair_loss(model, reference, "test", indices, input_ids, labels, h,
+                                                           policy_logps=(logps, tokens))
+        logp_margin = logps[:len(indices)] - logps[len(indices):]
+        totals += torch.tensor([loss.item() * len(indices), chosen_rewards.sum().item(), rejected_rewards.sum().item(),
+                                (chosen_rewards > rejected_rewards).sum().item(), logp_margin.sum().item(),
+                                (logp_margin > 0).sum().item(), len(indices)])
+    totals = fabric.all_reduce(totals.to(fabric.device), reduce_op="mean").cpu()
+    loss, chosen, rejected, accuracy, logp_margin, logp_accuracy = (totals[:6] / totals[6]).tolist()
+    row = {"step": step, "val_loss": loss, "val_reward_chosen": chosen, "val_reward_rejected": rejected,
+           "val_reward_margin": chosen - rejected, "val_accuracy": accuracy, "val_logp_margin": logp_margin,
+           "val_logp_accuracy": logp_accuracy}
+    print_rank0(fabric, f"step {step} | val loss {loss:.4f} | reward margin {chosen - rejected:.4f} | reward accuracy"
+                        f" {accuracy:.3f} | log-prob margin {logp_margin:.3f} | log pi(y_w) > log pi(y_l):"
+                        f" {logp_accuracy:.3f} ({int(totals[6])} pairs)")
+    metrics.log(row)
+    model.train()
+    return row
+
+
+def save_adapter(model, run_dir: Path, hparams: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(lora_state_dict(getattr(model, "module", model)), run_dir / LORA_WEIGHTS)
+    save_hparams(run_dir, hparams)
+
+
+def save_checkpoint_dir(step_path: Path, checkpoint_dir: Path, config: Config, final_dir: Path, hparams: dict) -> None:
+    """A full run's final/: the weights of the checkpoint in `step_path` as a complete checkpoint directory, assembled
+    beside `final_dir` and renamed into place (as finetune/full.py writes it)."""
+    weights = torch.load(step_path / "training_state.pt", weights_only=True, mmap=True)["model"]
+    if config.tie_embeddings:  # one tensor, saved once, as the converter does; loading re-ties the head
+        weights.pop("lm_head.weight")
+    tmp = final_dir.with_name(f".{final_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_sharded(iter(weights.items()), tmp)
+    config.save(tmp)
+    for name in COPIED_FILES:
+        if (checkpoint_dir / name).is_file():
+            shutil.copy2(checkpoint_dir / name, tmp / name)
+    save_hparams(tmp, hparams)
+    shutil.rmtree(final_dir, ignore_errors=True)
+    tmp.rename(final_dir)
+
+
+if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")
+    run_cli(setup)
