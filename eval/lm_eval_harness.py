@@ -172,7 +172,11 @@ def evaluate_model(model: GPT, tokenizer: Tokenizer, tasks: str = "forge_local",
         if not Path(include_path).is_dir():
             raise FileNotFoundError(f"--include_path {include_path} is not a directory of lm-eval YAML tasks")
         paths.append(str(include_path))
-    task_manager = TaskManager(include_path=paths)
+    # indexing lm-eval's thousands of task files takes a while: skip it when every task asked for is local
+    task_manager = TaskManager(include_path=paths, include_defaults=False)
+    requested = [name.strip() for name in tasks.split(",") if name.strip()]
+    if not requested or not set(requested) <= set(task_manager.all_tasks):
+        task_manager = TaskManager(include_path=paths)
     names = parse_tasks(tasks, task_manager)
     lm = ForgeLM(model, tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks)
     output = lm_eval.simple_evaluate(

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from model.checkpoint import atomic_write_text
 from model.generate import generate_batch
 from model.gpt import GPT
+from model.prompts import PromptStyle
 from model.tokenizer import Tokenizer
 
 
@@ -105,16 +106,34 @@ def prefix_token(tokenizer: Tokenizer) -> int:
     return token
 
 
+def stop_markers(tokenizer: Tokenizer, style: PromptStyle) -> tuple[set[int], list[str]]:
+    """What ends a reply: the tokenizer's EOS ids and the prompt style's end-of-turn markers, as ids where a marker
+    is one token and as text where it takes several."""
+    ids, strings = set(tokenizer.stop_ids), []
+    for text in style.stop_tokens():
+        encoded = tokenizer.encode(text, bos=False)
+        if encoded.numel() == 1:
+            ids.add(int(encoded))
+        else:
+            strings.append(text)
+    return ids, strings
+
+
 def greedy_answers(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
-                   desc: str = "Answering") -> list[str]:
-    """The greedy answer to each of `prompts` (already rendered in the model's prompt style), decoded in batches."""
+                   style: Optional[PromptStyle] = None, desc: str = "Answering") -> list[str]:
+    """The greedy answer to each of `prompts` (already rendered in the model's prompt style), decoded in batches;
+    with `style`, an answer also ends at the style's end-of-turn markers."""
+    stop_ids, stop_strings = stop_markers(tokenizer, style) if style is not None else (tokenizer.stop_ids, [])
     device = model.transformer.wte.weight.device
     answers = []
     with tqdm(total=len(prompts), desc=desc, unit="prompt", file=sys.stderr) as progress:
         for start in range(0, len(prompts), batch_size):
             batch = [tokenizer.encode(p).to(device) for p in prompts[start:start + batch_size]]
-            for ids in generate_batch(model, batch, max_new_tokens, temperature=0.0, stop_ids=tokenizer.stop_ids):
-                answers.append(tokenizer.decode(ids).strip())
+            for ids in generate_batch(model, batch, max_new_tokens, temperature=0.0, stop_ids=stop_ids):
+                text = tokenizer.decode(ids)
+                for marker in stop_strings:
+                    text = text.split(marker)[0]
+                answers.append(text.strip())
             progress.update(len(batch))
     return answers
 
@@ -130,3 +149,21 @@ def write_result(out_dir: Path, name: str, result: dict) -> Path:
 def default_out_dir(checkpoint_dir: Path, run_dir: Optional[Path]) -> Path:
     """Where a result goes when --out_dir is not given: the run's weights directory, else out/eval/<checkpoint>."""
     return Path(run_dir) if run_dir is not None else Path("out/eval") / Path(checkpoint_dir).name
+
+
+def model_flags(path: Path) -> dict:
+    """What a path names, as load_model_run's arguments: a checkpoint (model_config.yaml), or a LoRA or adapter run
+    (its out_dir, final/ or a step-* directory), told apart by the weights file in it."""
+    from model.adapter import ADAPTER_WEIGHTS
+    from model.lora import LORA_WEIGHTS
+
+    path = Path(path)
+    if (path / "model_config.yaml").is_file():
+        return {"checkpoint_dir": path}
+    for weights, flag in ((LORA_WEIGHTS, "lora_dir"), (ADAPTER_WEIGHTS, "adapter_dir")):
+        if (path / weights).is_file() or (path / "final" / weights).is_file():
+            return {flag: path}
+    raise FileNotFoundError(
+        f"{path} is neither a checkpoint (no model_config.yaml) nor a fine-tuning run (no lora.safetensors or"
+        " adapter.safetensors in it or in its final/)"
+    )
