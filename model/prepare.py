@@ -17,8 +17,8 @@ Two decisions every script shares:
   is dropped; the counts of cut and dropped samples are printed and written to meta.json.
 - `--reverse_instructions` swaps the roles: the response becomes the prompt and the instruction the answer to learn
   (the backward model p(instruction | response) of "Self-Alignment with Instruction Backtranslation", Li et al.
-  2023, which then writes instructions for unlabeled text). A system prompt describes the forward task, so reversed
-  examples have none.
+  2023, which then writes instructions for unlabeled text). A row's system prompt describes the forward task, so
+  reversed examples leave it out (a prompt style's default system prompt, like SmolLM2's, still applies).
 """
 
 from __future__ import annotations
@@ -420,8 +420,8 @@ def prepare_sft_dataset(
           f" ({prompt_style.name!r} prompt style, {checkpoint_dir})")
     for name, split_stat in stats.items():
         print(f"{name}: {split_stat['samples']} samples, {split_stat['tokens']} tokens, longest"
-              f" {split_stat['longest']}; {split_stat['truncated']} truncated to --max_seq_length {max_seq_length},"
-              f" {split_stat['dropped_answer_cut_off']} dropped (answer cut off entirely)")
+              f" {split_stat['longest']}; {split_stat['truncated']} cut to --max_seq_length {max_seq_length} and kept,"
+              f" {split_stat['dropped_answer_cut_off']} dropped (no answer token left)")
     print(f"\nExample, the tokens decoded, the loss on the text between ⟦ and ⟧:\n"
           f"{marked_loss_text(tokenizer, splits['train'][0])}")
     return meta

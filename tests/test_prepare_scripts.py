@@ -149,7 +149,8 @@ def test_truncation_report_and_determinism(chatml_dir, tmp_path, capsys):
     assert truncated == sum(s["truncated"] > 0 for s in samples) > 0
     assert truncated == 2 and dropped == 1 and len(samples) == 4  # the long closed_qa context leaves no room
     output = capsys.readouterr().out
-    assert f"truncated to --max_seq_length 210, {meta['train']['dropped_answer_cut_off']} dropped" in output
+    assert (f"{meta['train']['truncated']} cut to --max_seq_length 210 and kept,"
+            f" {meta['train']['dropped_answer_cut_off']} dropped (no answer token left)") in output
     assert "⟦" in output
 
     prepare("dolly", chatml_dir, tmp_path / "b", **flags)
