@@ -130,11 +130,10 @@ def _reversed_turns(messages: list[Message], where: str) -> list[Message]:
             raise RecordError(f"{where}: --reverse_instructions needs turns that alternate user/assistant; turn"
                               f" {index} is {message['role']!r}, expected {expected!r}")
         if expected == "user":
+            if not message["content"].strip():
+                raise RecordError(f"{where}: user turn {index} is empty, and --reverse_instructions would learn it")
             reversed_messages += [{"role": "user", "content": messages[index + 1]["content"]},
                                   {"role": "assistant", "content": message["content"]}]
-    for index, message in enumerate(reversed_messages):
-        if message["role"] == "assistant" and not message["content"].strip():
-            raise RecordError(f"{where}: user turn {index} is empty, and --reverse_instructions would learn it")
     return reversed_messages
 
 

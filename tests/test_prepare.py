@@ -154,6 +154,9 @@ def test_reverse_instructions_learn_the_instruction_from_the_response(chatml_dir
     assert [m["content"] for m in reversed_chat.messages] == [
         "Paris", "Capital of France?", "Berlin is the capital", "And of Germany?"]
     assert [m["role"] for m in reversed_chat.messages] == ["user", "assistant"] * 2
+    with pytest.raises(RecordError, match="row 2: user turn 2 is empty, and --reverse_instructions would learn it"):
+        conversation_example(CONVERSATION[:2] + [{"role": "user", "content": " "}] + CONVERSATION[3:], reverse=True,
+                             where="row 2")
     with pytest.raises(RecordError, match="row 3: --reverse_instructions needs turns that alternate.*turn 1"):
         conversation_example([{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
                               {"role": "assistant", "content": "c"}], reverse=True, where="row 3")
