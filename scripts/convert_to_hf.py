@@ -4,6 +4,10 @@
 
 The output has config.json, model.safetensors and the tokenizer files, and loads with
 `transformers.AutoModelForCausalLM.from_pretrained(output_dir)` (and so with vLLM, TGI, llama.cpp's converter).
+
+With `--classifier_dir out/classify/lora/final` (a finetune/classify.py run on this checkpoint) it exports the
+classifier instead, as the matching *ForSequenceClassification (LlamaForSequenceClassification, ...) with
+`score.weight` and the labels in config.json's id2label/label2id: `AutoModelForSequenceClassification.from_pretrained`.
 """
 
 import json
@@ -25,6 +29,7 @@ def convert_to_hf(
     checkpoint_dir: Path,
     output_dir: Path,
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
+    classifier_dir: Optional[Path] = None,
 ) -> None:
     """Write `checkpoint_dir`'s model as an HF folder in `output_dir`.
 
@@ -32,13 +37,26 @@ def convert_to_hf(
         checkpoint_dir: A Forge checkpoint (model_config.yaml + lit_model.safetensors).
         output_dir: Where to write config.json, model.safetensors and the tokenizer files.
         dtype: Save the weights in this dtype; by default the checkpoint's own.
+        classifier_dir: Export this classifier (a finetune/classify.py run's final/ or step-*/ directory, built on
+            checkpoint_dir) as a transformers *ForSequenceClassification model instead of the causal LM.
     """
     from safetensors.torch import save_file
 
     config = Config.from_checkpoint(checkpoint_dir)
-    state_dict = load_state_dict(checkpoint_dir, dtype=DTYPES[dtype] if dtype else None)
-    hf_state_dict = {k: v.contiguous() for k, v in lit_to_hf(config, state_dict).items()}
-    hf_config = hf_config_dict(config)
+    if classifier_dir is not None:
+        from model.classify import classifier_to_hf, load_classifier
+        from model.tokenizer import Tokenizer
+
+        classifier, hparams = load_classifier(classifier_dir, checkpoint_dir=checkpoint_dir)
+        tokenizer = Tokenizer(checkpoint_dir)
+        pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+        hf_state_dict, hf_config = classifier_to_hf(classifier, hparams, pad_id)
+        if dtype:
+            hf_state_dict = {k: v.to(DTYPES[dtype]) for k, v in hf_state_dict.items()}
+    else:
+        state_dict = load_state_dict(checkpoint_dir, dtype=DTYPES[dtype] if dtype else None)
+        hf_state_dict = {k: v.contiguous() for k, v in lit_to_hf(config, state_dict).items()}
+        hf_config = hf_config_dict(config)
     hf_config["torch_dtype"] = str(next(iter(hf_state_dict.values())).dtype).removeprefix("torch.")
     generation_config = Path(checkpoint_dir) / "generation_config.json"
     if generation_config.is_file():
@@ -63,7 +81,7 @@ def convert_to_hf(
             tmp_dir.rename(output_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    print(f"Saved {config.hf_architecture} to {output_dir}")
+    print(f"Saved {hf_config['architectures'][0]} to {output_dir}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,360 @@
+"""Turn an LLM into a text classifier: frozen features + logistic regression, the head alone, the last layers, all
+layers, or LoRA.
+
+    python scripts/prepare_classification.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
+    python finetune/classify.py --mode lora --data_dir data/movie_reviews --out_dir out/classify/lora
+
+Every mode puts a linear head on the final hidden state of the last real token (`--pooling mean`: the mean over the
+tokens) and trains what the mode says (model/classify.py): `features` extracts the pooled states once (cached in
+out_dir/features/) and fits scikit-learn's logistic regression; `head`, `last_layers --n_layers K`, `full` and `lora`
+train with AdamW and cross-entropy in the loop below. The run directory gets `hparams.yaml`, `metrics.csv`,
+resumable `step-NNNNNN/` checkpoints, the classifier in `final/` (read by generate/classify.py and
+scripts/convert_to_hf.py --classifier_dir), and the test-split evaluation: `results.json` (accuracy, macro-F1,
+confusion matrix, train time, peak memory, trainable parameters) and `confusion_matrix.png`.
+Copy this file and edit it: the loop is all here.
+"""
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from model.classify import (
+    Classifier, classification_metrics, collate, load_classification_data, mark_trainable, plot_confusion_matrix,
+    predict, save_classifier,
+)
+from model.checkpoint import atomic_write_text, lit_weight_files, load_state_dict
+from model.config import Config
+from model.data import save_dataset
+from model.gpt import GPT
+from model.lora import LoRAConfig, count_parameters, inject_lora
+from model.training import (
+    MetricsLogger, Throughput, epoch_batches, gradient_accumulation_iters, load_training_state, print_rank0,
+    resolve_resume, rng_state, save_hparams, save_training_state, set_rng_state, warmup_cosine,
+)
+from model.utils import peak_memory_gb, run_cli
+
+# AdamW learning rate of the GPT's trainable weights per mode: the more of a pretrained model trains, the gentler
+DEFAULT_LEARNING_RATES = {"last_layers": 1e-4, "full": 2e-5, "lora": 5e-4}
+
+
+def setup(
+    checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"),
+    data_dir: Path = Path("data/movie_reviews"),
+    out_dir: Optional[Path] = None,
+    mode: Literal["features", "head", "last_layers", "full", "lora"] = "lora",
+    n_layers: int = 2,
+    pooling: Literal["last", "mean"] = "last",
+    precision: Optional[Literal["32-true", "bf16-true", "bf16-mixed", "16-mixed"]] = None,
+    lora_r: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.05,
+    lora_query: bool = True,
+    lora_key: bool = False,
+    lora_value: bool = True,
+    lora_projection: bool = False,
+    lora_mlp: bool = False,
+    micro_batch_size: int = 8,
+    global_batch_size: int = 16,
+    learning_rate: Optional[float] = None,
+    head_learning_rate: float = 1e-3,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 10,
+    max_steps: Optional[int] = None,
+    epochs: int = 1,
+    max_seq_length: Optional[int] = None,
+    eval_interval: int = 50,
+    eval_iters: int = 8,
+    save_interval: int = 100,
+    logistic_c: float = 1.0,
+    feature_batch_size: int = 16,
+    seed: int = 1337,
+    resume: Union[bool, Literal["auto"], Path] = False,
+) -> None:
+    """Train a classifier on `checkpoint_dir` with the prepared labelled data in `data_dir`, and score it on the test
+    split.
+
+    Args:
+        checkpoint_dir: A converted checkpoint directory (the base model).
+        data_dir: Prepared data: `train.pt`, `test.pt` and `meta.json` from scripts/prepare_classification.py run
+            with this checkpoint.
+        out_dir: Where the run writes its files; default out/classify/<mode>.
+        mode: What trains: features (frozen pooled states + scikit-learn logistic regression), head (a linear head on
+            the frozen model), last_layers (the head, the last --n_layers blocks and the final norm), full
+            (everything) or lora (the head and LoRA adapters).
+        n_layers: How many of the last transformer blocks train in --mode last_layers.
+        pooling: The text's vector: the final hidden state of its last token (last) or the mean over its tokens.
+            Only `last` exports to transformers' *ForSequenceClassification.
+        precision: 32-true, bf16-true, bf16-mixed or 16-mixed. Default: bf16-true on GPU, 32-true on CPU.
+        lora_r: LoRA rank (--mode lora).
+        lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
+        lora_dropout: Dropout on the LoRA input.
+        lora_query: LoRA on the query projection.
+        lora_key: LoRA on the key projection.
+        lora_value: LoRA on the value projection.
+        lora_projection: LoRA on the attention output projection.
+        lora_mlp: LoRA on every MLP linear.
+        micro_batch_size: Texts per forward pass.
+        global_batch_size: Texts per optimizer step (gradient accumulation makes up the difference).
+        learning_rate: Peak AdamW learning rate of the GPT's trainable weights; default 1e-4 (last_layers), 2e-5
+            (full), 5e-4 (lora). Not used by --mode head or features.
+        head_learning_rate: Peak learning rate of the new classification head (it starts from zero, so it needs more).
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear warmup steps before the cosine decay.
+        max_steps: Optimizer steps to run; default: `epochs` over the training set.
+        epochs: Passes over the training set (when max_steps is not given).
+        max_seq_length: Cut texts to this many tokens; default: as prepared (up to the model's context).
+        eval_interval: Validate (loss and accuracy on part of the test split) every this many optimizer steps.
+        eval_iters: Validation batches per evaluation.
+        save_interval: Save a resumable checkpoint every this many optimizer steps.
+        logistic_c: Inverse L2 regularization strength of the logistic regression (--mode features), on
+            standardized features.
+        feature_batch_size: Texts per forward pass when extracting features and evaluating.
+        seed: Random seed (data order, dropout, initialization).
+        resume: Continue a run: true/auto (the latest checkpoint in out_dir; auto starts fresh if none) or the path
+            of a step-* directory. --mode features has no steps: its cached features make a rerun cheap instead.
+    """
+    if out_dir is None:
+        out_dir = Path("out/classify") / mode
+    hparams = dict(locals())
+    if mode == "head" and learning_rate is not None:
+        raise ValueError("--learning_rate is the GPT's, and --mode head trains only the head: use --head_learning_rate")
+    if mode == "features" and learning_rate is not None:
+        raise ValueError("--mode features fits a logistic regression: tune --logistic_c, not --learning_rate")
+    if mode == "features" and resume not in (False, "false", "False"):
+        raise ValueError("--mode features has no training steps to resume; rerun it (the features are cached)")
+    if not (checkpoint_dir / "model_config.yaml").is_file():
+        raise FileNotFoundError(f"{checkpoint_dir / 'model_config.yaml'} not found. Convert the checkpoint first:"
+                                f" `python scripts/convert_hf_checkpoint.py --checkpoint_dir {checkpoint_dir}`")
+    lora_config = LoRAConfig(lora_r, lora_alpha, lora_dropout, lora_query, lora_key, lora_value, lora_projection,
+                             lora_mlp) if mode == "lora" else None
+    if precision is None:
+        precision = "bf16-true" if torch.cuda.is_available() else "32-true"
+    fabric = L.Fabric(devices=1, precision=precision)
+    fabric.launch(main, checkpoint_dir, data_dir, out_dir, lora_config, hparams)
+
+
+def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, lora_config: Optional[LoRAConfig],
+         hparams: dict) -> None:
+    h = hparams
+    fabric.seed_everything(h["seed"])
+    config = Config.from_checkpoint(checkpoint_dir)
+    train_data, label_names = load_classification_data(data_dir, "train", vocab_size=config.vocab_size)
+    test_data, _ = load_classification_data(data_dir, "test", vocab_size=config.vocab_size)
+    if len({s["label"] for s in train_data}) < 2:
+        raise ValueError(f"{data_dir / 'train.pt'} has only one class: a classifier needs examples of at least two")
+    max_seq_length = min(h["max_seq_length"] or config.block_size, config.block_size)
+    h = {**h, "labels": label_names, **(lora_config.to_hparams() if lora_config else {})}
+    if h["mode"] != "lora":
+        h = {k: v for k, v in h.items() if not k.startswith("lora_")}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_hparams(out_dir, h)
+
+    dtype = {"32-true": torch.float32, "bf16-true": torch.bfloat16}.get(fabric.strategy.precision.precision, torch.float32)
+    with fabric.init_module(empty_init=True):
+        gpt = GPT(config)
+    gpt.load_state_dict(load_state_dict(checkpoint_dir, dtype=dtype), assign=True)
+    gpt.reset_rope(fabric.device)
+    if lora_config is not None:
+        inject_lora(gpt, lora_config)
+    classifier = Classifier(gpt, len(label_names), h["pooling"], bias=h["mode"] == "features").to(fabric.device)
+    mark_trainable(classifier, h["mode"], h["n_layers"])
+    trainable_params = count_parameters(classifier)
+    print_rank0(fabric, f"Mode {h['mode']}: {trainable_params:,} trainable parameters of"
+                        f" {count_parameters(classifier, None):,}; labels {label_names}")
+
+    if h["mode"] == "features":
+        classifier.eval()
+        timing = fit_logistic_regression(fabric, classifier, train_data, checkpoint_dir, data_dir, out_dir, max_seq_length, h)
+        test_logits = classifier.score(features_of(fabric, classifier, test_data, "test", checkpoint_dir, data_dir,
+                                                   out_dir, max_seq_length, h)[0].to(fabric.device)).float().cpu()
+    else:
+        timing = train_classifier(fabric, classifier, train_data, test_data, max_seq_length, out_dir, h)
+        classifier = timing.pop("model").eval()
+        test_logits = predict(classifier, test_data, h["feature_batch_size"], max_seq_length, fabric.device)
+    save_classifier(classifier, out_dir / "final", h)
+    print_rank0(fabric, f"Saved the classifier to {out_dir / 'final'}")
+
+    test_labels = [s["label"] for s in test_data]
+    result = classification_metrics(test_labels, test_logits.argmax(dim=-1), len(label_names))
+    result = {"mode": h["mode"], "n_layers": h["n_layers"] if h["mode"] == "last_layers" else None,
+              "pooling": h["pooling"], "labels": label_names, "train_samples": len(train_data),
+              "test_samples": len(test_data), "trainable_parameters": trainable_params, **timing,
+              "peak_memory_gb": round(peak_memory_gb(fabric.device), 3), **result}
+    atomic_write_text(out_dir / "results.json", json.dumps(result, indent=1) + "\n")
+    title = (f"{h['mode']}{' ' + str(h['n_layers']) if h['mode'] == 'last_layers' else ''} on {checkpoint_dir.name}:"
+             f" accuracy {result['accuracy']:.1%}, macro-F1 {result['macro_f1']:.3f}")
+    plot_confusion_matrix(result["confusion_matrix"], label_names, out_dir / "confusion_matrix.png", title)
+    print_rank0(fabric, f"Test ({len(test_data)} texts): accuracy {result['accuracy']:.4f} | macro-F1"
+                        f" {result['macro_f1']:.4f} | train time {result['train_time_s']:.1f}s | peak memory"
+                        f" {result['peak_memory_gb']:.2f} GB\nConfusion matrix (rows: true {label_names}):"
+                        f" {result['confusion_matrix']}\nWrote {out_dir / 'results.json'} and"
+                        f" {out_dir / 'confusion_matrix.png'}")
+
+
+# ----------------------------------------------------------------------------------------------- features + logistic regression
+
+
+def features_of(fabric, classifier, samples, split, checkpoint_dir, data_dir, out_dir, max_seq_length, h):
+    """The pooled hidden states of `samples` and the seconds it took, cached under out_dir/features/ by everything
+    that determines them: the weights file, the prepared data, the pooling, the length limit and the precision."""
+    key = hashlib.sha256()
+    for path in [*lit_weight_files(checkpoint_dir), data_dir / f"{split}.pt"]:
+        stat = path.stat()
+        key.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    key.update(f"{h['pooling']}:{max_seq_length}:{h['precision']}".encode())
+    cache = out_dir / "features" / f"{split}-{key.hexdigest()[:16]}.pt"
+    if cache.is_file():
+        print_rank0(fabric, f"Using the cached {split} features {cache}")
+        return torch.load(cache, weights_only=True), 0.0
+    t0 = time.perf_counter()
+    features = predict(classifier, samples, h["feature_batch_size"], max_seq_length, fabric.device, features=True,
+                       progress=True)
+    seconds = time.perf_counter() - t0
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    save_dataset(features, cache)  # the same atomic torch.save
+    return features, seconds
+
+
+def fit_logistic_regression(fabric, classifier, train_data, checkpoint_dir, data_dir, out_dir, max_seq_length, h) -> dict:
+    """Fit scikit-learn's logistic regression on the standardized training features, then fold the standardization
+    into the classifier's linear head, so the saved classifier is one GPT + one linear layer like every mode's."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    features, extract_s = features_of(fabric, classifier, train_data, "train", checkpoint_dir, data_dir, out_dir,
+                                      max_seq_length, h)
+    labels = [s["label"] for s in train_data]
+    t0 = time.perf_counter()
+    scaler = StandardScaler().fit(features.numpy())
+    regression = LogisticRegression(C=h["logistic_c"], max_iter=5000).fit(scaler.transform(features.numpy()), labels)
+    fit_s = time.perf_counter() - t0
+    coef = torch.tensor(regression.coef_, dtype=torch.float32)
+    intercept = torch.tensor(regression.intercept_, dtype=torch.float32)
+    if coef.size(0) == 1:  # binary: sklearn's one logit z for class 1 is the softmax over the logits (0, z)
+        coef, intercept = torch.cat([torch.zeros_like(coef), coef]), torch.cat([torch.zeros_like(intercept), intercept])
+    # w.(x - mean) / scale + b == (w / scale).x + (b - w.(mean / scale))
+    mean, scale = (torch.tensor(a, dtype=torch.float32) for a in (scaler.mean_, scaler.scale_))
+    with torch.no_grad():
+        classifier.score.weight.copy_(coef / scale)
+        classifier.score.bias.copy_(intercept - (coef * (mean / scale)).sum(dim=1))
+    train_accuracy = float((torch.tensor(regression.predict(scaler.transform(features.numpy()))) ==
+                            torch.tensor(labels)).float().mean())
+    print_rank0(fabric, f"Logistic regression (C={h['logistic_c']}) fitted in {fit_s:.1f}s, {regression.n_iter_.max()}"
+                        f" iterations | train accuracy {train_accuracy:.4f}")
+    return {"train_time_s": round(extract_s + fit_s, 2), "feature_extraction_s": round(extract_s, 2),
+            "fit_s": round(fit_s, 2), "steps": None}
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def train_classifier(fabric, classifier, train_data, test_data, max_seq_length, out_dir, h) -> dict:
+    head = list(classifier.score.parameters())
+    body = [p for p in classifier.gpt.parameters() if p.requires_grad]
+    learning_rate = h["learning_rate"] or DEFAULT_LEARNING_RATES.get(h["mode"], 0.0)
+    groups = [{"params": head, "lr": h["head_learning_rate"]}] + ([{"params": body, "lr": learning_rate}] if body else [])
+    model = fabric.setup_module(classifier)
+    optimizer = torch.optim.AdamW(groups, weight_decay=h["weight_decay"], betas=(0.9, 0.95))
+    optimizer = fabric.setup_optimizers(optimizer)
+
+    accumulate = gradient_accumulation_iters(h["global_batch_size"], h["micro_batch_size"], 1)
+    lengths = [min(len(s["input_ids"]), max_seq_length) for s in train_data]
+    batches_per_epoch = len(epoch_batches(lengths, h["micro_batch_size"], 0, h["seed"]))
+    if batches_per_epoch < accumulate:
+        raise ValueError(f"{len(train_data)} training texts are too few for one optimizer step of --global_batch_size"
+                         f" {h['global_batch_size']}; lower it or prepare more texts")
+    max_steps = h["max_steps"] or max(1, h["epochs"] * batches_per_epoch // accumulate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(h["warmup_steps"], max_steps))
+
+    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "step": 0, "epoch": 0, "batch_in_epoch": 0,
+             "rng": None}
+    resume_from = resolve_resume(h["resume"], out_dir)
+    if resume_from is not None:
+        load_training_state(fabric, resume_from, state, trainable_only=True)
+        set_rng_state(state["rng"])
+        print_rank0(fabric, f"Resumed from {resume_from} at step {state['step']}")
+
+    metrics = MetricsLogger(out_dir, ["step", "epoch", "loss", "lr", "tokens_per_s", "val_loss", "val_accuracy",
+                                      "memory_gb"], resume_step=state["step"] if resume_from else None)
+    throughput = Throughput(start_step=state["step"], max_steps=max_steps)
+    started = time.perf_counter()
+    model.train()
+    if state["step"] == 0:
+        validate(fabric, model, test_data, max_seq_length, h, metrics, step=0)
+    while state["step"] < max_steps:
+        batches = epoch_batches(lengths, h["micro_batch_size"], state["epoch"], h["seed"])
+        while state["batch_in_epoch"] + accumulate <= len(batches) and state["step"] < max_steps:
+            loss_sum = 0.0
+            for i in range(accumulate):
+                batch = collate([train_data[j] for j in batches[state["batch_in_epoch"] + i]],
+                                max_seq_length=max_seq_length)
+                logits = model(batch["input_ids"].to(fabric.device), batch["attention_mask"].to(fabric.device))
+                loss = F.cross_entropy(logits.float(), batch["labels"].to(fabric.device))
+                fabric.backward(loss / accumulate)
+                loss_sum += loss.item()
+                throughput.update(int(batch["attention_mask"].sum()))
+            loss = loss_sum / accumulate
+            # checked before the optimizer step, so a non-finite value never reaches the weights or a checkpoint
+            grad_norm = fabric.clip_gradients(model, optimizer, max_norm=1.0, error_if_nonfinite=False).item()
+            skips_overflow = getattr(fabric.strategy.precision, "scaler", None) is not None
+            if not math.isfinite(loss) or not (math.isfinite(grad_norm) or skips_overflow):
+                raise ValueError(f"The loss or gradient norm became non-finite at step {state['step'] + 1}; nothing was"
+                                 f" saved after the last good checkpoint in {out_dir}. Lower --learning_rate /"
+                                 " --head_learning_rate, or use --precision 32-true or bf16-true.")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state["step"] += 1
+            state["batch_in_epoch"] += accumulate
+            step = state["step"]
+
+            lr = scheduler.get_last_lr()[-1]
+            memory = peak_memory_gb(fabric.device)
+            print_rank0(fabric, throughput.line(step, loss, lr, memory))
+            metrics.log({"step": step, "epoch": state["epoch"], "loss": loss, "lr": lr,
+                         "tokens_per_s": throughput.tokens_per_s(), "memory_gb": memory})
+            if step % h["eval_interval"] == 0 or step == max_steps:
+                validate(fabric, model, test_data, max_seq_length, h, metrics, step)
+            if step % h["save_interval"] == 0 or step == max_steps:
+                state["rng"] = rng_state()
+                path = save_training_state(fabric, out_dir, step, state, trainable_only=True,
+                                           extra=lambda directory: save_classifier(model, directory, h))
+                print_rank0(fabric, f"Saved a checkpoint to {path}")
+        if state["step"] < max_steps:
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+    # this process's training time (a resumed run counts only its own part), validation included
+    return {"train_time_s": round(time.perf_counter() - started, 2), "steps": max_steps,
+            "model": getattr(model, "module", model)}
+
+
+@torch.no_grad()
+def validate(fabric, model, test_data, max_seq_length, h, metrics, step) -> None:
+    """Loss and accuracy on the first eval_iters x micro_batch_size test texts: a trend to watch, cheaper than the
+    full evaluation at the end."""
+    model.eval()
+    samples = test_data[: h["eval_iters"] * h["micro_batch_size"]]
+    batch = collate(samples, max_seq_length=max_seq_length)
+    logits = torch.cat([
+        model(batch["input_ids"][i:i + h["micro_batch_size"]].to(fabric.device),
+              batch["attention_mask"][i:i + h["micro_batch_size"]].to(fabric.device)).float()
+        for i in range(0, len(samples), h["micro_batch_size"])
+    ])
+    labels = batch["labels"].to(fabric.device)
+    val_loss = F.cross_entropy(logits, labels).item()
+    accuracy = (logits.argmax(-1) == labels).float().mean().item()
+    print_rank0(fabric, f"step {step} | val loss {val_loss:.4f} | val accuracy {accuracy:.4f} ({len(samples)} test texts)")
+    metrics.log({"step": step, "val_loss": val_loss, "val_accuracy": accuracy})
+    model.train()
+
+
+if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")
+    run_cli(setup)
