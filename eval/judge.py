@@ -25,6 +25,7 @@ from typing import Literal, Optional
 sys.path.insert(0, str(Path(__file__).parent))
 from scoring import greedy_answers, model_flags, write_result  # noqa: E402
 
+from model.judge import parse_score  # noqa: E402
 from model.prompts import load_prompt_style  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
 from model.utils import load_model_run, run_cli  # noqa: E402
@@ -75,17 +76,14 @@ def parse_verdict(text: str) -> Optional[str]:
     return None
 
 
-def parse_score(text: str) -> Optional[float]:
-    """A 1-10 rating from a judge's reply ("[[7]]", "Rating: 7", "7/10", "7 out of 10"); None when there is none
-    or it is outside 1-10."""
-    patterns = (r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]", r"\brating\s*(?:is|of)?\s*[:=]?\s*\[?\s*(\d+(?:\.\d+)?)",
-                r"\b(\d+(?:\.\d+)?)\s*(?:/|out\s+of)\s*10\b", r"\bscore\s*(?:is|of)?\s*[:=]?\s*(\d+(?:\.\d+)?)")
-    for pattern in patterns:
-        found = re.findall(pattern, text, flags=re.IGNORECASE)
-        if found:
-            value = float(found[-1])
-            return value if 1 <= value <= 10 else None
-    return None
+def parse_rating(text: str) -> Optional[float]:
+    """A 1-10 rating from a judge's reply: the "[[7]]" asked for (its last one), else whatever model/judge.py's
+    parser reads ("Rating: 7", "7/10", "I'd give it 7", ...); None when there is none or it is outside 1-10."""
+    marked = re.findall(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]", text)
+    if marked:
+        value = float(marked[-1])
+        return value if 1 <= value <= 10 else None
+    return parse_score(text)
 
 
 def combine_orders(first: Optional[str], second_swapped: Optional[str]) -> Optional[str]:
@@ -259,7 +257,7 @@ def main(
         judgements = judge_texts(judge_dir, texts, judge_max_new_tokens, batch_size, **load)
         lines = []
         for k, (name, _) in enumerate(graded):
-            ratings = [parse_score(j) for j in judgements[k * len(prompts):(k + 1) * len(prompts)]]
+            ratings = [parse_rating(j) for j in judgements[k * len(prompts):(k + 1) * len(prompts)]]
             for record, judgement, rating in zip(records, judgements[k * len(prompts):], ratings):
                 record[f"judgement_{name}"], record[f"score_{name}"] = judgement, rating
             read = [r for r in ratings if r is not None]

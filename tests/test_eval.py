@@ -330,8 +330,8 @@ def test_parse_verdict(text, verdict):
     ("Clear and correct. Rating: [[8]]", 8.0), ("Rating: 6", 6.0), ("I give it 7/10.", 7.0),
     ("3 out of 10", 3.0), ("Rating: [[11]]", None), ("no number here", None), ("[[4.5]]", 4.5),
 ])
-def test_parse_score(text, score):
-    assert judge.parse_score(text) == score
+def test_parse_rating(text, score):
+    assert judge.parse_rating(text) == score
 
 
 def fake_models(monkeypatch, answers: dict[str, list[str]], judge_reply):
