@@ -21,7 +21,10 @@ from model.config import Config
 from model.data import get_collate_fn, get_packed_collate_fn, load_dataset, pack_samples
 from model.generate import generate
 from model.gpt import GPT
-from model.lora import LoRAConfig, LORA_WEIGHTS, inject_lora, lora_state_dict, mark_only_lora_as_trainable, count_parameters
+from model.lora import (
+    LoRAConfig, LORA_WEIGHTS, inject_lora, lora_state_dict, mark_only_lora_as_trainable, mark_routers_as_trainable,
+    count_parameters,
+)
 from model.checkpoint import atomic_save_safetensors, load_state_dict
 from model.quantize import quantize_model, validate_quantize
 from model.tokenizer import Tokenizer
@@ -51,6 +54,7 @@ def setup(
     lora_mlp: bool = False,
     lora_head: bool = False,
     dora: bool = False,
+    lora_router: bool = False,
     micro_batch_size: int = 4,
     global_batch_size: int = 16,
     learning_rate: float = 3e-4,
@@ -88,6 +92,8 @@ def setup(
         lora_mlp: LoRA on every MLP linear (every expert's in an MoE).
         lora_head: LoRA on the output head.
         dora: Weight-decomposed LoRA (DoRA): also learn a magnitude per output row.
+        lora_router: Train a mixture-of-experts model's routers in full (from scripts/merge_moe.py); with every
+            other lora_* flag false, only the routers train.
         micro_batch_size: Samples per forward pass per device.
         global_batch_size: Samples per optimizer step (gradient accumulation makes up the difference).
         learning_rate: Peak learning rate.
@@ -109,7 +115,9 @@ def setup(
     hparams = dict(locals())
     validate_quantize(quantize)
     lora_config = LoRAConfig(lora_r, lora_alpha, lora_dropout, lora_query, lora_key, lora_value, lora_projection,
-                             lora_mlp, lora_head, dora)
+                             lora_mlp, lora_head, dora, lora_router)
+    if lora_router and quantize:
+        raise ValueError("--lora_router trains the routers in full precision; it cannot be combined with --quantize")
     if quantize and strategy == "fsdp":
         raise ValueError("--quantize cannot be combined with --strategy fsdp (bitsandbytes weights do not shard); use ddp")
     if not (checkpoint_dir / "model_config.yaml").is_file():
@@ -153,6 +161,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, 
         quantize_model(model.to(fabric.device), quantize, compute_dtype=dtype)
     inject_lora(model, lora_config)
     mark_only_lora_as_trainable(model)
+    if lora_config.router:
+        mark_routers_as_trainable(model)
     print_rank0(fabric, f"Trainable parameters: {count_parameters(model):,} of {count_parameters(model, None):,}")
     model = fabric.setup_module(model)
 

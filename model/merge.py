@@ -44,27 +44,34 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = SLE
     The angle comes from the normalised vectors; the interpolation weights apply to the originals, so two unit
     vectors give a unit vector for every t. Nearly colinear vectors (|cos| > dot_threshold) fall back to lerp.
     """
-    a32, b32 = a.double().flatten(), b.double().flatten()
-    a_unit = a32 / a32.norm().clamp_min(1e-12)
-    b_unit = b32 / b32.norm().clamp_min(1e-12)
-    dot = float((a_unit * b_unit).sum().clamp(-1.0, 1.0))
+    a, b = a.float(), b.float()
+    norms = math.sqrt(_dot64(a, a) * _dot64(b, b))
+    dot = max(-1.0, min(1.0, _dot64(a, b) / max(norms, 1e-24)))
     if abs(dot) > dot_threshold:
-        return lerp(a.double(), b.double(), t).to(a.dtype)
+        return lerp(a, b, t)
     theta = math.acos(dot)
     sin_theta = math.sin(theta)
     s_a = math.sin((1 - t) * theta) / sin_theta
     s_b = math.sin(t * theta) / sin_theta
-    return (s_a * a32 + s_b * b32).reshape(a.shape).to(a.dtype)
+    return torch.add(a * s_a, b, alpha=s_b)
+
+
+def _dot64(a: torch.Tensor, b: torch.Tensor, chunk: int = 2**20) -> float:
+    """The dot product of two flattened tensors, accumulated in float64 a chunk at a time: exact enough for the
+    angle between vectors of billions of entries, without a float64 copy of either."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    return sum(float((a[i:i + chunk].double() * b[i:i + chunk].double()).sum()) for i in range(0, a.numel(), chunk))
 
 
 def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True) -> torch.Tensor:
-    weight = torch.tensor(weights, dtype=torch.float32).view(-1, *[1] * tensors[0].dim())
-    merged = (torch.stack([t.float() for t in tensors]) * weight).sum(0)
+    merged = torch.zeros(tensors[0].shape, dtype=torch.float32)
+    for tensor, weight in zip(tensors, weights):
+        merged.add_(tensor.float(), alpha=weight)
     if normalize:
         total = float(sum(weights))
         if total == 0:
             raise ValueError("linear merge with normalize: the weights sum to 0")
-        merged = merged / total
+        merged /= total
     return merged
 
 
@@ -256,7 +263,13 @@ def check_out_dir(out_dir: Path) -> None:
 
 
 def publish_dir(tmp_dir: Path, out_dir: Path) -> None:
-    """Move a finished output directory into place (an empty `out_dir` is replaced)."""
+    """Move a finished output directory into place (an empty `out_dir` is replaced), with the permissions of a
+    directory the user made (mkdtemp's are private)."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_dir, 0o777 & ~umask)
     if out_dir.exists():
         out_dir.rmdir()
     tmp_dir.rename(out_dir)

@@ -51,6 +51,9 @@ def export_peft(
 
     config = Config.from_checkpoint(checkpoint_dir)
     lora_config, lora_weights = load_lora_run(lora_dir)
+    if lora_config.router:
+        raise ValueError(f"{lora_dir} trained the MoE routers in full, which a PEFT adapter cannot hold; merge it with"
+                         " scripts/merge_lora.py and export the result with scripts/convert_to_hf.py")
     # a weightless model with the adapter's layers checks that the adapter fits this base model, and says where
     # each adapter writes
     with torch.device("meta"):

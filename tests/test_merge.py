@@ -74,7 +74,7 @@ def test_slerp_endpoints_unit_norm_and_lerp_fallback():
         assert torch.arccos((a_unit * mid).sum().clamp(-1, 1)).item() == pytest.approx(t * total.item(), abs=1e-4)
         assert ((1 - t) * a_unit + t * b_unit).norm().item() < 1.0 - 1e-3  # where lerp would shrink it
     nearly_the_same = a + 1e-4 * b
-    assert torch.equal(slerp(a, nearly_the_same, 0.25), (0.75 * a.double() + 0.25 * nearly_the_same.double()).float())
+    assert torch.equal(slerp(a, nearly_the_same, 0.25), 0.75 * a + 0.25 * nearly_the_same)
     opposite = slerp(a, -a * 2, 0.5)  # colinear the other way: lerp too (no division by sin(pi) ~ 0)
     assert torch.isfinite(opposite).all() and torch.allclose(opposite, -0.5 * a, atol=1e-6)
 
@@ -270,16 +270,20 @@ def test_shape_mismatch_names_the_tensor_and_leaves_nothing(models, tmp_path, ca
 
 
 MEMORY_PROBE = """
-import resource, sys, yaml
+import sys, yaml
 from pathlib import Path
 sys.path.insert(0, {root!r})
 from tests.conftest import load_script
 merge = load_script("scripts/merge_models.py")
-def rss_kb():
-    return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1])
-before = rss_kb()
-merge.merge_models(out_dir=Path(sys.argv[2]), shard_size_mb=8, **yaml.safe_load(open(sys.argv[1])))
-print("GROWTH_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+spec = yaml.safe_load(open(sys.argv[1]))
+def status_kb(field):
+    return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1])
+# a first merge loads whatever torch loads lazily; then the peak is reset and the second merge measured alone
+merge.merge_models(out_dir=Path(sys.argv[2] + "-warmup"), shard_size_mb=8, **spec)
+open("/proc/self/clear_refs", "w").write("5")
+before = status_kb("VmRSS")
+merge.merge_models(out_dir=Path(sys.argv[2]), shard_size_mb=8, **spec)
+print("GROWTH_KB", status_kb("VmHWM") - before)
 """
 
 
@@ -295,8 +299,8 @@ def test_streamed_merge_peaks_well_below_the_models_size(tmp_path):
                             text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     growth_kb = int(result.stdout.split("GROWTH_KB")[1])
-    # loading both would need both_kb (~100 MB); streaming needs an 8 MB shard plus a few tensors
-    assert growth_kb < 0.3 * both_kb, (growth_kb, both_kb)
+    # loading both would need both_kb (88 MB); streaming needs an 8 MB shard plus a few tensors (measured: 10 MB)
+    assert growth_kb < 0.25 * both_kb, (growth_kb, both_kb)
     merged = load_state_dict(tmp_path / "out")
     name = "transformer.h.5.mlp.fc_2.weight"
     assert torch.allclose(merged[name], (load_state_dict(a)[name] + load_state_dict(b)[name]) / 2)
