@@ -456,7 +456,7 @@ def hub_dataset_file(repo_id: str, filename: str, gated: bool = False) -> Path:
                          f"{repo_id}, then set HF_TOKEN (or run `huggingface-cli login`). Or pass --data_file with a"
                          f" local copy of {filename}.") from None
     except Exception as error:  # no network, offline mode, missing file: all mean "use --data_file"
-        hint = f" (the dataset is gated: accept its terms and set HF_TOKEN)" if gated else ""
+        hint = " (the dataset is gated: accept its terms and set HF_TOKEN)" if gated else ""
         raise ValueError(f"Could not download {filename} from the Hugging Face dataset {repo_id}{hint}:"
                          f" {type(error).__name__}: {str(error).splitlines()[0].rstrip('.') if str(error) else ''}. "
                          f"{OFFLINE_HINT}") from None

@@ -12,7 +12,13 @@ The data is licensed CC BY-NC 4.0: not for commercial use.
 from pathlib import Path
 from typing import Optional
 
-from model.prepare import check_prepare_flags, instruction_example, optional_field, prepare_sft_dataset, url_file
+from model.prepare import (
+    check_prepare_flags,
+    instruction_example,
+    optional_field,
+    prepare_sft_dataset,
+    url_file,
+)
 from model.prompts import load_prompt_style
 from model.records import field, read_records
 from model.tokenizer import Tokenizer

@@ -12,7 +12,11 @@ from pathlib import Path
 from typing import Optional
 
 from model.prepare import (
-    check_prepare_flags, hub_dataset_file, instruction_example, optional_field, prepare_sft_dataset,
+    check_prepare_flags,
+    hub_dataset_file,
+    instruction_example,
+    optional_field,
+    prepare_sft_dataset,
 )
 from model.prompts import load_prompt_style
 from model.records import field, read_records

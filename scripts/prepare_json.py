@@ -19,7 +19,12 @@ from pathlib import Path
 from typing import Optional
 
 from model.prepare import (
-    Example, chat_example, check_prepare_flags, instruction_example, optional_field, prepare_sft_dataset,
+    Example,
+    chat_example,
+    check_prepare_flags,
+    instruction_example,
+    optional_field,
+    prepare_sft_dataset,
 )
 from model.prompts import PromptStyle, load_prompt_style
 from model.records import field, read_records

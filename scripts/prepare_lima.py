@@ -13,7 +13,13 @@ held out from the training rows. Each sample's task is its source (stackexchange
 from pathlib import Path
 from typing import Optional
 
-from model.prepare import check_prepare_flags, conversation_example, hub_dataset_file, optional_field, prepare_sft_dataset
+from model.prepare import (
+    check_prepare_flags,
+    conversation_example,
+    hub_dataset_file,
+    optional_field,
+    prepare_sft_dataset,
+)
 from model.prompts import load_prompt_style
 from model.records import RecordError, read_records
 from model.tokenizer import Tokenizer

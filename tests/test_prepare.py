@@ -3,16 +3,25 @@ loss on assistant turns only, the seeded split, the all-or-nothing write-out and
 
 import pytest
 import torch
+from test_data import chatml_dir, sentencepiece_dir  # noqa: F401 (fixtures)
 
 from model.data import IGNORE_INDEX, encode_example
 from model.prepare import (
-    _tokenize_at_once, _tokenize_segment_by_segment, chat_example, conversation_example, encode_conversation, hub_dataset_file, instruction_example,
-    marked_loss_text, split_train_val, url_file, write_prepared,
+    _tokenize_at_once,
+    _tokenize_segment_by_segment,
+    chat_example,
+    conversation_example,
+    encode_conversation,
+    hub_dataset_file,
+    instruction_example,
+    marked_loss_text,
+    split_train_val,
+    url_file,
+    write_prepared,
 )
 from model.prompts import PromptStyle, prompt_styles
 from model.records import Record, RecordError
 from model.tokenizer import Tokenizer
-from test_data import chatml_dir, sentencepiece_dir  # noqa: F401 (fixtures)
 
 CONVERSATION = [
     {"role": "user", "content": "Capital of France?"},
@@ -209,7 +218,7 @@ def test_split_is_seeded_disjoint_and_complete():
 
 
 def test_write_prepared_is_all_or_nothing(tmp_path, monkeypatch):
-    import model.prepare as prepare
+    from model import prepare
 
     sample = {"input_ids": torch.tensor([1, 2]), "labels": torch.tensor([-100, 2]), "prompt": "p", "response": "r"}
     out_dir = tmp_path / "out"
