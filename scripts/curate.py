@@ -39,11 +39,11 @@ from tqdm import tqdm
 
 from model.checkpoint import atomic_write_text
 from model.curate import (
-    FORMATS, ExactDedup, FieldMap, FuzzyDedup, Rules, detect_format, model_embeddings, percentile_summary,
+    ExactDedup, FieldMap, FuzzyDedup, Rules, detect_format, model_embeddings, percentile_summary,
     response_perplexities, save_histogram, save_topic_map, tfidf_embeddings, to_sample, topic_map,
 )
-from model.judge import Judge, ScoreCache, score_pairs
-from model.records import RecordError, data_format, iter_records, write_records
+from model.judge import Judge, ScoreCache, pair_key, score_pairs
+from model.records import Record, RecordError, data_format, iter_records, write_records
 from model.utils import run_cli
 
 STAGES = ("rules", "exact_dedup", "fuzzy_dedup", "perplexity", "judge")
@@ -211,7 +211,6 @@ def curate(
         if n_rows == 0:
             raise RecordError(f"{data_file}: no rows in the file")
         streaming_seconds = time.perf_counter() - t0
-        counts = {stage: (n_rows if i == 0 else None) for i, stage in enumerate(chosen)}
         print(f"{n_rows} rows read ({row_format} format) in {streaming_seconds:.1f}s "
               f"({n_rows / max(streaming_seconds, 1e-9):.0f} rows/s); {n_kept} left after "
               f"{', '.join(s for s in chosen if s in STREAMING) or 'no streaming stage'}", file=sys.stderr)
@@ -249,8 +248,6 @@ def curate(
                 yield batch
 
         def to_sample_entry(entry: dict):
-            from model.records import Record
-
             return to_sample(Record(entry["row"], entry["where"]), row_format, fields)
 
         perplexities = np.full(n_kept, np.nan)
@@ -292,8 +289,11 @@ def curate(
                 for batch in batches_of_alive():
                     values = score_pairs(judge, [(s.instruction, s.response) for _, _, s in batch], cache,
                                          batch_size=batch_size, progress=progress)
-                    for (index, _, _), value in zip(batch, values):
+                    for (index, _, s), value in zip(batch, values):
                         scores[index] = np.nan if value is None else value
+                        if len(judge_replies) < 8:
+                            raw = cache[pair_key(s.instruction, s.response, judge.id)]["raw"]
+                            judge_replies.append((s.instruction, raw, value))
             finally:
                 progress.close()
                 cache.close()
@@ -308,21 +308,12 @@ def curate(
                     alive[index] = False
                     remove("judge", f"judge score {scores[index]:g} < {judge_min_score:g}", "low score",
                            entry["where"], entry["row"])
-            from model.judge import pair_key
-
-            for index, entry in enumerate(kept_rows()):
-                if len(judge_replies) == 6:
-                    break
-                s = to_sample_entry(entry)
-                key = pair_key(s.instruction, s.response, judge.id)
-                if key in cache:
-                    judge_replies.append((s.instruction, cache[key]["raw"], cache[key]["score"]))
             stage_seconds["judge"] = time.perf_counter() - t0
 
         # ---- exploration: a topic map of a sample of the kept rows
         rng = random.Random(seed)
         alive_indices = np.flatnonzero(alive)
-        map_indices = set(sorted(rng.sample(list(alive_indices), min(map_samples, len(alive_indices)))))
+        map_indices = set(rng.sample(list(alive_indices), min(map_samples, len(alive_indices))))
         checkpoint_for_map = embed_checkpoint_dir or judge_checkpoint_dir or perplexity_checkpoint_dir
         embedding_kind = map_embeddings if map_embeddings != "auto" else ("model" if checkpoint_for_map else "tfidf")
         topics, map_texts = None, []
@@ -425,7 +416,7 @@ def render_report(stats: dict, chosen: list, examples: dict, plots: dict, topics
         f"- input: `{stats['data_file']}`: {stats['rows']} rows ({stats['format']} format)",
         f"- kept: `{stats['out_file']}`: {stats['kept']} rows ({stats['kept'] / stats['rows']:.1%})",
         f"- removed: `removed.jsonl`: {stats['rows'] - stats['kept']} rows, each with its stage and reason",
-        f"- time: " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in stats["seconds"].items())
+        "- time: " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in stats["seconds"].items())
         + f" (streaming stages: {stats['streaming_rows_per_second']:.0f} rows/s)", "",
         "## What each stage removed", "",
         "| stage | rows in | removed | rows out | reasons |", "|---|---:|---:|---:|---|",

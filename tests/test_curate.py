@@ -19,7 +19,7 @@ from conftest import ROOT, load_script
 from hf_models import save_tiny_model
 from model.checkpoint import convert_hf_checkpoint
 from model.curate import (
-    Rules, Sample, model_embeddings, response_perplexities, tfidf_embeddings, to_sample, topic_map,
+    model_embeddings, response_perplexities, tfidf_embeddings, to_sample, topic_map,
 )
 from model.judge import Judge, ScoreCache, pair_key, parse_score
 from model.records import Record, read_records
