@@ -246,3 +246,20 @@ def test_real_smollm2_sharegpt_labels_are_the_answers_and_im_end(smollm2_dir, tm
         text = tokenizer.decode(sample["input_ids"])
         assert torch.equal(tokenizer.encode(text), sample["input_ids"])
     assert meta["vocab_size"] == 49152
+
+
+def test_a_conversation_the_prompt_style_cannot_render_names_its_row(tmp_path, tiny_sentencepiece_model):
+    from model.prompts import save_prompt_style
+    from test_tokenizer import make_sentencepiece_dir
+
+    checkpoint_dir = make_sentencepiece_dir(tmp_path / "llama2", tiny_sentencepiece_model)
+    save_prompt_style("llama2", checkpoint_dir)  # needs user/assistant/user/... turns
+    data_file = tmp_path / "chats.jsonl"
+    good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    bad = {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                        {"role": "assistant", "content": "c"}]}
+    data_file.write_text("\n".join(json.dumps(row) for row in [good, good, bad]) + "\n")
+    with pytest.raises(ValueError, match=r"chats.jsonl line 3: The 'llama2' prompt style needs turns that alternate"):
+        SCRIPTS["json"].prepare_json(checkpoint_dir=checkpoint_dir, data_file=data_file, out_dir=tmp_path / "out",
+                                     val_split_fraction=0.3)
+    assert not (tmp_path / "out").exists()
