@@ -3,8 +3,12 @@
     python benchmarks/finetune_speed.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
 
 LoRA r=8, alpha=16, dropout 0.05 on every linear layer of the blocks (query, key, value, output projection, MLP;
-PEFT's "all-linear"), AdamW on the adapters, micro-batches of `micro_batch_size` x `seq_len` random tokens with the
-loss on every position, in `dtype` weights. Each engine runs in its own process (so peak memory is its own:
+PEFT's "all-linear"), AdamW on the adapters, micro-batches of `micro_batch_size` x `seq_len` tokens in `dtype`
+weights. `--data random`: random tokens with the loss on every position (pure throughput of the same matmuls).
+`--data tasks`: rows cut from the prepared instruction data (`--data_dir`, samples concatenated one after the other
+into rows of `seq_len` tokens), the loss on the answers only (the prompts' labels are -100), which is what a
+supervised fine-tune computes; every engine gets the same rows and labels. Each engine runs in its own process (so
+peak memory is its own:
 GPU max allocated, or CPU peak resident set), warms up, then times `steps` optimizer steps; the engines take turns
 over `rounds` and the table shows the median tokens/s. Each library keeps its own defaults otherwise (PEFT keeps
 the adapter weights in float32, Forge in the base weights' dtype).
@@ -16,15 +20,35 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
+
+# the litgpt engine runs in litgpt's own environment, where Forge is not installed: import `model` from this checkout
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def make_batches(data: str, data_dir: Path, count: int, micro_batch_size: int, seq_len: int) -> list[tuple]:
+    """`count` (input_ids, labels) micro-batches, the same for every engine."""
+    if data == "random":
+        ids = torch.randint(0, 49152, (count, micro_batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+        return [(batch, batch.clone()) for batch in ids]
+    from model.data import load_dataset
+
+    samples = load_dataset(data_dir / "train.pt")
+    input_ids = torch.cat([s["input_ids"] for s in samples])
+    labels = torch.cat([s["labels"] for s in samples])
+    needed = count * micro_batch_size * seq_len
+    if len(input_ids) < needed:
+        raise SystemExit(f"{data_dir / 'train.pt'} has {len(input_ids)} tokens; the benchmark needs {needed}")
+    shape = (count, micro_batch_size, seq_len)
+    return list(zip(input_ids[:needed].view(shape), labels[:needed].view(shape)))
+
+
 def run_engine(engine: str, checkpoint_dir: Path, micro_batch_size: int, seq_len: int, steps: int, warmup: int,
-               dtype: str, device: str) -> dict:
+               dtype: str, device: str, data: str, data_dir: Path) -> dict:
     from model.utils import peak_memory_gb, resolve_device
 
     device_ = resolve_device(device)
@@ -38,10 +62,39 @@ def run_engine(engine: str, checkpoint_dir: Path, micro_batch_size: int, seq_len
                                       mlp=True))
         mark_only_lora_as_trainable(model)
 
-        def loss_fn(input_ids):
-            logits = model(input_ids)
-            return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
-                                                     input_ids[:, 1:].reshape(-1))
+        def loss_fn(input_ids, labels):
+            # as finetune/lora.py: the output head only where a label follows
+            targets = labels[:, 1:]
+            logits = model(input_ids, logits_mask=torch.nn.functional.pad(targets != -100, (0, 1)))
+            return torch.nn.functional.cross_entropy(logits.float(), targets[targets != -100])
+    elif engine == "litgpt":
+        import yaml
+        from litgpt.lora import GPT as LitGPT
+        from litgpt.lora import Config as LitConfig
+        from litgpt.lora import mark_only_lora_as_trainable as lit_mark_only_lora_as_trainable
+        from litgpt.utils import chunked_cross_entropy
+        from safetensors.torch import load_file
+
+        # our model_config.yaml and weight names follow litgpt's, so its GPT loads our checkpoint as it is
+        ours = yaml.safe_load((checkpoint_dir / "model_config.yaml").read_text())
+        fields = {k: v for k, v in ours.items() if k in LitConfig.__dataclass_fields__ and k != "rope_scaling"}
+        config = LitConfig(**fields, padded_vocab_size=ours["vocab_size"], lora_r=8, lora_alpha=16, lora_dropout=0.05,
+                           lora_query=True, lora_key=True, lora_value=True, lora_projection=True, lora_mlp=True)
+        with torch.device(device_):
+            model = LitGPT(config).to(DTYPES[dtype])
+        state_dict = load_file(checkpoint_dir / "lit_model.safetensors")
+        # litgpt has no tied embeddings: its converter copies the embedding into the head, as here
+        state_dict.setdefault("lm_head.weight", state_dict["transformer.wte.weight"])
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        if unexpected or any("lora_" not in key for key in missing):
+            raise SystemExit(f"litgpt did not load the checkpoint: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        lit_mark_only_lora_as_trainable(model)
+
+        def loss_fn(input_ids, labels):
+            # litgpt's finetune/lora.py recipe: a chunked output head and cross-entropy
+            logits = model(input_ids, lm_head_chunk_size=128)
+            logits[-1] = logits[-1][..., :-1, :]
+            return chunked_cross_entropy(logits, labels[..., 1:])
     else:
         import peft
         import transformers
@@ -50,22 +103,20 @@ def run_engine(engine: str, checkpoint_dir: Path, micro_batch_size: int, seq_len
         model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
                                                           target_modules="all-linear", task_type="CAUSAL_LM"))
 
-        def loss_fn(input_ids):
-            return model(input_ids=input_ids, labels=input_ids).loss
+        def loss_fn(input_ids, labels):
+            return model(input_ids=input_ids, labels=labels).loss
 
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    vocab = 49152 if engine == "forge" else model.config.vocab_size
-    batches = torch.randint(0, min(vocab, 49152), (warmup + steps, micro_batch_size, seq_len),
-                            generator=torch.Generator().manual_seed(0))
+    batches = make_batches(data, data_dir, warmup + steps, micro_batch_size, seq_len)
     times, losses = [], []
-    for i, batch in enumerate(batches):
-        batch = batch.to(device_)
+    for i, (batch, labels) in enumerate(batches):
+        batch, labels = batch.to(device_), labels.to(device_)
         if device_.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss = loss_fn(batch)
+        loss = loss_fn(batch, labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -88,18 +139,27 @@ def main(
     dtype: Literal["float32", "bfloat16"] = "bfloat16",
     rounds: int = 3,
     device: str = "auto",
-    engine: Literal["both", "forge", "transformers+peft"] = "both",
+    engine: Literal["both", "forge", "transformers+peft", "litgpt"] = "both",
+    data: Literal["random", "tasks"] = "random",
+    data_dir: Path = Path("data/tasks"),
+    litgpt_python: Optional[Path] = None,
 ) -> None:
-    """Compare LoRA training tokens/s and peak memory of Forge and transformers+PEFT."""
+    """Compare LoRA training tokens/s and peak memory of Forge and transformers+PEFT (and litgpt, installed in its own
+    virtual environment: `--litgpt_python /path/to/litgpt-venv/bin/python`)."""
     if engine != "both":
-        print(json.dumps(run_engine(engine, checkpoint_dir, micro_batch_size, seq_len, steps, warmup, dtype, device)))
+        print(json.dumps(run_engine(engine, checkpoint_dir, micro_batch_size, seq_len, steps, warmup, dtype, device,
+                                    data, data_dir)))
         return
     runs: dict[str, list[dict]] = {"forge": [], "transformers+peft": []}
+    if litgpt_python:
+        runs["litgpt"] = []
     for _ in range(rounds):
         for name in runs:
-            cmd = [sys.executable, __file__, "--engine", name, "--checkpoint_dir", str(checkpoint_dir),
+            python = str(litgpt_python) if name == "litgpt" else sys.executable
+            cmd = [python, __file__, "--engine", name, "--checkpoint_dir", str(checkpoint_dir),
                    "--micro_batch_size", str(micro_batch_size), "--seq_len", str(seq_len), "--steps", str(steps),
-                   "--warmup", str(warmup), "--dtype", dtype, "--device", device]
+                   "--warmup", str(warmup), "--dtype", dtype, "--device", device, "--data", data,
+                   "--data_dir", str(data_dir)]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 raise SystemExit(f"{name} failed:\n{out.stderr}")
@@ -107,15 +167,19 @@ def main(
     results = {name: dict(r[0], tokens_per_s=statistics.median(x["tokens_per_s"] for x in r),
                           peak_memory_gb=max(x["peak_memory_gb"] for x in r)) for name, r in runs.items()}
     forge, hf = results["forge"], results["transformers+peft"]
-    print(f"checkpoint: {checkpoint_dir}  dtype: {dtype}  batch: {micro_batch_size} x {seq_len} tokens  steps: {steps}"
+    others = [results["litgpt"]] if "litgpt" in results else []
+    print(f"checkpoint: {checkpoint_dir}  data: {data}  dtype: {dtype}  batch: {micro_batch_size} x {seq_len} tokens  steps: {steps}"
           f" (+{warmup} warm-up)  rounds: {rounds}  threads: {torch.get_num_threads()}")
     print("| engine | tokens/s | peak memory (GB) | trainable parameters | first loss |")
     print("|---|---|---|---|---|")
-    for r in (forge, hf):
+    for r in (forge, hf, *others):
         print(f"| {r['engine']} | {r['tokens_per_s']:.1f} | {r['peak_memory_gb']:.2f} | {r['trainable_params']:,} |"
               f" {r['first_loss']:.3f} |")
     print(f"speed ratio forge/(transformers+peft): {forge['tokens_per_s'] / hf['tokens_per_s']:.2f}x;"
           f" memory ratio: {forge['peak_memory_gb'] / hf['peak_memory_gb']:.2f}x")
+    for r in others:
+        print(f"speed ratio forge/{r['engine']}: {forge['tokens_per_s'] / r['tokens_per_s']:.2f}x;"
+              f" memory ratio: {forge['peak_memory_gb'] / r['peak_memory_gb']:.2f}x")
 
 
 if __name__ == "__main__":
