@@ -357,7 +357,8 @@ def response_perplexities(model, tokenizer, style, samples: Sequence[Sample], ma
     return torch.exp(totals / counts).tolist()
 
 
-def model_embeddings(model, tokenizer, texts: Sequence[str], batch_size: int = 8, max_tokens: int = 256) -> np.ndarray:
+def model_embeddings(model, tokenizer, texts: Sequence[str], batch_size: int = 8, max_tokens: int = 256,
+                     progress=None) -> np.ndarray:
     """Mean-pooled final hidden states (the padding left out of the mean), L2-normalized, one row per text."""
     import torch
 
@@ -375,6 +376,8 @@ def model_embeddings(model, tokenizer, texts: Sequence[str], batch_size: int = 8
             hidden = model(batch.to(device), return_hidden=True).float().cpu()
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1)
         out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+        if progress is not None:
+            progress.update(len(ids))
     return np.concatenate(out)
 
 

@@ -322,7 +322,9 @@ def curate(
             map_texts = [to_sample_entry(entry).text for index, entry in enumerate(kept_rows()) if index in map_indices]
             if embedding_kind == "model":
                 model, tokenizer, _ = load(checkpoint_for_map)
-                embeddings = model_embeddings(model, tokenizer, map_texts, batch_size=batch_size)
+                with tqdm(total=len(map_texts), desc="Embedding", unit=" rows", file=sys.stderr) as progress:
+                    embeddings = model_embeddings(model, tokenizer, map_texts, batch_size=batch_size,
+                                                  progress=progress)
             else:
                 embeddings = tfidf_embeddings(map_texts, seed=seed)
             topics = topic_map(map_texts, embeddings, clusters=clusters, method=map_method, seed=seed)
