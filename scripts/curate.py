@@ -418,8 +418,9 @@ def render_report(stats: dict, chosen: list, examples: dict, plots: dict, topics
         f"- input: `{stats['data_file']}`: {stats['rows']} rows ({stats['format']} format)",
         f"- kept: `{stats['out_file']}`: {stats['kept']} rows ({stats['kept'] / stats['rows']:.1%})",
         f"- removed: `removed.jsonl`: {stats['rows'] - stats['kept']} rows, each with its stage and reason",
-        "- time: " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in stats["seconds"].items())
-        + f" (streaming stages: {stats['streaming_rows_per_second']:.0f} rows/s)", "",
+        "- time: " + ", ".join(f"{name} {seconds:.1f}s" + (f" ({stats['streaming_rows_per_second']:.0f} rows/s)"
+                                                          if name == "streaming stages" else "")
+                               for name, seconds in stats["seconds"].items()), "",
         "## What each stage removed", "",
         "| stage | rows in | removed | rows out | reasons |", "|---|---:|---:|---:|---|",
     ]
