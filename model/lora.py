@@ -277,6 +277,8 @@ def mark_routers_as_trainable(model: nn.Module) -> None:
                          " (make one with scripts/merge_moe.py)")
     for param in routers:
         param.requires_grad_(True)
+        # tagged, so lora_state_dict saves exactly the routers a run trains (a fresh model's all require grad)
+        param.trained_router = True
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -288,7 +290,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for name, param in module.named_parameters()
     }
     routers = {name: param.detach() for name, param in model.named_parameters()
-               if name.endswith(ROUTER_SUFFIX) and param.requires_grad}
+               if name.endswith(ROUTER_SUFFIX) and getattr(param, "trained_router", False)}
     return {**adapters, **routers}
 
 

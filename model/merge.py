@@ -77,8 +77,15 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize:
 
 def task_arithmetic(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
                     lambda_: float = 1.0, normalize: bool = False) -> torch.Tensor:
-    deltas = [t.float() - base.float() for t in tensors]
-    return base.float() + lambda_ * linear(deltas, weights, normalize)
+    # one task vector at a time: a merge of n models holds the inputs, the sum and one difference
+    merged = torch.zeros(base.shape, dtype=torch.float32)
+    for tensor, weight in zip(tensors, weights):
+        merged.add_(tensor.float() - base.float(), alpha=weight)
+    if normalize:
+        if sum(weights) == 0:
+            raise ValueError("task arithmetic with normalize: the weights sum to 0")
+        merged /= float(sum(weights))
+    return merged.mul_(lambda_).add_(base.float())
 
 
 def trim_by_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
