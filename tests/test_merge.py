@@ -236,6 +236,8 @@ def cli_error(capsys, args: list[str]) -> str:
     (lambda s, m: dict(s, models=[*s["models"], {"model": str(m["wide"])}]),
      "has another architecture than .*n_embd: 16 vs 32"),
     (lambda s, m: dict(s, models=[*s["models"], {"model": "nowhere/missing"}]), "model 'nowhere/missing' not found"),
+    (lambda s, m: dict(s, models=[*s["models"], {"model": str(m["run"])}]),
+     "is a fine-tuning run, not a checkpoint; merge it into one first with `python scripts/merge_lora.py"),
     (lambda s, m: {"merge_method": "passthrough", "slices": [{"sources": [{"model": str(m["a"]), "layer_range": [1, 4]}]}]},
      r"slices\[0\].sources\[0\].layer_range \[1, 4\] is out of bounds: model .* has 3 layers"),
     (lambda s, m: dict(s, parameters={"t": 0.5}), r"unknown parameters \['t'\] for this merge_method"),
@@ -243,9 +245,11 @@ def cli_error(capsys, args: list[str]) -> str:
     (lambda s, m: dict(s, models=[{"model": str(m["a"]), "parameters": {"density": 1.5}}]), "density must be in"),
 ])
 def test_bad_configs_fail_with_one_error_line_and_no_output(change, message, models, tmp_path, capsys):
-    all_models = dict(models, wide=models["a"].parent / "wide")
+    all_models = dict(models, wide=models["a"].parent / "wide", run=models["a"].parent / "lora-run")
     if not all_models["wide"].exists():
         make_checkpoint(all_models["wide"], 9, n_embd=32)
+        all_models["run"].mkdir()
+        (all_models["run"] / "hparams.yaml").write_text("lora_r: 8\n")
     good = {"merge_method": "ties", "base_model": str(models["base"]),
             "models": [{"model": str(models["a"]), "parameters": {"density": 0.5}}]}
     config = tmp_path / "bad.yaml"
