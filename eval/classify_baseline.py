@@ -53,7 +53,7 @@ def tfidf_baseline(
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "results.json", json.dumps(result, indent=1) + "\n")
     plot_confusion_matrix(result["confusion_matrix"], labels, out_dir / "confusion_matrix.png",
-                          f"TF-IDF + logistic regression: accuracy {result['accuracy']:.1%}, macro-F1"
+                          f"TF-IDF + logistic regression\naccuracy {result['accuracy']:.1%}, macro-F1"
                           f" {result['macro_f1']:.3f}")
     print(f"TF-IDF (1-{ngram_max}-grams) + logistic regression, {len(train)} training texts: test accuracy"
           f" {result['accuracy']:.4f} | macro-F1 {result['macro_f1']:.4f} | fitted in {train_time:.1f}s\n"

@@ -188,8 +188,8 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, 
               "test_samples": len(test_data), "trainable_parameters": trainable_params, **timing,
               "peak_memory_gb": round(peak_memory_gb(fabric.device), 3), **result}
     atomic_write_text(out_dir / "results.json", json.dumps(result, indent=1) + "\n")
-    title = (f"{h['mode']}{' ' + str(h['n_layers']) if h['mode'] == 'last_layers' else ''} on {checkpoint_dir.name}:"
-             f" accuracy {result['accuracy']:.1%}, macro-F1 {result['macro_f1']:.3f}")
+    title = (f"{h['mode']}{' ' + str(h['n_layers']) if h['mode'] == 'last_layers' else ''} on {checkpoint_dir.name}\n"
+             f"accuracy {result['accuracy']:.1%}, macro-F1 {result['macro_f1']:.3f}")
     plot_confusion_matrix(result["confusion_matrix"], label_names, out_dir / "confusion_matrix.png", title)
     print_rank0(fabric, f"Test ({len(test_data)} texts): accuracy {result['accuracy']:.4f} | macro-F1"
                         f" {result['macro_f1']:.4f} | train time {result['train_time_s']:.1f}s | peak memory"

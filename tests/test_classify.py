@@ -5,6 +5,7 @@ A tiny random Llama (SmolLM2-shaped, tied head) with a tiny sentencepiece tokeni
 separable by its tokens: "positive" texts are made of the letters a-h, "negative" ones of p-w.
 """
 
+import csv
 import json
 import random
 import shutil
@@ -279,3 +280,21 @@ def test_export_to_transformers_gives_the_same_logits(tiny_dir, data_dir, tmp_pa
     error = cli_error(capsys, convert_to_hf.convert_to_hf, ["--checkpoint_dir", str(tiny_dir), "--output_dir",
                                                             str(tmp_path / "hf2"), "--classifier_dir", str(features_run)])
     assert "has a bias" in error and not (tmp_path / "hf2").exists()
+
+
+def test_resumed_run_ends_where_an_uninterrupted_one_does(tiny_dir, data_dir, tmp_path):
+    settings = dict(checkpoint_dir=tiny_dir, data_dir=data_dir, mode="lora", lora_r=4, **{**FAST, "max_steps": 6,
+                    "save_interval": 3})
+    classify.setup(out_dir=tmp_path / "run", **settings)
+    uninterrupted = load_file(tmp_path / "run" / "final" / CLASSIFIER_WEIGHTS)
+    # what a run killed after step 4 leaves: checkpoint 3 (and rows of metrics.csv past it)
+    shutil.rmtree(tmp_path / "run" / "step-000006")
+    shutil.rmtree(tmp_path / "run" / "final")
+    classify.setup(out_dir=tmp_path / "run", resume=True, **settings)
+    resumed = load_file(tmp_path / "run" / "final" / CLASSIFIER_WEIGHTS)
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        assert torch.equal(resumed[key], uninterrupted[key]), key
+    with open(tmp_path / "run" / "metrics.csv", newline="") as fp:
+        training_rows = [int(row["step"]) for row in csv.DictReader(fp) if row["loss"]]
+    assert training_rows == [1, 2, 3, 4, 5, 6]  # the rows after checkpoint 3 were replaced, not repeated
