@@ -147,7 +147,8 @@ def merge_models(
     out_dtype = DTYPES[dtype] if dtype else SAFETENSORS_DTYPES[readers[reference_model].dtypes[plan[0].sources[0][1]]]
     tokenizer_dir = pick_tokenizer_dir(spec.get("tokenizer_source"), base_ref, reference_model, dirs, config)
 
-    print(f"{method}: {len(references)} models -> {out_config.n_layer} layers, {len(plan)} tensors, {out_dtype}")
+    n_models = f"{len(references)} model{'s' if len(references) > 1 else ''}"
+    print(f"{method}: {n_models} -> {out_config.n_layer} layers, {len(plan)} tensors, {out_dtype}")
     if dry_run:
         for tensor in plan:
             print(f"  {tensor.name} <- " + ", ".join(f"{model}:{name}" for model, name in tensor.sources))
