@@ -5,8 +5,6 @@ logits, and bad configs fail cleanly."""
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,6 @@ from model import GPT, Config
 from model.checkpoint import load_state_dict, save_sharded
 from model.utils import run_cli
 
-ROOT = Path(__file__).parent.parent
 moe_script = load_script("scripts/merge_moe.py")
 TINY = dict(name="tiny", vocab_size=49152, n_layer=2, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=48,
             block_size=256, tie_embeddings=True, rope_base=100000.0)
@@ -110,9 +107,7 @@ def test_moe_exports_to_transformers_mixtral_with_our_logits(models, tmp_path):
     out, _ = build(tmp_path, base_model=str(models["base"]), experts_per_token=1, gate_mode="cheap_embed", experts=[
         expert(models["numbers"], NUMBER_PROMPTS), expert(models["shout"], SHOUT_PROMPTS, negative=NUMBER_PROMPTS)])
     hf_dir = tmp_path / "hf"
-    result = subprocess.run([sys.executable, str(ROOT / "scripts/convert_to_hf.py"), "--checkpoint_dir", str(out),
-                             "--output_dir", str(hf_dir)], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
+    load_script("scripts/convert_to_hf.py").convert_to_hf(checkpoint_dir=out, output_dir=hf_dir)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     assert type(hf_model).__name__ == "MixtralForCausalLM"
     ours = GPT.from_checkpoint(out)
