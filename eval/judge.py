@@ -146,11 +146,14 @@ def answer_prompts(path: Path, prompts: list[dict], max_new_tokens: int, batch_s
     return answers
 
 
-def judge_texts(judge_dir: Path, texts: list[str], max_new_tokens: int, batch_size: int, **load) -> list[str]:
+def judge_texts(judge_dir: Path, texts: list[str], max_new_tokens: int, batch_size: int, prefill: str = "",
+                **load) -> list[str]:
+    """The judge's replies; `prefill` starts each reply (e.g. "[[") so that a small judge only has to choose."""
     model, checkpoint_dir, _ = load_model_run(**model_flags(judge_dir), **load)
     tokenizer, style = Tokenizer(checkpoint_dir), load_prompt_style(checkpoint_dir)
-    rendered = [style.apply(text) for text in texts]
-    return greedy_answers(model, tokenizer, rendered, max_new_tokens, batch_size, style, desc="Judging")
+    rendered = [style.apply(text) + prefill for text in texts]
+    replies = greedy_answers(model, tokenizer, rendered, max_new_tokens, batch_size, style, desc="Judging")
+    return [prefill + reply for reply in replies]
 
 
 def fill(template: str, item: dict, **answers: str) -> str:
@@ -171,6 +174,7 @@ def main(
     limit: Optional[int] = None,
     max_new_tokens: int = 128,
     judge_max_new_tokens: int = 256,
+    prefill: str = "",
     batch_size: int = 8,
     bootstrap_iters: int = 2000,
     seed: int = 1234,
@@ -190,6 +194,8 @@ def main(
         limit: Use only the first `limit` prompts.
         max_new_tokens: The longest answer the models give.
         judge_max_new_tokens: The longest judgement (explanation + verdict).
+        prefill: Text the judge's reply starts with, e.g. "[[" (pairwise) or "Rating: [[" (single): a small judge
+            then gives its verdict at once instead of an explanation that may never reach one.
         batch_size: Prompts answered or judged together.
         bootstrap_iters: Resamples for the 95% confidence intervals.
         seed: Seed of the bootstrap.
@@ -221,7 +227,7 @@ def main(
     if mode == "pairwise":
         texts = [fill(PAIRWISE_PROMPT, item, answer_a=a, answer_b=b) for item, a, b in zip(prompts, answers_a, answers_b)]
         texts += [fill(PAIRWISE_PROMPT, item, answer_a=b, answer_b=a) for item, a, b in zip(prompts, answers_a, answers_b)]
-        judgements = judge_texts(judge_dir, texts, judge_max_new_tokens, batch_size, **load)
+        judgements = judge_texts(judge_dir, texts, judge_max_new_tokens, batch_size, prefill, **load)
         n = len(prompts)
         outcomes = []
         for i, record in enumerate(records):
@@ -232,8 +238,9 @@ def main(
             outcomes.append(outcome)
         decided = [o for o in outcomes if o is not None]
         if not decided:
-            raise ValueError(f"The judge gave no verdict that could be read for any of the {n} prompts (see the"
-                             " judgements with --limit 2); use a larger or instruction-tuned judge")
+            raise ValueError(f"The judge gave no verdict that could be read for any of the {n} prompts (its first"
+                             f" reply: {judgements[0][:160]!r}); use a larger or instruction-tuned judge, or"
+                             " --prefill '[['")
         scores = [1.0 if o == "B" else 0.5 if o == "tie" else 0.0 for o in decided]
         both = [(r["verdict_a_first"], r["verdict_b_first"]) for r in records
                 if r["verdict_a_first"] is not None and r["verdict_b_first"] is not None]
@@ -254,7 +261,7 @@ def main(
         graded = [("a", answers_a)] + ([("b", answers_b)] if answers_b is not None else [])
         texts = [fill(SINGLE_PROMPT, item, answer=answer) for _, answers in graded for item, answer in
                  zip(prompts, answers)]
-        judgements = judge_texts(judge_dir, texts, judge_max_new_tokens, batch_size, **load)
+        judgements = judge_texts(judge_dir, texts, judge_max_new_tokens, batch_size, prefill, **load)
         lines = []
         for k, (name, _) in enumerate(graded):
             ratings = [parse_rating(j) for j in judgements[k * len(prompts):(k + 1) * len(prompts)]]
@@ -262,8 +269,9 @@ def main(
                 record[f"judgement_{name}"], record[f"score_{name}"] = judgement, rating
             read = [r for r in ratings if r is not None]
             if not read:
-                raise ValueError(f"The judge gave no readable 1-10 rating for model {name.upper()}'s answers; use a"
-                                 " larger or instruction-tuned judge")
+                raise ValueError(f"The judge gave no readable 1-10 rating for model {name.upper()}'s answers (its"
+                                 f" first reply: {judgements[k * len(prompts)][:160]!r}); use a larger or"
+                                 " instruction-tuned judge, or --prefill 'Rating: [['")
             summary[f"mean_score_{name}"] = sum(read) / len(read)
             summary[f"mean_score_{name}_ci95"] = bootstrap_interval(read, bootstrap_iters, seed)
             summary[f"scores_read_{name}"] = len(read)
