@@ -120,7 +120,7 @@ def test_precomputed_reference_gives_the_live_reference_loss(tiny_dir, data_dir,
     assert "Using the reference log-probs cached" in second and "Computing" not in second
     assert column(tmp_path / "reused", "loss") == column(tmp_path / "cached", "loss")
     # another max_seq_length cuts other tokens: another cache entry, not a stale one
-    align(tiny_dir, data, tmp_path / "shorter", precompute_ref=True, max_seq_length=40, **flags)
+    align(tiny_dir, data, tmp_path / "shorter", precompute_ref=True, max_seq_length=60, **flags)
     assert "Computing the reference log-probs" in capsys.readouterr().err
 
 
@@ -151,10 +151,12 @@ def test_full_dpo_starts_at_log2_and_writes_a_checkpoint(tiny_dir, data_dir, tmp
 
 def test_orpo_loss_is_nll_plus_beta_odds_ratio(tiny_dir, data_dir, tmp_path):
     out_dir = tmp_path / "orpo"
-    align(tiny_dir, data_dir, out_dir, loss="orpo", beta=0.5, max_steps=1, eval_iters=2)
-    batch = collate_pairs(load_pairs(data_dir / "test.pt")[:2])
+    align(tiny_dir, data_dir, out_dir, loss="orpo", beta=0.5, max_steps=1, eval_iters=1)
+    base = GPT.from_checkpoint(tiny_dir)
+    # the run cuts the pairs to the tiny model's context, as it does every sequence
+    batch = collate_pairs(load_pairs(data_dir / "test.pt")[:2], max_seq_length=base.config.block_size)
     with torch.no_grad():
-        logps, tokens = sequence_logps(GPT.from_checkpoint(tiny_dir), batch["input_ids"], batch["labels"])
+        logps, tokens = sequence_logps(base, batch["input_ids"], batch["labels"])
     nll = -logps[:2].sum() / tokens[:2].sum()
     odds_ratio = orpo_odds_ratio_loss(logps[:2] / tokens[:2], logps[2:] / tokens[2:]).mean()
     # validation runs one micro-batch of 2 pairs here, so its loss is exactly that batch's
