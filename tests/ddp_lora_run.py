@@ -25,12 +25,12 @@ flags = sys.argv[2:]
 trained_on: list[list[int]] = []
 
 
-def recording_loss(model, input_ids, labels):
+def recording_loss(model, input_ids, labels, segment_ids=None):
     if torch.is_grad_enabled():  # a training micro-batch, not validation
         for ids, targets in zip(input_ids, labels):
             # a sample ends with its answer: what follows the last label is padding
             trained_on.append(ids[: int((targets != -100).nonzero().max()) + 1].tolist())
-    return next_token_loss(model, input_ids, labels)
+    return next_token_loss(model, input_ids, labels, segment_ids)
 
 
 def recording_train(fabric, state, *args):

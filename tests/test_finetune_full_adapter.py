@@ -388,8 +388,8 @@ def test_infinite_gradient_stops_and_keeps_the_last_good_checkpoint(script, tiny
     module = load_script(f"finetune/{script}.py")
     next_token_loss, calls = module.next_token_loss, []
 
-    def breaks_at_step_3(model, input_ids, labels):
-        loss = next_token_loss(model, input_ids, labels)
+    def breaks_at_step_3(model, input_ids, labels, segment_ids=None):
+        loss = next_token_loss(model, input_ids, labels, segment_ids)
         if torch.is_grad_enabled():
             calls.append(None)
             if len(calls) == 5:  # two micro-batches a step: the first of step 3

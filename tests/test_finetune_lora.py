@@ -328,8 +328,8 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(broken, me
                                                                       monkeypatch, capsys):
     calls = []
 
-    def breaks_at_step_3(model, input_ids, labels):
-        loss = next_token_loss(model, input_ids, labels)
+    def breaks_at_step_3(model, input_ids, labels, segment_ids=None):
+        loss = next_token_loss(model, input_ids, labels, segment_ids)
         if torch.is_grad_enabled():
             calls.append(None)
             if len(calls) == 3:
