@@ -149,6 +149,14 @@ def test_full_dpo_starts_at_log2_and_writes_a_checkpoint(tiny_dir, data_dir, tmp
     assert all(changed), "every weight trains"
 
 
+def test_qlora_reference_is_the_quantized_base(tiny_dir, data_dir, tmp_path):
+    out_dir = tmp_path / "qlora"
+    align(tiny_dir, data_dir, out_dir, method="qlora", max_steps=1, learning_rate=1e-2)
+    # adapters off on the 4-bit base is exactly the starting policy: loss log 2 at step 0
+    assert column(out_dir, "val_loss")[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert yaml.safe_load((out_dir / "final" / "hparams.yaml").read_text())["quantize"] == "bnb.nf4"
+
+
 def test_orpo_loss_is_nll_plus_beta_odds_ratio(tiny_dir, data_dir, tmp_path):
     out_dir = tmp_path / "orpo"
     align(tiny_dir, data_dir, out_dir, loss="orpo", beta=0.5, max_steps=1, eval_iters=1)
