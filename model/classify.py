@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.checkpoint import atomic_save_safetensors
+from model.checkpoint import _publish, atomic_save_safetensors
 from model.gpt import GPT
 
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
@@ -316,7 +316,7 @@ def plot_confusion_matrix(matrix: list[list[int]], label_names: list[str], path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
