@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from model.checkpoint import _publish
+
 FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -192,7 +194,7 @@ def write_records(rows: Iterable[dict], path: Path | str) -> int:
                             writer.writeheader()
                         writer.writerow(row)
                         count += 1
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
