@@ -1,14 +1,14 @@
 """Prepare preference pairs (prompt, chosen, rejected) for finetune/dpo.py.
 
     python scripts/prepare_preferences.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
-    python scripts/prepare_preferences.py --checkpoint_dir ... --data_path pairs.jsonl --out_dir data/my-prefs
+    python scripts/prepare_preferences.py --checkpoint_dir ... --data_file pairs.jsonl --out_dir data/my-prefs
 
-Without `--data_path` the pairs come from the built-in task set (scripts/prepare_tasks.py, no download): the chosen
+Without `--data_file` the pairs come from the built-in task set (scripts/prepare_tasks.py, no download): the chosen
 answer is the correct one, the rejected answer a plausible wrong one made by a systematic corruption of the task
 (a word count off by one, one space left in, the last word not uppercased, ...), so the pairs teach exactly the
 difference between right and nearly right. Train and test pairs are about disjoint sentences.
 
-With `--data_path` (JSON, JSONL, CSV or Parquet; `--format auto` recognises the layout from the first row):
+With `--data_file` (JSON, JSONL, CSV or Parquet; `--format auto` recognises the layout from the first row):
 
     pairs           prompt / chosen / rejected fields (names set by --prompt_field etc.). The prompt may be text or a
                     conversation ([{"role", "content"}, ...] ending with a user turn); chosen and rejected may be text
@@ -223,8 +223,8 @@ def task_pairs(num_train: int, num_test: int, tasks: str, seed: int) -> dict[str
 
 def prepare_preferences(
     checkpoint_dir: Path,
-    data_path: Optional[Path] = None,
-    test_data_path: Optional[Path] = None,
+    data_file: Optional[Path] = None,
+    test_file: Optional[Path] = None,
     out_dir: Path = Path("data/preferences"),
     format: Literal["auto", "pairs", "hh", "ultrafeedback"] = "auto",
     prompt_field: str = "prompt",
@@ -243,18 +243,18 @@ def prepare_preferences(
 
     Args:
         checkpoint_dir: The checkpoint to align: its tokenizer and prompt style encode the pairs.
-        data_path: A JSON/JSONL/CSV/Parquet file of pairs; default: pairs made from the built-in task set.
-        test_data_path: A file of held-out pairs; default: --test_fraction of data_path's rows, chosen at random.
+        data_file: A JSON/JSONL/CSV/Parquet file of pairs; default: pairs made from the built-in task set.
+        test_file: A file of held-out pairs; default: --test_fraction of data_file's rows, chosen at random.
         out_dir: Where to write train.pt, test.pt and meta.json.
         format: The layout of the rows: pairs, hh, ultrafeedback, or auto (recognised from the first row).
         prompt_field: The prompt's field (pairs; ultrafeedback falls back to "instruction").
         chosen_field: The preferred answer's field (pairs, hh).
         rejected_field: The dispreferred answer's field (pairs, hh).
         system_field: An optional per-row system message (pairs).
-        test_fraction: The share of data_path's rows held out as test.pt when no test_data_path is given.
-        num_train: Training pairs made from the task set (without data_path).
-        num_test: Test pairs made from the task set (without data_path).
-        tasks: "all" or a comma-separated list of the task set's tasks (without data_path).
+        test_fraction: The share of data_file's rows held out as test.pt when no test_file is given.
+        num_train: Training pairs made from the task set (without data_file).
+        num_test: Test pairs made from the task set (without data_file).
+        tasks: "all" or a comma-separated list of the task set's tasks (without data_file).
         seed: Seeds the split and the task pairs; the same flags give byte-identical files.
         max_seq_length: Cut sequences to this many tokens; a pair whose prompt leaves no room for an answer is skipped.
         strict: Stop at the first row that makes no pair instead of skipping and counting it.
@@ -263,8 +263,8 @@ def prepare_preferences(
         raise ValueError(f"--max_seq_length must be at least 2, got {max_seq_length}")
     if not 0 < test_fraction < 1:
         raise ValueError(f"--test_fraction must be between 0 and 1, got {test_fraction}")
-    if data_path is None and test_data_path is not None:
-        raise ValueError("--test_data_path needs --data_path")
+    if data_file is None and test_file is not None:
+        raise ValueError("--test_file needs --data_file")
     tokenizer = Tokenizer(checkpoint_dir)
     prompt_style = load_prompt_style(checkpoint_dir)
     skipped: dict[str, list[str]] = defaultdict(list)
@@ -274,17 +274,17 @@ def prepare_preferences(
             raise ValueError(f"{where}: {reason} (--strict true; leave it false to skip and count such rows)")
         skipped[reason].append(where)
 
-    if data_path is None:
+    if data_file is None:
         source = "tasks"
         raw = task_pairs(num_train, num_test, tasks, seed)
         used_format = "tasks"
     else:
-        source = str(data_path)
-        records = read_records(data_path)
+        source = str(data_file)
+        records = read_records(data_file)
         used_format = format if format != "auto" else detect_format(records[0].row, chosen_field)
         parsed = parse_records(records, used_format, prompt_field, chosen_field, rejected_field, system_field, skip)
-        if test_data_path is not None:
-            test_records = read_records(test_data_path)
+        if test_file is not None:
+            test_records = read_records(test_file)
             raw = {"train": parsed, "test": parse_records(test_records, used_format, prompt_field, chosen_field,
                                                           rejected_field, system_field, skip)}
         else:

@@ -56,7 +56,7 @@ def test_bad_rows_are_skipped_counted_and_named(tokenizer_dir, tmp_path, capsys)
     path = tmp_path / "pairs.jsonl"
     write_records(rows, path)
     out = tmp_path / "out"
-    prepare.prepare_preferences(checkpoint_dir=tokenizer_dir, data_path=path, out_dir=out, max_seq_length=64,
+    prepare.prepare_preferences(checkpoint_dir=tokenizer_dir, data_file=path, out_dir=out, max_seq_length=64,
                                 test_fraction=0.2)
     report = capsys.readouterr().out
     meta = json.loads((out / "meta.json").read_text())
@@ -71,7 +71,7 @@ def test_bad_rows_are_skipped_counted_and_named(tokenizer_dir, tmp_path, capsys)
 
     # --strict: the first bad row is an error naming its line; nothing is written
     with pytest.raises(SystemExit):
-        run_cli(prepare.prepare_preferences, ["--checkpoint_dir", str(tokenizer_dir), "--data_path", str(path),
+        run_cli(prepare.prepare_preferences, ["--checkpoint_dir", str(tokenizer_dir), "--data_file", str(path),
                                               "--out_dir", str(tmp_path / "strict"), "--strict", "true"])
     error = capsys.readouterr().err
     assert f"error: {path} line 3: missing field 'rejected'" in error
@@ -80,10 +80,10 @@ def test_bad_rows_are_skipped_counted_and_named(tokenizer_dir, tmp_path, capsys)
     # nothing usable at all: an error that lists why
     write_records([{"question": "q", "good": "a", "bad": "b"}] * 3, tmp_path / "renamed.csv")
     with pytest.raises(ValueError, match=r"No train pairs left .* missing field 'chosen'.*: 3"):
-        prepare.prepare_preferences(checkpoint_dir=tokenizer_dir, data_path=tmp_path / "renamed.csv",
+        prepare.prepare_preferences(checkpoint_dir=tokenizer_dir, data_file=tmp_path / "renamed.csv",
                                     out_dir=tmp_path / "none")
     # ... which the field flags fix
-    prepare.prepare_preferences(checkpoint_dir=tokenizer_dir, data_path=tmp_path / "renamed.csv",
+    prepare.prepare_preferences(checkpoint_dir=tokenizer_dir, data_file=tmp_path / "renamed.csv",
                                 out_dir=tmp_path / "mapped", prompt_field="question", chosen_field="good",
                                 rejected_field="bad", test_fraction=0.34)
     assert load_pairs(tmp_path / "mapped" / "train.pt")[0]["chosen"] == "a"
@@ -98,7 +98,7 @@ def test_hh_rlhf_transcripts(tokenizer_dir, tmp_path):
     ]
     write_records(rows, tmp_path / "hh.jsonl")
     out = tmp_path / "out"
-    prepare.prepare_preferences(checkpoint_dir=tokenizer_dir, data_path=tmp_path / "hh.jsonl", out_dir=out,
+    prepare.prepare_preferences(checkpoint_dir=tokenizer_dir, data_file=tmp_path / "hh.jsonl", out_dir=out,
                                 test_fraction=0.5)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["format"] == "hh"
@@ -121,7 +121,7 @@ def test_ultrafeedback_best_vs_worst_and_conversational_pairs(tokenizer_dir, tmp
     ]
     write_records(rows, tmp_path / "uf.json")
     out = tmp_path / "uf"
-    prepare.prepare_preferences(checkpoint_dir=tokenizer_dir, data_path=tmp_path / "uf.json", out_dir=out,
+    prepare.prepare_preferences(checkpoint_dir=tokenizer_dir, data_file=tmp_path / "uf.json", out_dir=out,
                                 test_fraction=0.5)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["format"] == "ultrafeedback"
@@ -134,7 +134,7 @@ def test_ultrafeedback_best_vs_worst_and_conversational_pairs(tokenizer_dir, tmp
     rows = [{"chosen": conversation + [{"role": "assistant", "content": "Paris"}],
              "rejected": conversation + [{"role": "assistant", "content": "Lyon"}]}] * 2
     write_records(rows, tmp_path / "binarized.parquet")
-    prepare.prepare_preferences(checkpoint_dir=tokenizer_dir, data_path=tmp_path / "binarized.parquet",
+    prepare.prepare_preferences(checkpoint_dir=tokenizer_dir, data_file=tmp_path / "binarized.parquet",
                                 out_dir=tmp_path / "bin", test_fraction=0.5)
     pair = load_pairs(tmp_path / "bin" / "train.pt")[0]
     assert (pair["chosen"], pair["rejected"]) == ("Paris", "Lyon") and "Capital of France?" in pair["prompt"]
