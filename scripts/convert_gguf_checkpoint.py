@@ -25,12 +25,11 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, TokenType
 from gguf.quants import dequantize
-from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 from tqdm import tqdm
 
-from model.checkpoint import convert_hf_checkpoint
+from model.checkpoint import atomic_save_safetensors, convert_hf_checkpoint
 from model.prompts import PromptStyle, load_prompt_style, save_prompt_style
 from model.utils import run_cli
 
@@ -408,7 +407,7 @@ def write_weights(reader: GGUFReader, out_dir: Path, config: dict, dtype: torch.
             state_dict[name] = torch.from_numpy(dequantized(tensor, config)).to(dtype)
             weight_map[name] = file_name
             progress.update()
-        save_file(state_dict, out_dir / file_name, metadata={"format": "pt"})
+        atomic_save_safetensors(state_dict, out_dir / file_name, metadata={"format": "pt"})
     progress.close()
     if len(shards) > 1:
         total_size = sum(int(tensor.n_elements) * element_size for tensor in tensors)

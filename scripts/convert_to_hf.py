@@ -11,13 +11,14 @@ classifier instead, as the matching *ForSequenceClassification (LlamaForSequence
 """
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Literal, Optional
 
 
-from model.checkpoint import DTYPES, atomic_write_text, hf_config_dict, lit_to_hf, load_state_dict
+from model.checkpoint import DTYPES, atomic_save_safetensors, atomic_write_text, hf_config_dict, lit_to_hf, load_state_dict
 from model.config import Config
 from model.utils import run_cli
 
@@ -40,8 +41,6 @@ def convert_to_hf(
         classifier_dir: Export this classifier (a finetune/classify.py run's final/ or step-*/ directory, built on
             checkpoint_dir) as a transformers *ForSequenceClassification model instead of the causal LM.
     """
-    from safetensors.torch import save_file
-
     config = Config.from_checkpoint(checkpoint_dir)
     if classifier_dir is not None:
         from model.classify import classifier_to_hf, load_classifier
@@ -68,8 +67,11 @@ def convert_to_hf(
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     # build the folder beside its destination and move it into place at the end: never a half-written export
     tmp_dir = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp's directory is private; the output is an ordinary folder
     try:
-        save_file(hf_state_dict, tmp_dir / "model.safetensors", metadata={"format": "pt"})
+        atomic_save_safetensors(hf_state_dict, tmp_dir / "model.safetensors", metadata={"format": "pt"})
         atomic_write_text(tmp_dir / "config.json", json.dumps(hf_config, indent=2))
         for name in TOKENIZER_FILES:
             if (Path(checkpoint_dir) / name).is_file():

@@ -21,6 +21,7 @@ parameters that PEFT adapts without DoRA or dropout). Merge those with the base 
 """
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from model.checkpoint import WeightMap, weight_maps
+from model.checkpoint import WeightMap, atomic_save_safetensors, weight_maps
 from model.config import Config
 from model.gpt import GPT
 from model.lora import LoRALinear, inject_lora, load_lora_run, load_lora_state_dict
@@ -47,8 +48,6 @@ def export_peft(
         base_model_name_or_path: Recorded in adapter_config.json for `AutoPeftModelForCausalLM`; by default the
             checkpoint's Hugging Face repo, or the checkpoint directory.
     """
-    from safetensors.torch import save_file
-
     config = Config.from_checkpoint(checkpoint_dir)
     lora_config, lora_weights = load_lora_run(lora_dir)
     if lora_config.router:
@@ -104,8 +103,11 @@ def export_peft(
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     # build the folder beside its destination and move it into place at the end: never a half-written export
     tmp_dir = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp's directory is private; the output is an ordinary folder
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_dir / "adapter_model.safetensors",
+        atomic_save_safetensors(tensors, tmp_dir / "adapter_model.safetensors",
                   metadata={"format": "pt"})
         (tmp_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
         if output_dir.exists():
