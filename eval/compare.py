@@ -25,7 +25,7 @@ import perplexity  # noqa: E402
 import tasks  # noqa: E402
 from scoring import model_flags, write_result  # noqa: E402
 
-from model.checkpoint import atomic_write_text  # noqa: E402
+from model.checkpoint import atomic_save_figure, atomic_write_text  # noqa: E402
 from model.data import load_dataset  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
 from model.utils import load_model_run, run_cli  # noqa: E402
@@ -79,10 +79,7 @@ def plot(rows: dict[str, dict[str, float]], columns: list[str], path: Path) -> N
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
         ax.margins(y=0.15)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic_save_figure(fig, path, dpi=120)
 
 
 def main(

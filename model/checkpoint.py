@@ -7,6 +7,7 @@ beside the HF files it came from.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -67,6 +68,42 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path | str, 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_torch_save(obj, path: Path | str) -> None:
+    """`torch.save` through a temporary file and a rename (for tensors and lists of them: load with
+    `weights_only=True`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # torch.save names the archive's root folder after the file it writes to; through a buffer it is always
+    # "archive", so the same object gives the same bytes whatever the temporary file is called.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(buffer.getbuffer())
+        _publish(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_figure(fig, path: Path | str, dpi: int = 110) -> None:
+    """Save a matplotlib figure as a PNG through a temporary file and a rename, then close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        _publish(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------- our weights

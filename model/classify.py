@@ -35,9 +35,8 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from model.checkpoint import _publish, atomic_save_safetensors
+from model.checkpoint import atomic_save_figure, atomic_save_safetensors
 from model.gpt import GPT
 
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
@@ -286,9 +285,6 @@ def classification_metrics(labels: list[int] | torch.Tensor, predictions: list[i
 
 def plot_confusion_matrix(matrix: list[list[int]], label_names: list[str], path: Path | str, title: str) -> None:
     """The confusion matrix as a PNG (counts and row percentages), written atomically."""
-    import os
-    import tempfile
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -311,17 +307,7 @@ def plot_confusion_matrix(matrix: list[list[int]], label_names: list[str], path:
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true class")
     fig.tight_layout()
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        _publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    finally:
-        plt.close(fig)
+    atomic_save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------- export

@@ -17,6 +17,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from model.checkpoint import atomic_save_figure
 from model.records import Record, RecordError, field
 
 FORMATS = ("auto", "instruction", "messages", "sharegpt")
@@ -477,7 +478,7 @@ def save_histogram(path, series: dict[str, Sequence[float]], title: str, xlabel:
     ax.set_ylabel("rows")
     ax.legend()
     fig.tight_layout()
-    _save(fig, path)
+    atomic_save_figure(fig, path)
 
 
 def save_topic_map(path, topics: TopicMap, title: str) -> None:
@@ -503,29 +504,7 @@ def save_topic_map(path, topics: TopicMap, title: str) -> None:
     ax.set_yticks([])
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=2)
     fig.tight_layout()
-    _save(fig, path)
-
-
-def _save(fig, path) -> None:
-    import os
-    import tempfile
-    from pathlib import Path
-
-    import matplotlib.pyplot as plt
-
-    from model.checkpoint import _publish
-
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        _publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    finally:
-        plt.close(fig)
+    atomic_save_figure(fig, path)
 
 
 def percentile_summary(values: Iterable[float]) -> str:

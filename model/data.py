@@ -23,16 +23,13 @@ data prepared again; `load_dataset(path, vocab_size=...)` catches the common cas
 from __future__ import annotations
 
 import bisect
-import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch.utils.data import Dataset
 
-from model.checkpoint import _publish
+from model.checkpoint import atomic_torch_save
 from model.prompts import Message, PromptStyle
 from model.tokenizer import Tokenizer
 
@@ -101,19 +98,7 @@ def encode_example(
 
 def save_dataset(samples: list[dict], path: Path | str) -> None:
     """`torch.save` the samples through a temporary file and a rename: a killed run leaves no half-written file."""
-    path = Path(path)
-    # torch.save names the archive's root folder after the file it writes to; through a buffer it is always
-    # "archive", so the same samples give the same bytes whatever the temporary file is called.
-    buffer = io.BytesIO()
-    torch.save(samples, buffer)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(buffer.getbuffer())
-        _publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_torch_save(samples, path)
 
 
 def load_dataset(path: Path | str, vocab_size: int | None = None) -> list[dict]:

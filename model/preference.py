@@ -30,17 +30,14 @@ later run with the same inputs reuses it without loading a reference at all.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from model.checkpoint import _publish
+from model.checkpoint import atomic_torch_save
 from model.data import IGNORE_INDEX
 
 LOSSES = ("sigmoid", "ipo", "hinge", "robust", "orpo")
@@ -190,21 +187,7 @@ def encode_pair(tokenizer, prompt_style, prompt, chosen: str, rejected: str, sys
 
 def save_pairs(samples: list[dict], path: Path | str) -> None:
     """`torch.save` through a temporary file and a rename (same bytes for the same samples)."""
-    _atomic_torch_save(samples, Path(path))
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(buffer.getbuffer())
-        _publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_torch_save(samples, Path(path))
 
 
 def load_pairs(path: Path | str, vocab_size: Optional[int] = None) -> list[dict]:
@@ -320,7 +303,7 @@ def reference_cache_path(data_file: Path, key: dict) -> Path:
 
 
 def save_reference(path: Path, chosen: torch.Tensor, rejected: torch.Tensor, key: dict) -> None:
-    _atomic_torch_save({"chosen": chosen.float().cpu(), "rejected": rejected.float().cpu(), "key": key}, Path(path))
+    atomic_torch_save({"chosen": chosen.float().cpu(), "rejected": rejected.float().cpu(), "key": key}, Path(path))
     _atomic_json(Path(path).with_suffix(".json"), key)
 
 

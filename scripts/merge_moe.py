@@ -38,7 +38,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from model.checkpoint import DTYPES, atomic_write_text, hf_config_dict, save_sharded
+from model.checkpoint import DTYPES, atomic_save_figure, atomic_write_text, hf_config_dict, save_sharded
 from model.config import Config
 from model.gpt import GPT
 from model.merge import (
@@ -351,10 +351,7 @@ def plot_routing(diagnostic: dict, names: list[str], path: Path) -> None:
     ax.set_title("prompts routed to their own expert")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic_save_figure(fig, path, dpi=100)
 
 
 if __name__ == "__main__":
