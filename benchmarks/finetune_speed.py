@@ -35,7 +35,7 @@ def make_batches(data: str, data_dir: Path, count: int, micro_batch_size: int, s
     if data == "random":
         ids = torch.randint(0, 49152, (count, micro_batch_size, seq_len), generator=torch.Generator().manual_seed(0))
         return [(batch, batch.clone()) for batch in ids]
-    from model.data import load_dataset
+    from model.data.sft import load_dataset
 
     samples = load_dataset(data_dir / "train.pt")
     input_ids = torch.cat([s["input_ids"] for s in samples])
@@ -49,7 +49,7 @@ def make_batches(data: str, data_dir: Path, count: int, micro_batch_size: int, s
 
 def run_engine(engine: str, checkpoint_dir: Path, micro_batch_size: int, seq_len: int, steps: int, warmup: int,
                dtype: str, device: str, data: str, data_dir: Path) -> dict:
-    from model.utils import peak_memory_gb, resolve_device
+    from model.device import peak_memory_gb, resolve_device
 
     device_ = resolve_device(device)
     torch.manual_seed(0)

@@ -23,9 +23,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def run_engine(engine: str, checkpoint_dir: Path, prompt: str, max_new_tokens: int, dtype: str, repeats: int,
                device: str) -> dict:
+    from model.device import peak_memory_gb, resolve_device
     from model.prompts import load_prompt_style
     from model.tokenizer import Tokenizer
-    from model.utils import peak_memory_gb, resolve_device
 
     device_ = resolve_device(device)
     prompt_ids = Tokenizer(checkpoint_dir).encode(load_prompt_style(checkpoint_dir).apply(prompt)).to(device_)

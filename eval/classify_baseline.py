@@ -11,9 +11,10 @@ import json
 import time
 from pathlib import Path
 
-from model.checkpoint import atomic_write_text
-from model.classify import classification_metrics, load_classification_data, plot_confusion_matrix
-from model.utils import run_cli
+from model.cli import run_cli
+from model.data.classification import load_classification_data
+from model.files import atomic_write_text
+from model.workflows.classify import classification_metrics, plot_confusion_matrix
 
 
 def tfidf_baseline(

@@ -25,10 +25,11 @@ import perplexity  # noqa: E402
 import tasks  # noqa: E402
 from scoring import model_flags, write_result  # noqa: E402
 
-from model.checkpoint import atomic_save_figure, atomic_write_text  # noqa: E402
-from model.data import load_dataset  # noqa: E402
+from model.cli import run_cli
+from model.data.sft import load_dataset
+from model.files import atomic_save_figure, atomic_write_text
 from model.tokenizer import Tokenizer  # noqa: E402
-from model.utils import load_model_run, run_cli  # noqa: E402
+from model.weights.load import load_model_run
 
 METRICS = ("exact_match", "perplexity", "multiple_choice", "lm_eval")
 LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")

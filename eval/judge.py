@@ -25,10 +25,11 @@ from typing import Literal, Optional
 sys.path.insert(0, str(Path(__file__).parent))
 from scoring import greedy_answers, model_flags, write_result  # noqa: E402
 
-from model.judge import parse_score  # noqa: E402
+from model.cli import run_cli
 from model.prompts import load_prompt_style  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
-from model.utils import load_model_run, run_cli  # noqa: E402
+from model.weights.load import load_model_run
+from model.workflows.judge import parse_score
 
 # MT-Bench's judge prompts (Zheng et al. 2023, "Judging LLM-as-a-Judge"), with the reference answer optional
 PAIRWISE_PROMPT = (

@@ -21,14 +21,14 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
+from lm_eval.api.model import TemplateLM  # noqa: E402
 from scoring import continuation_logprobs, default_out_dir, prefix_token, rolling_windows, write_result  # noqa: E402
 
-from lm_eval.api.model import TemplateLM  # noqa: E402
-
+from model.cli import run_cli
 from model.generate import generate_batch  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
-from model.utils import load_model_run, run_cli  # noqa: E402
+from model.weights.load import load_model_run
 
 SHIPPED_TASKS = Path(__file__).parent / "lm_eval_tasks"
 # the metric that heads a task's line, in this order of preference

@@ -22,8 +22,9 @@ from typing import Literal, Optional
 sys.path.insert(0, str(Path(__file__).parent))
 from scoring import continuation_logprobs, default_out_dir, encode_pair, write_result  # noqa: E402
 
+from model.cli import run_cli
 from model.tokenizer import Tokenizer  # noqa: E402
-from model.utils import load_model_run, run_cli  # noqa: E402
+from model.weights.load import load_model_run
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 

@@ -21,9 +21,10 @@ from typing import Literal, Optional
 sys.path.insert(0, str(Path(__file__).parent))
 from scoring import continuation_logprobs, default_out_dir, prefix_token, rolling_windows, write_result  # noqa: E402
 
-from model.data import IGNORE_INDEX, load_dataset  # noqa: E402
+from model.cli import run_cli
+from model.data.sft import IGNORE_INDEX, load_dataset
 from model.tokenizer import Tokenizer  # noqa: E402
-from model.utils import load_model_run, run_cli  # noqa: E402
+from model.weights.load import load_model_run
 
 
 def read_documents(path: Path, text_key: str = "text") -> list[str]:

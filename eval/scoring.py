@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from model.checkpoint import atomic_write_text
+from model.files import atomic_write_text
 from model.generate import generate_batch
 from model.gpt import GPT
 from model.prompts import PromptStyle

@@ -18,9 +18,10 @@ from typing import Literal, Optional
 sys.path.insert(0, str(Path(__file__).parent))
 from scoring import default_out_dir, greedy_answers, write_result  # noqa: E402
 
-from model.data import load_dataset  # noqa: E402
+from model.cli import run_cli
+from model.data.sft import load_dataset
 from model.tokenizer import Tokenizer  # noqa: E402
-from model.utils import load_model_run, run_cli  # noqa: E402
+from model.weights.load import load_model_run
 
 
 def exact_match_of(model, tokenizer: Tokenizer, samples: list[dict], max_new_tokens: int = 64,

@@ -20,22 +20,39 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from model.adapter import (
+    ADAPTER_WEIGHTS,
+    AdapterConfig,
+    adapter_state_dict,
+    inject_adapter,
+    mark_only_adapter_as_trainable,
+)
+from model.cli import run_cli
 from model.config import Config
-from model.data import get_collate_fn, get_packed_collate_fn, load_dataset, pack_samples
+from model.data.sft import get_collate_fn, get_packed_collate_fn, load_dataset, pack_samples
+from model.device import peak_memory_gb
+from model.files import atomic_save_safetensors
 from model.generate import generate
 from model.gpt import GPT
-from model.adapter import (
-    ADAPTER_WEIGHTS, AdapterConfig, adapter_state_dict, inject_adapter, mark_only_adapter_as_trainable,
-)
 from model.lora import count_parameters
-from model.checkpoint import atomic_save_safetensors, load_state_dict
 from model.quantize import quantize_model, validate_quantize
 from model.tokenizer import Tokenizer
-from model.training import (
-    MetricsLogger, Throughput, epoch_batches, gradient_accumulation_iters, load_training_state, print_rank0,
-    resolve_resume, rng_state, save_hparams, save_training_state, set_rng_state, warmup_cosine, with_answers,
+from model.training.run import (
+    MetricsLogger,
+    Throughput,
+    epoch_batches,
+    gradient_accumulation_iters,
+    load_training_state,
+    print_rank0,
+    resolve_resume,
+    rng_state,
+    save_hparams,
+    save_training_state,
+    set_rng_state,
+    warmup_cosine,
+    with_answers,
 )
-from model.utils import peak_memory_gb, run_cli
+from model.weights.checkpoint import load_state_dict
 
 
 def setup(

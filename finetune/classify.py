@@ -25,20 +25,37 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from model.classify import (
-    Classifier, classification_metrics, collate, load_classification_data, mark_trainable, plot_confusion_matrix,
-    predict, save_classifier,
-)
-from model.checkpoint import atomic_write_text, lit_weight_files, load_state_dict
+from model.cli import run_cli
 from model.config import Config
-from model.data import save_dataset
+from model.data.classification import collate, load_classification_data
+from model.data.sft import save_dataset
+from model.device import peak_memory_gb
+from model.files import atomic_write_text
 from model.gpt import GPT
 from model.lora import LoRAConfig, count_parameters, inject_lora
-from model.training import (
-    MetricsLogger, Throughput, epoch_batches, gradient_accumulation_iters, load_training_state, print_rank0,
-    resolve_resume, rng_state, save_hparams, save_training_state, set_rng_state, warmup_cosine,
+from model.training.run import (
+    MetricsLogger,
+    Throughput,
+    epoch_batches,
+    gradient_accumulation_iters,
+    load_training_state,
+    print_rank0,
+    resolve_resume,
+    rng_state,
+    save_hparams,
+    save_training_state,
+    set_rng_state,
+    warmup_cosine,
 )
-from model.utils import peak_memory_gb, run_cli
+from model.weights.checkpoint import lit_weight_files, load_state_dict
+from model.workflows.classify import (
+    Classifier,
+    classification_metrics,
+    mark_trainable,
+    plot_confusion_matrix,
+    predict,
+    save_classifier,
+)
 
 # AdamW learning rate of the GPT's trainable weights per mode: the more of a pretrained model trains, the gentler
 DEFAULT_LEARNING_RATES = {"last_layers": 1e-4, "full": 2e-5, "lora": 5e-4}

@@ -38,22 +38,47 @@ from typing import Literal, Optional, Union
 import lightning as L
 import torch
 
-from model.checkpoint import atomic_save_safetensors, load_state_dict, save_sharded
+from model.cli import run_cli
 from model.config import Config
+from model.data.preference import collate_pairs, load_pairs, pair_lengths, with_answers
+from model.device import peak_memory_gb
+from model.files import atomic_save_safetensors
 from model.gpt import GPT
 from model.lora import (
-    LORA_WEIGHTS, LoRAConfig, count_parameters, inject_lora, lora_disabled, lora_state_dict, mark_only_lora_as_trainable,
-)
-from model.preference import (
-    collate_pairs, compute_reference, load_pairs, load_reference, pair_lengths, preference_losses,
-    reference_cache_path, reference_key, save_reference, sequence_logps, with_answers,
+    LORA_WEIGHTS,
+    LoRAConfig,
+    count_parameters,
+    inject_lora,
+    lora_disabled,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
 )
 from model.quantize import quantize_model, validate_quantize
-from model.training import (
-    MetricsLogger, Throughput, epoch_batches, gradient_accumulation_iters, load_training_state, print_rank0,
-    resolve_resume, rng_state, save_hparams, save_training_state, set_rng_state, step_dir, warmup_cosine,
+from model.training.preference import (
+    compute_reference,
+    load_reference,
+    preference_losses,
+    reference_cache_path,
+    reference_key,
+    save_reference,
+    sequence_logps,
 )
-from model.utils import peak_memory_gb, run_cli
+from model.training.run import (
+    MetricsLogger,
+    Throughput,
+    epoch_batches,
+    gradient_accumulation_iters,
+    load_training_state,
+    print_rank0,
+    resolve_resume,
+    rng_state,
+    save_hparams,
+    save_training_state,
+    set_rng_state,
+    step_dir,
+    warmup_cosine,
+)
+from model.weights.checkpoint import load_state_dict, save_sharded
 
 # what a full run's final/ takes from the base checkpoint besides the weights and config (as finetune/full.py)
 COPIED_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",

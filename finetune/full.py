@@ -22,19 +22,31 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from model.cli import run_cli
 from model.config import Config
-from model.data import get_collate_fn, get_packed_collate_fn, load_dataset, pack_samples
+from model.data.sft import get_collate_fn, get_packed_collate_fn, load_dataset, pack_samples
+from model.device import peak_memory_gb
 from model.generate import generate
 from model.gpt import GPT
 from model.lora import count_parameters
-from model.checkpoint import load_state_dict, save_sharded
 from model.tokenizer import Tokenizer
-from model.training import (
-    MetricsLogger, Throughput, epoch_batches, gradient_accumulation_iters, load_training_state, print_rank0,
-    resolve_resume, rng_state, save_hparams, save_training_state, set_rng_state, step_dir, warmup_cosine,
+from model.training.run import (
+    MetricsLogger,
+    Throughput,
+    epoch_batches,
+    gradient_accumulation_iters,
+    load_training_state,
+    print_rank0,
+    resolve_resume,
+    rng_state,
+    save_hparams,
+    save_training_state,
+    set_rng_state,
+    step_dir,
+    warmup_cosine,
     with_answers,
 )
-from model.utils import peak_memory_gb, run_cli
+from model.weights.checkpoint import load_state_dict, save_sharded
 
 # what final/ takes from the base checkpoint besides the weights and config, so that it is a checkpoint directory
 COPIED_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",

@@ -15,11 +15,11 @@ from typing import Literal, Optional
 sys.path.insert(0, str(Path(__file__).parent))
 from base import check_sampling_flags, generate_and_print  # noqa: E402
 
-from model.adapter import ADAPTER_WEIGHTS, inject_adapter, load_adapter_run, load_adapter_state_dict  # noqa: E402
+from model.adapter import ADAPTER_WEIGHTS, inject_adapter, load_adapter_state_dict
+from model.cli import run_cli
 from model.prompts import PromptStyle, load_prompt_style  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
-from model.training import load_hparams, run_output_dir  # noqa: E402
-from model.utils import load_model, run_cli  # noqa: E402
+from model.weights.load import load_adapter_run, load_hparams, load_model, run_output_dir
 
 
 def main(

@@ -14,11 +14,13 @@ from typing import Iterator, Literal, Optional
 
 import torch
 
+from model.cli import run_cli
+from model.device import peak_memory_gb
 from model.generate import generate, until_stop
 from model.prompts import PromptStyle, load_prompt_style
 from model.quantize import QUANTIZE_MODES
 from model.tokenizer import Tokenizer
-from model.utils import load_model, peak_memory_gb, run_cli
+from model.weights.load import load_model
 
 
 def stop_ids_and_strings(tokenizer: Tokenizer, style: PromptStyle) -> tuple[set[int], list[str]]:

@@ -16,9 +16,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from base import stop_ids_and_strings, stream_reply  # noqa: E402
 
+from model.cli import run_cli
 from model.prompts import PromptStyle, load_prompt_style  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
-from model.utils import load_model, run_cli  # noqa: E402
+from model.weights.load import load_model
 
 
 def chat(

@@ -13,10 +13,11 @@ from typing import Optional
 
 import torch
 
-from model.classify import classification_metrics, load_classifier, predict
-from model.records import RecordError, field, read_records, write_records
+from model.cli import run_cli
+from model.data.records import RecordError, field, read_records, write_records
+from model.device import precision_to_dtype, resolve_device
 from model.tokenizer import Tokenizer
-from model.utils import precision_to_dtype, resolve_device, run_cli
+from model.workflows.classify import classification_metrics, load_classifier, predict
 
 
 def classify(

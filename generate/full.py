@@ -13,7 +13,7 @@ from typing import Literal, Optional
 sys.path.insert(0, str(Path(__file__).parent))
 from base import main as generate_from_checkpoint  # noqa: E402
 
-from model.utils import run_cli  # noqa: E402
+from model.cli import run_cli
 
 
 def main(

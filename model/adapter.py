@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -35,7 +34,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.gpt import GPT, CausalSelfAttention, RMSNorm
-from model.training import load_run
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 HPARAMS = "hparams.yaml"
@@ -227,8 +225,7 @@ def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor
             expected[key].copy_(tensor)
 
 
-def load_adapter_run(run_dir: Path | str) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
-    """The AdapterConfig and adapter weights that an adapter run saved in `run_dir` (hparams.yaml and
-    adapter.safetensors)."""
-    hparams, state_dict = load_run(run_dir, ADAPTER_WEIGHTS, "finetune/adapter.py (or adapter_v2.py)")
-    return AdapterConfig.from_hparams(hparams, source=str(Path(run_dir) / HPARAMS)), state_dict
+def attach_adapter(model: nn.Module, hparams: dict, weights: dict[str, torch.Tensor]) -> None:
+    """Add the adapter a run's hparams describe to `model` and load the run's weights into it."""
+    inject_adapter(model, AdapterConfig.from_hparams(hparams))
+    load_adapter_state_dict(model, weights)

@@ -118,7 +118,7 @@ class Config:
         return cls.from_file(Path(checkpoint_dir) / "model_config.yaml", **overrides)
 
     def save(self, checkpoint_dir: Path | str) -> None:
-        from model.checkpoint import atomic_write_text
+        from model.files import atomic_write_text
 
         atomic_write_text(Path(checkpoint_dir) / "model_config.yaml", yaml.safe_dump(asdict(self), sort_keys=False))
 

@@ -50,7 +50,7 @@ class GPT(nn.Module):
         The weights are memory-mapped and assigned, so loading never holds two copies of the model. `dtype=None`
         keeps the dtype the weights were saved in.
         """
-        from model.checkpoint import load_state_dict
+        from model.weights.checkpoint import load_state_dict
 
         checkpoint_dir = Path(checkpoint_dir)
         config = config or Config.from_checkpoint(checkpoint_dir)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 from typing import Optional
 
 import bitsandbytes as bnb
@@ -32,7 +31,6 @@ import torch.nn.functional as F
 
 from model.gpt import GPT
 from model.quantize import dequantize_linear
-from model.training import load_run
 
 LORA_WEIGHTS = "lora.safetensors"
 HPARAMS = "hparams.yaml"
@@ -343,10 +341,10 @@ def load_routers(model: nn.Module, routers: dict[str, torch.Tensor]) -> None:
             params[key].copy_(tensor)
 
 
-def load_lora_run(run_dir: Path | str) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
-    """The LoRAConfig and adapter weights that a LoRA run saved in `run_dir` (hparams.yaml + lora.safetensors)."""
-    hparams, state_dict = load_run(run_dir, LORA_WEIGHTS, "finetune/lora.py")
-    return LoRAConfig.from_hparams(hparams, source=str(Path(run_dir) / HPARAMS)), state_dict
+def attach_lora(model: nn.Module, hparams: dict, weights: dict[str, torch.Tensor]) -> None:
+    """Wrap `model` with the LoRA layers a run's hparams describe and load the run's adapter weights into them."""
+    inject_lora(model, LoRAConfig.from_hparams(hparams))
+    load_lora_state_dict(model, weights)
 
 
 def merge_lora(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from model.checkpoint import atomic_write_text
+from model.files import atomic_write_text
 
 PROMPT_STYLE_FILE = "prompt_style.yaml"
 ROLES = ("system", "user", "assistant")

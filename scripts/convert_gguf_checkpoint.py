@@ -29,9 +29,10 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as HFTokenizer
 from tqdm import tqdm
 
-from model.checkpoint import atomic_save_safetensors, convert_hf_checkpoint
+from model.cli import run_cli
+from model.files import atomic_save_safetensors
 from model.prompts import PromptStyle, load_prompt_style, save_prompt_style
-from model.utils import run_cli
+from model.weights.convert import convert_hf_checkpoint
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

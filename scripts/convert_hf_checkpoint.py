@@ -9,9 +9,9 @@ model_config.yaml, lit_model.safetensors and prompt_style.yaml beside them.
 from pathlib import Path
 from typing import Literal, Optional
 
-from model.checkpoint import convert_hf_checkpoint as convert
+from model.cli import run_cli
 from model.prompts import PromptStyle, has_prompt_style, load_prompt_style, save_prompt_style
-from model.utils import run_cli
+from model.weights.convert import convert_hf_checkpoint as convert
 
 
 def convert_hf_checkpoint(

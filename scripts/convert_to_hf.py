@@ -17,10 +17,12 @@ import tempfile
 from pathlib import Path
 from typing import Literal, Optional
 
-
-from model.checkpoint import DTYPES, atomic_save_safetensors, atomic_write_text, hf_config_dict, lit_to_hf, load_state_dict
+from model.cli import run_cli
 from model.config import Config
-from model.utils import run_cli
+from model.device import DTYPES
+from model.files import atomic_save_safetensors, atomic_write_text
+from model.weights.checkpoint import load_state_dict
+from model.weights.convert import hf_config_dict, lit_to_hf
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
@@ -43,8 +45,8 @@ def convert_to_hf(
     """
     config = Config.from_checkpoint(checkpoint_dir)
     if classifier_dir is not None:
-        from model.classify import classifier_to_hf, load_classifier
         from model.tokenizer import Tokenizer
+        from model.workflows.classify import classifier_to_hf, load_classifier
 
         classifier, hparams = load_classifier(classifier_dir, checkpoint_dir=checkpoint_dir)
         tokenizer = Tokenizer(checkpoint_dir)

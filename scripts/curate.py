@@ -37,14 +37,25 @@ from typing import Literal, Optional
 import numpy as np
 from tqdm import tqdm
 
-from model.checkpoint import atomic_write_text
-from model.curate import (
-    ExactDedup, FieldMap, FuzzyDedup, Rules, detect_format, model_embeddings, percentile_summary,
-    response_perplexities, save_histogram, save_topic_map, tfidf_embeddings, to_sample, topic_map,
+from model.cli import run_cli
+from model.data.curate import (
+    ExactDedup,
+    FieldMap,
+    FuzzyDedup,
+    Rules,
+    detect_format,
+    model_embeddings,
+    percentile_summary,
+    response_perplexities,
+    save_histogram,
+    save_topic_map,
+    tfidf_embeddings,
+    to_sample,
+    topic_map,
 )
-from model.judge import Judge, ScoreCache, pair_key, score_pairs
-from model.records import Record, RecordError, data_format, iter_records, write_records
-from model.utils import run_cli
+from model.data.records import Record, RecordError, data_format, iter_records, write_records
+from model.files import atomic_write_text
+from model.workflows.judge import Judge, ScoreCache, pair_key, score_pairs
 
 STAGES = ("rules", "exact_dedup", "fuzzy_dedup", "perplexity", "judge")
 STREAMING = ("rules", "exact_dedup", "fuzzy_dedup")
@@ -227,7 +238,7 @@ def curate(
         def load(checkpoint_dir: Path):
             from model.prompts import load_prompt_style
             from model.tokenizer import Tokenizer
-            from model.utils import load_model
+            from model.weights.load import load_model
 
             key = str(Path(checkpoint_dir).resolve())
             if key not in models:

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Literal, Optional
 
+from model.cli import run_cli
 from model.config import name_to_config
-from model.utils import run_cli
 
 SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                "special_tokens_map.json", "chat_template.jinja")

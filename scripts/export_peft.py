@@ -29,11 +29,13 @@ from typing import Optional
 
 import torch
 
-from model.checkpoint import WeightMap, atomic_save_safetensors, weight_maps
+from model.cli import run_cli
 from model.config import Config
+from model.files import atomic_save_safetensors
 from model.gpt import GPT
-from model.lora import LoRALinear, inject_lora, load_lora_run, load_lora_state_dict
-from model.utils import run_cli
+from model.lora import LoRALinear, inject_lora, load_lora_state_dict
+from model.weights.convert import WeightMap, weight_maps
+from model.weights.load import load_lora_run
 
 
 def export_peft(

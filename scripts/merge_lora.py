@@ -15,13 +15,13 @@ from typing import Optional
 import bitsandbytes as bnb
 import torch
 
-from model.checkpoint import load_state_dict, save_sharded
+from model.cli import run_cli
 from model.config import Config
 from model.gpt import GPT
-from model.lora import inject_lora, load_lora_run, load_lora_state_dict, merge_lora
+from model.lora import inject_lora, load_lora_state_dict, merge_lora
 from model.quantize import dequantize_linear, quantize_model
-from model.training import load_hparams, run_output_dir
-from model.utils import run_cli
+from model.weights.checkpoint import load_state_dict, save_sharded
+from model.weights.load import load_hparams, load_lora_run, run_output_dir
 
 COPIED_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                 "generation_config.json", "prompt_style.yaml", "chat_template.jinja")

@@ -36,13 +36,26 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from model.checkpoint import DTYPES, atomic_write_text, hf_config_dict, save_sharded
+from model.cli import run_cli
 from model.config import Config
-from model.merge import (
-    CheckpointReader, check_out_dir, copy_checkpoint_files, dare, layer_of, linear, publish_dir,
-    resolve_model_dir, resolve_parameter, slerp, task_arithmetic, ties,
+from model.device import DTYPES
+from model.files import atomic_write_text
+from model.weights.checkpoint import save_sharded
+from model.weights.convert import hf_config_dict
+from model.workflows.merge import (
+    CheckpointReader,
+    check_out_dir,
+    copy_checkpoint_files,
+    dare,
+    layer_of,
+    linear,
+    publish_dir,
+    resolve_model_dir,
+    resolve_parameter,
+    slerp,
+    task_arithmetic,
+    ties,
 )
-from model.utils import run_cli
 
 # method -> (needs a base model, the parameters it reads, their defaults; None: required)
 METHODS = {

@@ -38,15 +38,23 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from model.checkpoint import DTYPES, atomic_save_figure, atomic_write_text, hf_config_dict, save_sharded
+from model.cli import run_cli
 from model.config import Config
+from model.device import DTYPES
+from model.files import atomic_save_figure, atomic_write_text
 from model.gpt import GPT
-from model.merge import (
-    CheckpointReader, check_out_dir, copy_checkpoint_files, layer_of, publish_dir, resolve_model_dir,
-)
 from model.prompts import load_prompt_style
 from model.tokenizer import Tokenizer
-from model.utils import run_cli
+from model.weights.checkpoint import save_sharded
+from model.weights.convert import hf_config_dict
+from model.workflows.merge import (
+    CheckpointReader,
+    check_out_dir,
+    copy_checkpoint_files,
+    layer_of,
+    publish_dir,
+    resolve_model_dir,
+)
 
 GATE_MODES = ("hidden", "cheap_embed", "random")
 EXPERT_KEYS = {"source_model", "positive_prompts", "negative_prompts"}

@@ -9,7 +9,7 @@ import csv
 from pathlib import Path
 from typing import Optional
 
-from model.utils import run_cli
+from model.cli import run_cli
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -12,17 +12,11 @@ The data is licensed CC BY-NC 4.0: not for commercial use.
 from pathlib import Path
 from typing import Optional
 
-from model.prepare import (
-    check_prepare_flags,
-    instruction_example,
-    optional_field,
-    prepare_sft_dataset,
-    url_file,
-)
+from model.cli import run_cli
+from model.data.prepare import check_prepare_flags, instruction_example, optional_field, prepare_sft_dataset, url_file
+from model.data.records import field, read_records
 from model.prompts import load_prompt_style
-from model.records import field, read_records
 from model.tokenizer import Tokenizer
-from model.utils import run_cli
 
 DATA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
 

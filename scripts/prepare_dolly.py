@@ -11,17 +11,17 @@ the instruction as its input. Each sample's task is its category, so meta.json c
 from pathlib import Path
 from typing import Optional
 
-from model.prepare import (
+from model.cli import run_cli
+from model.data.prepare import (
     check_prepare_flags,
     hub_dataset_file,
     instruction_example,
     optional_field,
     prepare_sft_dataset,
 )
+from model.data.records import field, read_records
 from model.prompts import load_prompt_style
-from model.records import field, read_records
 from model.tokenizer import Tokenizer
-from model.utils import run_cli
 
 REPO_ID = "databricks/databricks-dolly-15k"
 FILENAME = "databricks-dolly-15k.jsonl"

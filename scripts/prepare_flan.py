@@ -14,17 +14,17 @@ subset's train file `train/<subset>_train.jsonl` is downloaded from the Hugging 
 from pathlib import Path
 from typing import Optional
 
-from model.prepare import (
+from model.cli import run_cli
+from model.data.prepare import (
     check_prepare_flags,
     hub_dataset_file,
     instruction_example,
     optional_field,
     prepare_sft_dataset,
 )
+from model.data.records import RecordError, field, iter_records
 from model.prompts import load_prompt_style
-from model.records import RecordError, field, iter_records
 from model.tokenizer import Tokenizer
-from model.utils import run_cli
 
 REPO_ID = "Muennighoff/flan"
 SUBSETS = (

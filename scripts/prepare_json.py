@@ -18,7 +18,8 @@ test.pt is held out from the rows (--val_split_fraction), or made from --test_fi
 from pathlib import Path
 from typing import Optional
 
-from model.prepare import (
+from model.cli import run_cli
+from model.data.prepare import (
     Example,
     chat_example,
     check_prepare_flags,
@@ -26,10 +27,9 @@ from model.prepare import (
     optional_field,
     prepare_sft_dataset,
 )
+from model.data.records import field, read_records
 from model.prompts import PromptStyle, load_prompt_style
-from model.records import field, read_records
 from model.tokenizer import Tokenizer
-from model.utils import run_cli
 
 
 def read_examples(

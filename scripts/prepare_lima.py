@@ -13,17 +13,17 @@ held out from the training rows. Each sample's task is its source (stackexchange
 from pathlib import Path
 from typing import Optional
 
-from model.prepare import (
+from model.cli import run_cli
+from model.data.prepare import (
     check_prepare_flags,
     conversation_example,
     hub_dataset_file,
     optional_field,
     prepare_sft_dataset,
 )
+from model.data.records import RecordError, read_records
 from model.prompts import load_prompt_style
-from model.records import RecordError, read_records
 from model.tokenizer import Tokenizer
-from model.utils import run_cli
 
 REPO_ID = "GAIR/lima"
 FILENAME = "train.jsonl"

@@ -12,17 +12,11 @@ look at the truncation report when you set --max_seq_length.
 from pathlib import Path
 from typing import Optional
 
-from model.prepare import (
-    check_prepare_flags,
-    instruction_example,
-    optional_field,
-    prepare_sft_dataset,
-    url_file,
-)
+from model.cli import run_cli
+from model.data.prepare import check_prepare_flags, instruction_example, optional_field, prepare_sft_dataset, url_file
+from model.data.records import field, read_records
 from model.prompts import load_prompt_style
-from model.records import field, read_records
 from model.tokenizer import Tokenizer
-from model.utils import run_cli
 
 DATA_URL = "https://raw.githubusercontent.com/akoksal/LongForm/main/dataset/train.json"
 

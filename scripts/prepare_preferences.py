@@ -34,12 +34,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Literal, Optional
 
-from model.checkpoint import atomic_write_text
-from model.preference import encode_pair, save_pairs
+from model.cli import run_cli
+from model.data.preference import encode_pair, save_pairs
+from model.data.records import Record, RecordError, field, read_records
+from model.files import atomic_write_text
 from model.prompts import load_prompt_style
-from model.records import Record, RecordError, field, read_records
 from model.tokenizer import Tokenizer
-from model.utils import run_cli
 
 TEXT_KEYS = ("response", "text", "content", "completion")
 SCORE_KEYS = ("overall_score", "score", "rating")

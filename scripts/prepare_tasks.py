@@ -21,11 +21,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-from model.checkpoint import atomic_write_text
-from model.data import encode_example, save_dataset
+from model.cli import run_cli
+from model.data.sft import encode_example, save_dataset
+from model.files import atomic_write_text
 from model.prompts import load_prompt_style
 from model.tokenizer import Tokenizer
-from model.utils import run_cli
 
 SENTENCES_FILE = Path(__file__).parent / "data" / "sentences.txt"
 TEST_SENTENCE_FRACTION = 0.2

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from model.utils import run_cli
+from model.cli import run_cli
 
 # fnmatch patterns on paths relative to --folder ("*" also matches "/"). Unfinished saves never go up; resumable
 # checkpoints only on request.

@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import load_script
 from safetensors.torch import save_file
 
-from conftest import load_script
+from model.cli import run_cli
 from model.lora import lora_state_dict
-from model.utils import run_cli
 
 lora = load_script("finetune/lora.py")
 record_dir = Path(sys.argv[1])

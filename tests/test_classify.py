@@ -13,18 +13,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import load_script
 from hf_models import save_tiny_model
-from model.checkpoint import convert_hf_checkpoint
-from model.classify import (
-    CLASSIFIER_WEIGHTS, Classifier, collate, last_token_index, load_classifier, mark_trainable, pool,
-)
+from safetensors.torch import load_file
+
+from model.cli import run_cli
+from model.data.classification import collate
 from model.gpt import GPT
 from model.lora import LoRAConfig, count_parameters, inject_lora
 from model.tokenizer import Tokenizer
-from model.utils import run_cli
+from model.weights.convert import convert_hf_checkpoint
+from model.workflows.classify import (
+    CLASSIFIER_WEIGHTS,
+    Classifier,
+    last_token_index,
+    load_classifier,
+    mark_trainable,
+    pool,
+)
 
 prepare = load_script("scripts/prepare_classification.py")
 classify = load_script("finetune/classify.py")
@@ -61,7 +67,7 @@ def synthetic_rows(n: int, seed: int) -> list[dict]:
 
 
 def write_csv(rows: list[dict], path: Path) -> Path:
-    from model.records import write_records
+    from model.data.records import write_records
 
     write_records(rows, path)
     return path
@@ -251,7 +257,7 @@ def test_export_to_transformers_gives_the_same_logits(tiny_dir, data_dir, tmp_pa
         for name, param in classifier.named_parameters():
             if name.endswith(".B") or name == "score.weight":
                 param.normal_(0, 0.5)
-    from model.classify import save_classifier
+    from model.workflows.classify import save_classifier
 
     save_classifier(classifier, run / "final", hparams)
     exported = tmp_path / "hf"

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-
 from hf_models import VOCAB, hf_configs, save_tiny_model
+
 from model import GPT, Config
-from model.checkpoint import convert_hf_checkpoint
+from model.weights.convert import convert_hf_checkpoint
 
 ROOT = Path(__file__).parent.parent
 
@@ -75,7 +75,8 @@ def test_convert_cli_with_table_name_and_dtype(tmp_path):
 
 
 def test_sharded_output_loads_the_same(tmp_path):
-    from model.checkpoint import HFWeights, LIT_INDEX, hf_to_lit, save_sharded
+    from model.weights.checkpoint import LIT_INDEX, save_sharded
+    from model.weights.convert import HFWeights, hf_to_lit
 
     checkpoint_dir = tmp_path / "org" / "tiny-sharded"
     save_tiny_model("llama2", checkpoint_dir)
@@ -163,7 +164,7 @@ def test_load_missing_or_corrupt_checkpoint(tmp_path):
 @pytest.mark.parametrize("name", ["Llama-2-70b-chat-hf", "Llama-3.2-1B", "Mistral-7B-v0.1", "Mixtral-8x7B-v0.1", "phi-2",
                                   "Phi-3-mini-128k-instruct", "falcon-7b", "falcon-40b", "SmolLM2-135M"])
 def test_named_config_survives_the_hf_config_round_trip(name):
-    from model.checkpoint import hf_config_dict
+    from model.weights.convert import hf_config_dict
 
     config = Config.from_name(name)
     derived = Config.from_hf_config(hf_config_dict(config), name=config.name)

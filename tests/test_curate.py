@@ -14,16 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, load_script
 from hf_models import save_tiny_model
-from model.checkpoint import convert_hf_checkpoint
-from model.curate import (
-    model_embeddings, response_perplexities, tfidf_embeddings, to_sample, topic_map,
-)
-from model.judge import Judge, ScoreCache, pair_key, parse_score
-from model.records import Record, read_records
-from model.utils import load_model, run_cli
+
+from model.cli import run_cli
+from model.data.curate import model_embeddings, response_perplexities, tfidf_embeddings, to_sample, topic_map
+from model.data.records import Record, read_records
+from model.weights.convert import convert_hf_checkpoint
+from model.weights.load import load_model
+from model.workflows.judge import Judge, ScoreCache, pair_key, parse_score
 
 curate_script = load_script("scripts/curate.py")
 SENTENCES = (ROOT / "scripts" / "data" / "sentences.txt").read_text(encoding="utf-8").split("\n")
@@ -210,7 +209,7 @@ def test_rules_read_every_assistant_turn_of_chat_rows_and_keep_the_format(tmp_pa
 
 def test_instruction_field_mapping_joins_the_input(tmp_path):
     record = Record({"q": "Translate", "ctx": "bonjour", "a": "hello"}, "x line 1")
-    from model.curate import FieldMap
+    from model.data.curate import FieldMap
 
     sample = to_sample(record, "instruction", FieldMap("q", "ctx", "a", ""))
     assert sample.instruction == "Translate\n\nbonjour" and sample.response == "hello"
@@ -268,7 +267,7 @@ def test_batched_perplexity_and_embeddings_equal_one_row_at_a_time(tiny_dir):
     alone = [response_perplexities(model, tokenizer, style, [s])[0] for s in samples]
     assert together == pytest.approx(alone, rel=1e-4)
     # against the plain definition: exp(mean NLL of the answer tokens)
-    from model.curate import encode_for_model
+    from model.data.curate import encode_for_model
 
     ids, labels = encode_for_model(tokenizer, style, samples[0], 1024)
     logits = model(ids.unsqueeze(0))[0, :-1]

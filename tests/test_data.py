@@ -5,13 +5,13 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, load_script
+from test_tokenizer import make_bpe_dir, make_sentencepiece_dir
 from torch.utils.data import DataLoader
 
-from conftest import ROOT, load_script
-from model.data import IGNORE_INDEX, SFTDataset, encode_example, get_collate_fn, load_dataset, save_dataset
+from model.data.sft import IGNORE_INDEX, SFTDataset, encode_example, get_collate_fn, load_dataset, save_dataset
 from model.prompts import PromptStyle, save_prompt_style
 from model.tokenizer import Tokenizer
-from test_tokenizer import make_bpe_dir, make_sentencepiece_dir
 
 prepare = load_script("scripts/prepare_tasks.py")
 

@@ -4,9 +4,9 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, load_script
 from hf_models import save_tiny_model
+
 from model import GPT
 
 download = load_script("scripts/download.py")

@@ -11,15 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from conftest import load_script
 from hf_models import save_tiny_model
-from model.checkpoint import convert_hf_checkpoint
+from safetensors.torch import load_file
+
+from model.cli import run_cli
+from model.data.preference import collate_pairs, load_pairs
 from model.gpt import GPT
-from model.lora import LORA_WEIGHTS, inject_lora, load_lora_run, load_lora_state_dict
-from model.preference import collate_pairs, load_pairs, orpo_odds_ratio_loss, sequence_logps
-from model.utils import run_cli
+from model.lora import LORA_WEIGHTS, inject_lora, load_lora_state_dict
+from model.training.preference import orpo_odds_ratio_loss, sequence_logps
+from model.weights.convert import convert_hf_checkpoint
+from model.weights.load import load_lora_run
 
 dpo = load_script("finetune/dpo.py")
 prepare = load_script("scripts/prepare_preferences.py")

@@ -13,16 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import load_script
 from hf_models import save_tiny_model
-from model.checkpoint import convert_hf_checkpoint
-from model.data import encode_example, save_dataset
+
+from model.cli import run_cli
+from model.data.sft import encode_example, save_dataset
 from model.gpt import GPT
 from model.lora import LORA_WEIGHTS, LoRAConfig, inject_lora, lora_state_dict
 from model.prompts import load_prompt_style
 from model.tokenizer import Tokenizer
-from model.utils import load_model_run, run_cli
+from model.weights.convert import convert_hf_checkpoint
+from model.weights.load import load_model_run
 
 harness = load_script("eval/lm_eval_harness.py")
 perplexity = load_script("eval/perplexity.py")

@@ -10,10 +10,10 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import load_script
 from hf_models import save_tiny_model
+from safetensors.torch import load_file
+
 from model import GPT, Config
 from model.adapter import (
     AdapterAttention,
@@ -21,18 +21,18 @@ from model.adapter import (
     AdapterV2Linear,
     adapter_state_dict,
     inject_adapter,
-    load_adapter_run,
     load_adapter_state_dict,
     mark_only_adapter_as_trainable,
 )
-from model.checkpoint import convert_hf_checkpoint
-from model.data import encode_example, save_dataset
+from model.cli import run_cli
+from model.data.sft import encode_example, save_dataset
 from model.generate import generate
 from model.lora import count_parameters
 from model.prompts import load_prompt_style
 from model.tokenizer import Tokenizer
-from model.training import latest_checkpoint
-from model.utils import run_cli
+from model.training.run import latest_checkpoint
+from model.weights.convert import convert_hf_checkpoint
+from model.weights.load import load_adapter_run
 
 VOCAB = 96
 CONFIGS = {

@@ -22,17 +22,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from conftest import ROOT, load_script
 from hf_models import save_tiny_model
-from model.checkpoint import convert_hf_checkpoint
+from safetensors.torch import load_file
+
+from model.cli import run_cli
 from model.config import Config
-from model.data import load_dataset, save_dataset
+from model.data.sft import load_dataset, save_dataset
 from model.gpt import GPT
 from model.lora import LORA_WEIGHTS
-from model.training import latest_checkpoint
-from model.utils import load_model, run_cli
+from model.training.run import latest_checkpoint
+from model.weights.convert import convert_hf_checkpoint
+from model.weights.load import load_model
 
 lora = load_script("finetune/lora.py")
 merge_lora = load_script("scripts/merge_lora.py")

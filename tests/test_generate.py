@@ -3,12 +3,12 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
 from hf_models import VOCAB, save_tiny_model
+
 from model import GPT, Config
-from model.checkpoint import convert_hf_checkpoint
 from model.generate import generate, sample, until_stop
+from model.weights.convert import convert_hf_checkpoint
 
 
 def greedy_without_cache(model: GPT, prompt: torch.Tensor, n: int) -> list[int]:

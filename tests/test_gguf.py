@@ -12,10 +12,10 @@ import pytest
 import sentencepiece
 import torch
 import transformers
+from conftest import ROOT, SMOLLM2_GGUF, load_script, smollm2_gguf_path
 from gguf import GGMLQuantizationType, GGUFWriter, TokenType
 from gguf.quants import dequantize, quantize
 
-from conftest import ROOT, SMOLLM2_GGUF, load_script, smollm2_gguf_path
 from model import GPT
 from model.tokenizer import Tokenizer
 

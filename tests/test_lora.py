@@ -13,26 +13,26 @@ import torch
 import torch.nn.functional as F
 import transformers
 import yaml
+from conftest import load_script
+from hf_models import VOCAB, save_tiny_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import load_script
-from hf_models import VOCAB, save_tiny_model
 from model import GPT, Config
-from model.checkpoint import convert_hf_checkpoint
+from model.cli import run_cli
 from model.lora import (
     LoRAConfig,
     LoRALinear,
     count_parameters,
     inject_lora,
-    load_lora_run,
     load_lora_state_dict,
     lora_state_dict,
     mark_only_lora_as_trainable,
     merge_lora,
 )
 from model.quantize import dequantize_linear, quantize_model
-from model.utils import run_cli
+from model.weights.convert import convert_hf_checkpoint
+from model.weights.load import load_lora_run
 
 ROOT = Path(__file__).parent.parent
 EVERYWHERE = dict(query=True, key=True, value=True, projection=True, mlp=True, head=True)

@@ -13,13 +13,21 @@ import yaml
 from conftest import load_script
 
 from model import GPT, Config
-from model.checkpoint import load_state_dict, save_sharded
+from model.cli import run_cli
 from model.generate import generate
-from model.merge import (
-    dare, drop_and_rescale, elect_sign, gradient_value, linear, resolve_parameter, slerp, task_arithmetic, ties,
+from model.weights.checkpoint import load_state_dict, save_sharded
+from model.workflows.merge import (
+    dare,
+    drop_and_rescale,
+    elect_sign,
+    gradient_value,
+    linear,
+    resolve_parameter,
+    slerp,
+    task_arithmetic,
+    ties,
     trim_by_magnitude,
 )
-from model.utils import run_cli
 
 ROOT = Path(__file__).parent.parent
 merge_script = load_script("scripts/merge_models.py")

@@ -15,8 +15,8 @@ from conftest import load_script
 from safetensors.torch import load_file as load_state_dict_file
 
 from model import GPT, Config
-from model.checkpoint import load_state_dict, save_sharded
-from model.utils import run_cli
+from model.cli import run_cli
+from model.weights.checkpoint import load_state_dict, save_sharded
 
 moe_script = load_script("scripts/merge_moe.py")
 TINY = dict(name="tiny", vocab_size=49152, n_layer=2, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=48,

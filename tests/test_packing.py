@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, Config
-from model.data import IGNORE_INDEX, get_collate_fn, get_packed_collate_fn, pack_samples
+from model.data.sft import IGNORE_INDEX, get_collate_fn, get_packed_collate_fn, pack_samples
 from model.gpt import packed_positions_and_mask
 
 VOCAB = 97

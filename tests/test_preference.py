@@ -11,12 +11,19 @@ import torch
 import torch.nn.functional as F
 
 from model.config import Config
-from model.data import IGNORE_INDEX
+from model.data.preference import collate_pairs
+from model.data.sft import IGNORE_INDEX
 from model.gpt import GPT
 from model.lora import LoRAConfig, inject_lora, lora_disabled
-from model.preference import (
-    collate_pairs, hinge_loss, ipo_loss, orpo_odds_ratio_loss, preference_losses, reference_cache_path, robust_loss,
-    sequence_logps, sigmoid_loss,
+from model.training.preference import (
+    hinge_loss,
+    ipo_loss,
+    orpo_odds_ratio_loss,
+    preference_losses,
+    reference_cache_path,
+    robust_loss,
+    sequence_logps,
+    sigmoid_loss,
 )
 
 # hand-made summed log-probs of 4 pairs, and the answers' token counts
@@ -202,7 +209,7 @@ def test_collate_cuts_and_orders_chosen_then_rejected():
 
 def test_lora_disabled_is_the_base_model(tiny_gpt, tmp_path):
     """The implicit reference of LoRA-DPO equals a separately loaded copy of the base, bit for bit."""
-    from model.checkpoint import atomic_save_safetensors
+    from model.files import atomic_save_safetensors
 
     tiny_gpt.config.save(tmp_path)
     atomic_save_safetensors({k: v.contiguous() for k, v in tiny_gpt.state_dict().items()},

@@ -8,12 +8,12 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import load_script
-from model.data import IGNORE_INDEX
-from model.preference import load_pairs
-from model.records import write_records
-from model.utils import run_cli
+
+from model.cli import run_cli
+from model.data.preference import load_pairs
+from model.data.records import write_records
+from model.data.sft import IGNORE_INDEX
 
 prepare = load_script("scripts/prepare_preferences.py")
 tasks = load_script("scripts/prepare_tasks.py")

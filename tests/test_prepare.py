@@ -5,8 +5,7 @@ import pytest
 import torch
 from test_data import chatml_dir, sentencepiece_dir  # noqa: F401 (fixtures)
 
-from model.data import IGNORE_INDEX, encode_example
-from model.prepare import (
+from model.data.prepare import (
     _tokenize_at_once,
     _tokenize_segment_by_segment,
     chat_example,
@@ -19,8 +18,9 @@ from model.prepare import (
     url_file,
     write_prepared,
 )
+from model.data.records import Record, RecordError
+from model.data.sft import IGNORE_INDEX, encode_example
 from model.prompts import PromptStyle, prompt_styles
-from model.records import Record, RecordError
 from model.tokenizer import Tokenizer
 
 CONVERSATION = [
@@ -218,7 +218,7 @@ def test_split_is_seeded_disjoint_and_complete():
 
 
 def test_write_prepared_is_all_or_nothing(tmp_path, monkeypatch):
-    from model import prepare
+    from model.data import prepare
 
     sample = {"input_ids": torch.tensor([1, 2]), "labels": torch.tensor([-100, 2]), "prompt": "p", "response": "r"}
     out_dir = tmp_path / "out"
@@ -234,7 +234,7 @@ def test_write_prepared_is_all_or_nothing(tmp_path, monkeypatch):
         published.append(path)
         # nothing is renamed: the files already there stay as they were until every new one is complete
 
-    monkeypatch.setattr(prepare, "_publish", fail_on_second)
+    monkeypatch.setattr(prepare, "publish_file", fail_on_second)
     with pytest.raises(OSError, match="disk full"):
         write_prepared(out_dir, {"train": [sample] * 2, "test": [sample]}, {"a": 2})
     assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == before  # no temp files left either

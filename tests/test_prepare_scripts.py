@@ -13,9 +13,9 @@ from conftest import ROOT, load_script
 from test_data import chatml_dir  # noqa: F401 (fixture)
 from test_prepare import loss_runs
 
-from model.data import IGNORE_INDEX, load_dataset
+from model.cli import run_cli
+from model.data.sft import IGNORE_INDEX, load_dataset
 from model.tokenizer import Tokenizer
-from model.utils import run_cli
 
 DATA = ROOT / "tests" / "data" / "prepare"
 SCRIPTS = {name: load_script(f"scripts/prepare_{name}.py") for name in
@@ -249,8 +249,9 @@ def test_real_smollm2_sharegpt_labels_are_the_answers_and_im_end(smollm2_dir, tm
 
 
 def test_a_conversation_the_prompt_style_cannot_render_names_its_row(tmp_path, tiny_sentencepiece_model):
-    from model.prompts import save_prompt_style
     from test_tokenizer import make_sentencepiece_dir
+
+    from model.prompts import save_prompt_style
 
     checkpoint_dir = make_sentencepiece_dir(tmp_path / "llama2", tiny_sentencepiece_model)
     save_prompt_style("llama2", checkpoint_dir)  # needs user/assistant/user/... turns

@@ -3,10 +3,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, load_script
 from huggingface_hub import CommitInfo, HfApi
 
-from conftest import ROOT, load_script
-from model.utils import run_cli
+from model.cli import run_cli
 
 upload = load_script("scripts/upload.py")
 

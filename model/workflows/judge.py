@@ -154,7 +154,7 @@ class Judge:
                  prefill: str = "Score:") -> None:
         from model.prompts import load_prompt_style
         from model.tokenizer import Tokenizer
-        from model.utils import load_model
+        from model.weights.load import load_model
 
         self.checkpoint_dir = Path(checkpoint_dir)
         self.tokenizer = Tokenizer(self.checkpoint_dir)

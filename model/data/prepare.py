@@ -35,10 +35,10 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import _publish
-from model.data import IGNORE_INDEX
+from model.data.records import Record, RecordError, field
+from model.data.sft import IGNORE_INDEX
+from model.files import publish_file
 from model.prompts import Alpaca, Message, PromptStyle
-from model.records import Record, RecordError, field
 from model.tokenizer import Tokenizer
 
 # ShareGPT dumps name the speakers in several ways; these are the ones found in the common releases.
@@ -329,7 +329,7 @@ def write_prepared(out_dir: Path | str, splits: dict[str, list[dict]], meta: dic
             with os.fdopen(fd, "wb") as file:
                 file.write(data)
         for name, tmp in temporary.items():
-            _publish(tmp, out_dir / name)
+            publish_file(tmp, out_dir / name)
     except BaseException:
         for tmp in temporary.values():
             Path(tmp).unlink(missing_ok=True)
@@ -477,7 +477,7 @@ def url_file(url: str, download_dir: Path) -> Path:
         with os.fdopen(fd, "wb") as file, urllib.request.urlopen(url, timeout=60) as response:
             while chunk := response.read(1 << 20):
                 file.write(chunk)
-        _publish(tmp, path)
+        publish_file(tmp, path)
     except (urllib.error.URLError, OSError) as error:
         Path(tmp).unlink(missing_ok=True)
         raise ValueError(f"Could not download {url}: {error}. {OFFLINE_HINT}") from None

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch.utils.data import Dataset
 
-from model.checkpoint import atomic_torch_save
+from model.files import atomic_torch_save
 from model.prompts import Message, PromptStyle
 from model.tokenizer import Tokenizer
 

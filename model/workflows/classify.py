@@ -29,22 +29,23 @@ checkpoint, so a LoRA or head-only classifier is a few MB.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from model.checkpoint import atomic_save_figure, atomic_save_safetensors
+from model.data.classification import collate
+from model.files import atomic_save_figure, atomic_save_safetensors
 from model.gpt import GPT
 
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
+
+
 MODES = ("features", "head", "last_layers", "full", "lora")
+
+
 POOLINGS = ("last", "mean")
-
-
-# ----------------------------------------------------------------------------------------------- the model
 
 
 def to_right_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +147,7 @@ def classifier_state_dict(classifier: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_classifier(classifier: nn.Module, run_dir: Path, hparams: dict) -> None:
-    from model.training import save_hparams
+    from model.training.run import save_hparams
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -161,7 +162,7 @@ def load_classifier(
     """The classifier saved in `run_dir` (a run's out_dir, its `final/` or a `step-*/`), in eval mode, and its
     hparams. The base GPT comes from the checkpoint the run was trained on, or `checkpoint_dir` if given."""
     from model.lora import LoRAConfig, inject_lora
-    from model.training import load_run, run_output_dir
+    from model.weights.load import load_run, run_output_dir
 
     run_dir = run_output_dir(Path(run_dir), CLASSIFIER_WEIGHTS)
     hparams, state_dict = load_run(run_dir, CLASSIFIER_WEIGHTS, "finetune/classify.py")
@@ -189,60 +190,6 @@ def load_classifier(
     return classifier.to(device).eval(), hparams
 
 
-# ----------------------------------------------------------------------------------------------- data
-
-
-def load_classification_data(data_dir: Path | str, split: str, vocab_size: Optional[int] = None) -> tuple[list[dict], list[str]]:
-    """The samples of `data_dir/<split>.pt` and the label names of `data_dir/meta.json`, checked."""
-    data_dir = Path(data_dir)
-    path, meta_path = data_dir / f"{split}.pt", data_dir / "meta.json"
-    for required in (path, meta_path):
-        if not required.is_file():
-            raise FileNotFoundError(f"{required} not found. Prepare the data first: `python"
-                                    f" scripts/prepare_classification.py --checkpoint_dir <checkpoint> --out_dir {data_dir}`")
-    labels = json.loads(meta_path.read_text()).get("labels")
-    if not isinstance(labels, list) or len(labels) < 2:
-        raise ValueError(f"{meta_path}: 'labels' must list at least two class names, got {labels!r}")
-    try:
-        samples = torch.load(path, weights_only=True)
-    except Exception as error:
-        raise ValueError(f"{path} is not a prepared dataset saved with torch.save: {error}") from error
-    if not isinstance(samples, list) or not samples:
-        raise ValueError(f"{path} must hold a non-empty list of samples")
-    for i, sample in enumerate(samples):
-        where = f"{path}: sample {i}"
-        if not isinstance(sample, dict) or not {"input_ids", "label"} <= sample.keys():
-            raise ValueError(f"{where} must be a dict with 'input_ids' and 'label' (was it prepared by"
-                             " scripts/prepare_classification.py?)")
-        ids = sample["input_ids"]
-        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.ndim != 1 or len(ids) == 0:
-            raise ValueError(f"{where}: 'input_ids' must be a non-empty 1-D LongTensor")
-        if not isinstance(sample["label"], int) or not 0 <= sample["label"] < len(labels):
-            raise ValueError(f"{where}: label {sample['label']!r} is not an id of the {len(labels)} labels in {meta_path}")
-        if vocab_size is not None and int(ids.max()) >= vocab_size:
-            raise ValueError(f"{where} has the token id {int(ids.max())}, beyond the tokenizer's {vocab_size} tokens:"
-                             " prepare the data again with the checkpoint you fine-tune (--checkpoint_dir)")
-    return samples, labels
-
-
-def collate(samples: list[dict], pad_id: int = 0, max_seq_length: int = -1, padding_side: str = "right") -> dict[str, torch.Tensor]:
-    """A batch: `input_ids` and `attention_mask` `(B, T)` padded on `padding_side`, and `labels` `(B,)` when the
-    samples have them. The pad id never matters to the Classifier (it reads the mask)."""
-    limit = max_seq_length if max_seq_length > 0 else None
-    ids = [sample["input_ids"][:limit] for sample in samples]
-    longest = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(ids), longest), dtype=torch.bool)
-    for row, x in enumerate(ids):
-        where = slice(0, len(x)) if padding_side == "right" else slice(longest - len(x), longest)
-        input_ids[row, where] = x
-        attention_mask[row, where] = True
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if all("label" in sample for sample in samples):
-        batch["labels"] = torch.tensor([sample["label"] for sample in samples], dtype=torch.long)
-    return batch
-
-
 @torch.no_grad()
 def predict(classifier: Classifier, samples: list[dict], batch_size: int = 16, max_seq_length: int = -1,
             device: torch.device | str = "cpu", features: bool = False, progress: bool = False) -> torch.Tensor:
@@ -263,9 +210,6 @@ def predict(classifier: Classifier, samples: list[dict], batch_size: int = 16, m
             out = torch.empty(len(samples), result.size(1))
         out[torch.tensor(chunk)] = result
     return out
-
-
-# ----------------------------------------------------------------------------------------------- metrics
 
 
 def classification_metrics(labels: list[int] | torch.Tensor, predictions: list[int] | torch.Tensor,
@@ -310,15 +254,12 @@ def plot_confusion_matrix(matrix: list[list[int]], label_names: list[str], path:
     atomic_save_figure(fig, path)
 
 
-# ----------------------------------------------------------------------------------------------- export
-
-
 def classifier_to_hf(classifier: Classifier, hparams: dict, pad_token_id: Optional[int]) -> tuple[dict, dict]:
     """The weights and config.json of the transformers *ForSequenceClassification model that computes the same
     logits: the GPT's weights under their HF names (LoRA merged in), `score.weight`, and a config with id2label /
     label2id. transformers pools at the last token that is not `pad_token_id`, so that id must never end a text."""
-    from model.checkpoint import hf_config_dict, lit_to_hf, weight_maps
     from model.lora import LoRALinear, merge_lora
+    from model.weights.convert import hf_config_dict, lit_to_hf, weight_maps
 
     if classifier.pooling != "last":
         raise ValueError(f"This classifier uses {classifier.pooling} pooling; transformers' *ForSequenceClassification"

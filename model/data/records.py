@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from model.checkpoint import _publish
+from model.files import publish_file
 
 FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
@@ -194,7 +194,7 @@ def write_records(rows: Iterable[dict], path: Path | str) -> int:
                             writer.writeheader()
                         writer.writerow(row)
                         count += 1
-        _publish(tmp, path)
+        publish_file(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import torch
 from safetensors import SafetensorError, safe_open
 
-from model.checkpoint import LIT_INDEX, LIT_WEIGHTS, lit_weight_files
+from model.weights.checkpoint import LIT_INDEX, LIT_WEIGHTS, lit_weight_files
 
 # Below this angle between two weight vectors SLERP's sin(theta) divides by ~0: interpolate linearly instead.
 SLERP_DOT_THRESHOLD = 0.9995

@@ -17,12 +17,9 @@ from typing import Any, Callable, Optional
 import torch
 import yaml
 
-from model.checkpoint import atomic_write_text
+from model.files import atomic_write_text
 
 STEP_DIR_PREFIX = "step-"
-
-
-# ----------------------------------------------------------------------------------------------- batches
 
 
 def epoch_batches(lengths: list[int], micro_batch_size: int, epoch: int, seed: int) -> list[list[int]]:
@@ -59,9 +56,6 @@ def with_answers(fabric, samples: list[dict], max_seq_length: int, path: Path) -
     return kept
 
 
-# ----------------------------------------------------------------------------------------------- schedule
-
-
 def warmup_cosine(warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.1):
     """LambdaLR multiplier: linear warmup to the peak, then cosine decay to `min_lr_ratio` of it at `max_steps`."""
 
@@ -72,9 +66,6 @@ def warmup_cosine(warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.1):
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return multiplier
-
-
-# ----------------------------------------------------------------------------------------------- checkpoints
 
 
 def rng_state() -> dict:
@@ -157,16 +148,6 @@ def save_hparams(out_dir: Path, hparams: dict) -> None:
     atomic_write_text(Path(out_dir) / "hparams.yaml", yaml.safe_dump(plain, sort_keys=False))
 
 
-def load_hparams(run_dir: Path) -> dict:
-    path = Path(run_dir) / "hparams.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} the output directory of a fine-tuning run?")
-    return yaml.safe_load(path.read_text())
-
-
-# ----------------------------------------------------------------------------------------------- metrics
-
-
 class MetricsLogger:
     """Appends one row per logged step to `metrics.csv` (and to TensorBoard when it is installed).
 
@@ -240,41 +221,3 @@ def _duration(seconds: float) -> str:
 def print_rank0(fabric, *args, **kwargs) -> None:
     if fabric.global_rank == 0:
         print(*args, **kwargs, file=sys.stderr, flush=True)
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-def load_run(run_dir: Path | str, weights_name: str, made_by: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The hparams.yaml and the safetensors weights that a fine-tuning run saved in `run_dir` (its final/ or a step-*
-    directory); `made_by` names the script that writes such a directory, for the error messages."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    run_dir = Path(run_dir)
-    for name in ("hparams.yaml", weights_name):
-        if not (run_dir / name).is_file():
-            raise FileNotFoundError(
-                f"{run_dir / name} not found: such a run directory holds hparams.yaml and {weights_name}, as written"
-                f" by `python {made_by} --out_dir ...`"
-            )
-    hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text()) or {}
-    try:
-        state_dict = load_file(run_dir / weights_name)
-    except SafetensorError as e:
-        raise ValueError(f"{run_dir / weights_name} is not a valid safetensors file ({e})") from e
-    return hparams, state_dict
-
-
-def run_output_dir(path: Path, weights_name: str) -> Path:
-    """The directory holding a run's weights: `path` itself, or its `final/` when given the run's out_dir."""
-    path = Path(path)
-    if (path / weights_name).is_file():
-        return path
-    if (path / "final" / weights_name).is_file():
-        return path / "final"
-    raise FileNotFoundError(
-        f"No {weights_name} in {path} or {path / 'final'}: pass the output directory of a finished fine-tuning run"
-        " (or one of its step-* checkpoints)"
-    )

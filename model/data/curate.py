@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import re
-import zlib
 import unicodedata
-from dataclasses import dataclass, field as dataclass_field
+import zlib
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from model.checkpoint import atomic_save_figure
-from model.records import Record, RecordError, field
+from model.data.records import Record, RecordError, field
+from model.files import atomic_save_figure
 
 FORMATS = ("auto", "instruction", "messages", "sharegpt")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
@@ -320,7 +321,7 @@ class FuzzyDedup:
 
 def encode_for_model(tokenizer, style, sample: Sample, max_tokens: int):
     """(input_ids, labels) of the sample in the checkpoint's prompt style, loss on the last answer only."""
-    from model.data import encode_example
+    from model.data.sft import encode_example
 
     messages = sample.messages
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
@@ -339,7 +340,7 @@ def response_perplexities(model, tokenizer, style, samples: Sequence[Sample], ma
     import torch
     import torch.nn.functional as F
 
-    from model.data import IGNORE_INDEX
+    from model.data.sft import IGNORE_INDEX
 
     device = model.transformer.wte.weight.device
     encoded = [encode_for_model(tokenizer, style, sample, max_tokens) for sample in samples]

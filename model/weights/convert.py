@@ -1,191 +1,19 @@
-"""Checkpoint I/O: our safetensors files, atomic writes, and the Hugging Face <-> Forge weight maps.
-
-A converted checkpoint directory holds `model_config.yaml` and `lit_model.safetensors` (or, above
-`shard_size_bytes`, `lit_model-0000i-of-0000n.safetensors` shards listed in `lit_model.safetensors.index.json`)
-beside the HF files it came from.
+"""Hugging Face <-> Forge: one weight-map table per family drives both conversion directions, the config
+derived from `config.json`, and streamed conversion into a checkpoint directory.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from model.config import Config
-
-LIT_WEIGHTS = "lit_model.safetensors"
-LIT_INDEX = "lit_model.safetensors.index.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(dtype: Optional[str]) -> Optional[torch.dtype]:
-    if dtype is None:
-        return None
-    if dtype not in DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-# ----------------------------------------------------------------------------------------------- atomic writes
-
-
-def _publish(tmp: Path | str, path: Path) -> None:
-    """Rename a finished temporary file onto its destination, readable like any file the user writes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path | str, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fp:
-            fp.write(text)
-        _publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path | str, metadata: Optional[dict] = None) -> None:
-    """Write to a temporary file in the same directory, then rename: a killed run never leaves a torn file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        _publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_torch_save(obj, path: Path | str) -> None:
-    """`torch.save` through a temporary file and a rename (for tensors and lists of them: load with
-    `weights_only=True`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # torch.save names the archive's root folder after the file it writes to; through a buffer it is always
-    # "archive", so the same object gives the same bytes whatever the temporary file is called.
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(buffer.getbuffer())
-        _publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_save_figure(fig, path: Path | str, dpi: int = 110) -> None:
-    """Save a matplotlib figure as a PNG through a temporary file and a rename, then close it."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi)
-        _publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    finally:
-        plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------- our weights
-
-
-def lit_weight_files(checkpoint_dir: Path) -> list[Path]:
-    checkpoint_dir = Path(checkpoint_dir)
-    if (checkpoint_dir / LIT_WEIGHTS).is_file():
-        return [checkpoint_dir / LIT_WEIGHTS]
-    if (checkpoint_dir / LIT_INDEX).is_file():
-        index = json.loads((checkpoint_dir / LIT_INDEX).read_text())
-        return [checkpoint_dir / name for name in sorted(set(index["weight_map"].values()))]
-    raise FileNotFoundError(
-        f"{checkpoint_dir / LIT_WEIGHTS} not found. Convert the checkpoint first:"
-        f" `python scripts/convert_hf_checkpoint.py --checkpoint_dir {checkpoint_dir}`"
-    )
-
-
-def load_state_dict(
-    checkpoint_dir: Path | str, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None
-) -> dict[str, torch.Tensor]:
-    state_dict = {}
-    for path in lit_weight_files(Path(checkpoint_dir)):
-        if not path.is_file():
-            raise FileNotFoundError(f"Checkpoint shard {path} is missing")
-        try:
-            with safe_open(path, framework="pt", device=str(device)) as f:
-                for key in f.keys():
-                    tensor = f.get_tensor(key)
-                    if dtype is not None and tensor.is_floating_point():
-                        tensor = tensor.to(dtype)
-                    state_dict[key] = tensor
-        except SafetensorError as e:
-            raise ValueError(f"{path} is not a valid safetensors file ({e}); convert or download it again") from e
-    return state_dict
-
-
-def save_sharded(
-    tensors: Iterator[tuple[str, torch.Tensor]], checkpoint_dir: Path, shard_size_bytes: int = 4 * 2**30
-) -> None:
-    """Stream `(name, tensor)` pairs into `lit_model.safetensors` (or shards), holding at most one shard in RAM.
-
-    Shards are written to a temporary directory and moved into place at the end, so an interrupted conversion
-    leaves the directory as it was.
-    """
-    checkpoint_dir = Path(checkpoint_dir)
-    tmp_dir = Path(tempfile.mkdtemp(dir=checkpoint_dir, prefix=".convert-"))
-    try:
-        shards: list[dict[str, str]] = []
-        current: dict[str, torch.Tensor] = {}
-        current_bytes = 0
-
-        def flush():
-            nonlocal current, current_bytes
-            save_file(current, tmp_dir / f"shard-{len(shards)}")
-            shards.append({name: "" for name in current})
-            current, current_bytes = {}, 0
-
-        for name, tensor in tensors:
-            size = tensor.numel() * tensor.element_size()
-            if current and current_bytes + size > shard_size_bytes:
-                flush()
-            current[name] = tensor.contiguous()
-            current_bytes += size
-        if current or not shards:
-            flush()
-        for stale in [checkpoint_dir / LIT_WEIGHTS, checkpoint_dir / LIT_INDEX, *checkpoint_dir.glob("lit_model-*.safetensors")]:
-            stale.unlink(missing_ok=True)
-        if len(shards) == 1:
-            _publish(tmp_dir / "shard-0", checkpoint_dir / LIT_WEIGHTS)
-            return
-        weight_map = {}
-        for i, names in enumerate(shards):
-            file_name = f"lit_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _publish(tmp_dir / f"shard-{i}", checkpoint_dir / file_name)
-            weight_map.update({name: file_name for name in names})
-        atomic_write_text(checkpoint_dir / LIT_INDEX, json.dumps({"weight_map": weight_map}, indent=2))
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------------------------- HF <-> ours
+from model.device import parse_dtype
+from model.weights.checkpoint import save_sharded
 
 
 class WeightMap:

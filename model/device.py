@@ -1,0 +1,46 @@
+"""Devices, precisions and dtypes: one table for every script.
+"""
+
+from __future__ import annotations
+
+import resource
+from typing import Optional
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: Optional[str]) -> Optional[torch.dtype]:
+    if dtype is None:
+        return None
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+PRECISIONS = {"32-true": "float32", "bf16-true": "bfloat16", "16-true": "float16"}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def precision_to_dtype(precision: str | None, device: torch.device) -> torch.dtype:
+    """The weights' dtype for `--precision`; by default bf16 where the hardware has fast bf16, else fp32."""
+    if precision is None:
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if precision not in PRECISIONS:
+        raise ValueError(f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    return getattr(torch, PRECISIONS[precision])
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated by PyTorch, or the process's peak resident memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
