@@ -81,3 +81,20 @@ def atomic_save_figure(fig, path: Path | str, dpi: int = 110) -> None:
         raise
     finally:
         plt.close(fig)
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """A new output directory: it must not exist yet, or be empty."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} exists and is not empty; choose a new --out_dir")
+
+
+def publish_dir(tmp_dir: Path, out_dir: Path) -> None:
+    """Move a finished output directory into place (an empty `out_dir` is replaced), with the permissions of a
+    directory the user made (mkdtemp's are private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_dir, 0o777 & ~umask)
+    if out_dir.exists():
+        out_dir.rmdir()
+    tmp_dir.rename(out_dir)

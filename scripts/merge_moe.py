@@ -41,18 +41,15 @@ from tqdm import tqdm
 from model.cli import run_cli
 from model.config import Config
 from model.device import DTYPES
-from model.files import atomic_save_figure, atomic_write_text
+from model.files import atomic_save_figure, atomic_write_text, check_out_dir, publish_dir
 from model.gpt import GPT
 from model.prompts import load_prompt_style
 from model.tokenizer import Tokenizer
-from model.weights.checkpoint import save_sharded
+from model.weights.checkpoint import copy_checkpoint_files, save_sharded
 from model.weights.convert import hf_config_dict
 from model.workflows.merge import (
     CheckpointReader,
-    check_out_dir,
-    copy_checkpoint_files,
     layer_of,
-    publish_dir,
     resolve_model_dir,
 )
 

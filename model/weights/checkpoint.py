@@ -9,7 +9,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -21,6 +21,11 @@ LIT_WEIGHTS = "lit_model.safetensors"
 
 
 LIT_INDEX = "lit_model.safetensors.index.json"
+# the Hugging Face tokenizer and generation files, which an export to transformers carries
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+# what makes a checkpoint directory complete besides its weights and model_config.yaml
+CHECKPOINT_FILES = TOKENIZER_FILES + ("prompt_style.yaml", "chat_template.jinja")
 
 
 def lit_weight_files(checkpoint_dir: Path) -> list[Path]:
@@ -97,3 +102,33 @@ def save_sharded(
         atomic_write_text(checkpoint_dir / LIT_INDEX, json.dumps({"weight_map": weight_map}, indent=2))
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def copy_checkpoint_files(source_dir: Path, out_dir: Path, names: tuple[str, ...] = CHECKPOINT_FILES) -> None:
+    """Copy the tokenizer, generation config and prompt style that `source_dir` has into `out_dir`."""
+    for name in names:
+        if (Path(source_dir) / name).is_file():
+            shutil.copy2(Path(source_dir) / name, Path(out_dir) / name)
+
+
+def write_checkpoint_dir(tensors: Iterator[tuple[str, torch.Tensor]], config, source_dir: Path, out_dir: Path,
+                         extra: Optional[Callable[[Path], None]] = None) -> None:
+    """A complete checkpoint directory `out_dir` (weights, model_config.yaml, the tokenizer and prompt style of
+    `source_dir`), assembled beside it and renamed into place, so a kill never leaves half a checkpoint. A tied
+    model's head is saved once, as the embedding (loading re-ties it). `extra(directory)` adds files of its own."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tensors = ((k, v) for k, v in tensors if not (config.tie_embeddings and k == "lm_head.weight"))
+        save_sharded(tensors, tmp)
+        config.save(tmp)
+        copy_checkpoint_files(source_dir, tmp)
+        if extra is not None:
+            extra(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)

@@ -245,9 +245,6 @@ def layer_of(tensor_name: str) -> Optional[tuple[int, str]]:
 # ----------------------------------------------------------------------------------------------- configs and outputs
 
 
-# what makes a checkpoint directory complete besides its weights and model_config.yaml
-CHECKPOINT_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                    "generation_config.json", "prompt_style.yaml", "chat_template.jinja")
 
 
 def resolve_model_dir(reference, where: str) -> Path:
@@ -265,29 +262,3 @@ def resolve_model_dir(reference, where: str) -> Path:
         f"{where} not found (no model_config.yaml in {reference} or checkpoints/{reference}). Download and convert"
         f" it with `python scripts/download.py --repo_id {reference}`, or merge a LoRA run into a checkpoint first with `python scripts/merge_lora.py`."
     )
-
-
-def check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose a new --out_dir")
-
-
-def publish_dir(tmp_dir: Path, out_dir: Path) -> None:
-    """Move a finished output directory into place (an empty `out_dir` is replaced), with the permissions of a
-    directory the user made (mkdtemp's are private)."""
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_dir, 0o777 & ~umask)
-    if out_dir.exists():
-        out_dir.rmdir()
-    tmp_dir.rename(out_dir)
-
-
-def copy_checkpoint_files(source_dir: Path, out_dir: Path) -> None:
-    import shutil
-
-    for name in CHECKPOINT_FILES:
-        if (source_dir / name).is_file():
-            shutil.copy2(source_dir / name, out_dir / name)
