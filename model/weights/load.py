@@ -122,7 +122,8 @@ def detect(path: Path | str) -> tuple[Optional[RunKind], Path]:
     if (path / "final" / MODEL_CONFIG).is_file():  # a full fine-tune's out_dir
         return None, path / "final"
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise FileNotFoundError(f"{path} does not exist: pass a checkpoint (make one with `python scripts/download.py`)"
+                                " or the output directory of a fine-tuning run")
     if (path / "training_state.pt").is_file():
         raise FileNotFoundError(
             f"{path} is a step checkpoint of a full fine-tune: it holds the training state for --resume only; use the"
