@@ -74,6 +74,32 @@ def test_convert_cli_with_table_name_and_dtype(tmp_path):
     assert (checkpoint_dir / "prompt_style.yaml").is_file()
 
 
+def test_one_conversion_writes_the_prompt_style_by_template_then_name(tmp_path):
+    """The library's convert_hf_checkpoint (which download.py and convert_hf_checkpoint.py both call) chooses the
+    prompt style from the chat template, else from the model's name, and keeps a prompt_style.yaml already there."""
+    from model.prompts import load_prompt_style
+
+    by_name = tmp_path / "org" / "smollm2-tiny-instruct"
+    save_tiny_model("smollm2", by_name)
+    convert_hf_checkpoint(by_name)
+    assert load_prompt_style(by_name).name == "chatml"
+
+    by_template = tmp_path / "org" / "tiny-templated"
+    save_tiny_model("llama2", by_template)
+    config = json.loads((by_template / "tokenizer_config.json").read_text()) \
+        if (by_template / "tokenizer_config.json").is_file() else {}
+    config["chat_template"] = "{% for m in messages %}<|start_header_id|>{{ m['content'] }}{% endfor %}"
+    (by_template / "tokenizer_config.json").write_text(json.dumps(config))
+    convert_hf_checkpoint(by_template)
+    assert load_prompt_style(by_template).name == "llama3"
+
+    kept = tmp_path / "org" / "tiny-kept"
+    save_tiny_model("llama2", kept)
+    (kept / "prompt_style.yaml").write_text("name: alpaca\n")
+    convert_hf_checkpoint(kept)
+    assert (kept / "prompt_style.yaml").read_text() == "name: alpaca\n"
+
+
 def test_sharded_output_loads_the_same(tmp_path):
     from model.weights.checkpoint import LIT_INDEX, save_sharded
     from model.weights.convert import HFWeights, hf_to_lit

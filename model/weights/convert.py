@@ -13,6 +13,7 @@ from safetensors import SafetensorError, safe_open
 
 from model.config import Config
 from model.device import parse_dtype
+from model.prompts import PromptStyle, has_prompt_style, load_prompt_style, save_prompt_style
 from model.weights.checkpoint import save_sharded
 
 
@@ -225,7 +226,8 @@ def config_for_hf_checkpoint(checkpoint_dir: Path, model_name: Optional[str] = N
 def convert_hf_checkpoint(
     checkpoint_dir: Path | str, model_name: Optional[str] = None, dtype: Optional[str] = None
 ) -> Config:
-    """HF weights in `checkpoint_dir` -> `model_config.yaml` + `lit_model.safetensors` in the same directory."""
+    """HF weights in `checkpoint_dir` -> `model_config.yaml` + `lit_model.safetensors` + `prompt_style.yaml` in the
+    same directory (an existing prompt_style.yaml is kept: it may be the user's choice)."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(f"Checkpoint directory {checkpoint_dir} does not exist")
@@ -233,6 +235,12 @@ def convert_hf_checkpoint(
     weights = HFWeights(checkpoint_dir)
     save_sharded(_progress(hf_to_lit(config, weights, parse_dtype(dtype)), len(weight_maps(config))), checkpoint_dir)
     config.save(checkpoint_dir)
+    if not has_prompt_style(checkpoint_dir):
+        # the checkpoint's own chat template decides; without one, the model's name does
+        style = load_prompt_style(checkpoint_dir)
+        if style.name == "default":
+            style = PromptStyle.from_config(config.hf_repo or config.name)
+        save_prompt_style(style, checkpoint_dir)
     return config
 
 
