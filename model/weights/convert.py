@@ -42,7 +42,7 @@ def _falcon_qkv(config: Config) -> tuple[Callable, Callable]:
     """Falcon fuses q, k, v per key/value group: [q_1..q_m, k, v] for each group (new architecture, and old
     multi-head with m=1), or [all q, k, v] for multi-query, which is already our layout."""
     n_head, groups, hs = config.n_head, config.n_query_groups, config.head_size
-    new_arch = config.extra.get("falcon_new_decoder_architecture", False)
+    new_arch = config.falcon_new_decoder_architecture
     if groups == 1 and not new_arch:
         return (lambda ts: ts), (lambda ts: ts)
     q_per_kv = n_head // groups
@@ -73,7 +73,7 @@ def weight_maps(config: Config) -> list[WeightMap]:
         maps.append(WeightMap("transformer.wte.weight", ["transformer.word_embeddings.weight"]))
         for i in range(config.n_layer):
             hf, lit = f"transformer.h.{i}", f"transformer.h.{i}"
-            if config.extra.get("falcon_new_decoder_architecture") and not config.shared_attention_norm:
+            if config.falcon_new_decoder_architecture and not config.shared_attention_norm:
                 norms = [("norm_1", "ln_attn"), ("norm_2", "ln_mlp")]
             elif config.shared_attention_norm:
                 norms = [("norm_1", "input_layernorm")]
@@ -264,7 +264,7 @@ def hf_config_dict(config: Config) -> dict:
         "tie_word_embeddings": config.tie_embeddings,
     }
     if arch == "FalconForCausalLM":
-        new_arch = config.extra.get("falcon_new_decoder_architecture", False)
+        new_arch = config.falcon_new_decoder_architecture
         return dict(
             c, model_type="falcon", num_kv_heads=config.n_query_groups, new_decoder_architecture=new_arch,
             multi_query=config.n_query_groups == 1, parallel_attn=config.parallel_residual, bias=config.bias,
