@@ -11,7 +11,7 @@ import torch
 import transformers
 from hf_models import VOCAB, hf_configs, save_tiny_model
 
-from model import GPT, Config
+from model import GPT
 from model.weights.convert import convert_hf_checkpoint
 
 ROOT = Path(__file__).parent.parent

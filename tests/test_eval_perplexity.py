@@ -4,7 +4,6 @@ every bad input is one `error:` line.
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
