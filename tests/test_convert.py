@@ -156,3 +156,24 @@ def test_load_missing_or_corrupt_checkpoint(tmp_path):
     (checkpoint_dir / "lit_model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a valid safetensors file"):
         GPT.from_checkpoint(checkpoint_dir)
+
+
+def test_convert_to_hf_takes_a_full_fine_tunes_out_dir_and_refuses_an_adapter_run(tmp_path, capsys):
+    import shutil
+
+    from conftest import cli_error, load_script
+
+    convert_to_hf = load_script("scripts/convert_to_hf.py").convert_to_hf
+    checkpoint_dir = tmp_path / "org" / "tiny"
+    save_tiny_model("llama2", checkpoint_dir)
+    convert_hf_checkpoint(checkpoint_dir)
+    shutil.copytree(checkpoint_dir, tmp_path / "full" / "final")
+    convert_to_hf(tmp_path / "full", tmp_path / "hf")
+    assert (tmp_path / "hf" / "config.json").is_file()
+
+    (tmp_path / "lora" / "final").mkdir(parents=True)
+    (tmp_path / "lora" / "final" / "lora.safetensors").write_bytes(b"")
+    error = cli_error(capsys, convert_to_hf, ["--checkpoint_dir", str(tmp_path / "lora"), "--output_dir",
+                                              str(tmp_path / "hf2")])
+    assert "is a LoRA/DoRA run, not a checkpoint" in error and "merge_lora.py" in error
+    assert not (tmp_path / "hf2").exists()
