@@ -37,7 +37,7 @@ from model.weights.load import load_model
 
 lora = load_script("finetune/lora.py")
 merge_lora = load_script("scripts/merge_lora.py")
-generate_lora = load_script("generate/lora.py")
+generate_base = load_script("generate/base.py")
 
 # what a script started here runs with: one thread, like the in-process runs, so their numbers agree bitwise
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -166,10 +166,11 @@ def test_lora_overfits_and_writes_a_complete_run(tiny_dir, make_data, tmp_path, 
 
 
 def generate_lora_model(monkeypatch, lora_dir: Path) -> GPT:
-    """The model generate/lora.py builds for `lora_dir` (base loaded and quantized as trained, adapter injected)."""
+    """The model generate/base.py builds for the run `lora_dir` (base loaded and quantized as trained, adapter
+    injected)."""
     built = []
-    monkeypatch.setattr(generate_lora, "generate_and_print", lambda model, *args: built.append(model))
-    generate_lora.main(lora_dir=lora_dir, device="cpu")
+    monkeypatch.setattr(generate_base, "generate_and_print", lambda model, *args: built.append(model))
+    generate_base.main(checkpoint_dir=lora_dir, device="cpu")
     return built[0]
 
 
@@ -184,7 +185,7 @@ def test_dora_qlora_qdora_train_and_merge_into_the_same_function(variant, tiny_d
     adapter = load_file(out_dir / "final" / LORA_WEIGHTS)
     assert any(key.endswith(".magnitude") for key in adapter) == variant.get("dora", False)
 
-    merge_lora.merge(lora_dir=out_dir, out_dir=merged_dir)
+    merge_lora.merge(checkpoint_dir=out_dir, out_dir=merged_dir)
     merged = GPT.from_checkpoint(merged_dir)
     unmerged = generate_lora_model(monkeypatch, out_dir)
     base = load_model(tiny_dir, device="cpu", quantize=variant.get("quantize"))
@@ -441,14 +442,14 @@ def test_merge_refuses_an_adapter_of_another_rank(finished_run, tmp_path, capsys
     shutil.copytree(finished_run / "final", run_dir)
     hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
     (run_dir / "hparams.yaml").write_text(yaml.safe_dump({**hparams, "lora_r": 4}))
-    error = cli_error(capsys, merge_lora.merge, ["--lora_dir", str(run_dir), "--out_dir", str(tmp_path / "merged")])
+    error = cli_error(capsys, merge_lora.merge, ["--checkpoint_dir", str(run_dir), "--out_dir", str(tmp_path / "merged")])
     assert "trained with r=8 but the model has r=4" in error
     assert not (tmp_path / "merged").exists()
 
 
 def test_merge_refuses_a_non_empty_out_dir(finished_run, tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("mine")
-    error = cli_error(capsys, merge_lora.merge, ["--lora_dir", str(finished_run), "--out_dir", str(tmp_path)])
+    error = cli_error(capsys, merge_lora.merge, ["--checkpoint_dir", str(finished_run), "--out_dir", str(tmp_path)])
     assert f"{tmp_path} is not empty" in error
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
@@ -465,7 +466,7 @@ def test_real_model_finetunes_and_generates_with_the_adapter(smollm2_dir, tmp_pa
     losses = [float(row["loss"]) for row in training_rows(out_dir)]
     # a pretrained model predicts these answers far better than chance (ln 49152 = 10.8)
     assert len(losses) == 2 and all(loss < 6 for loss in losses), losses
-    result = subprocess.run([sys.executable, str(ROOT / "generate/lora.py"), "--lora_dir", str(out_dir),
+    result = subprocess.run([sys.executable, str(ROOT / "generate/base.py"), "--checkpoint_dir", str(out_dir),
                              "--prompt", "Convert this sentence to uppercase: the cat sat", "--temperature", "0",
                              "--max_new_tokens", "12"], cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True,
                             timeout=300)

@@ -35,20 +35,12 @@ from pathlib import Path
 
 import torch
 
+from model.data.chat import chat_field, chat_messages
 from model.data.records import Record, RecordError, field
 from model.data.sft import IGNORE_INDEX
 from model.files import publish_file
 from model.prompts import Alpaca, Message, PromptStyle
 from model.tokenizer import Tokenizer
-
-# ShareGPT dumps name the speakers in several ways; these are the ones found in the common releases.
-SHAREGPT_ROLES = {
-    "system": "system",
-    "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant", "bing": "assistant",
-    "model": "assistant",
-}
-
 
 @dataclass
 class Example:
@@ -140,32 +132,12 @@ def _reversed_turns(messages: list[Message], where: str) -> list[Message]:
 def chat_example(
     record: Record, system: str | None = None, *, reverse: bool = False, task: str | None = None
 ) -> Example:
-    """An example from a chat row: OpenAI-style `messages` ([{"role", "content"}], roles system/user/assistant) or
-    ShareGPT `conversations` ([{"from", "value"}], from human/gpt/system and the other names in SHAREGPT_ROLES)."""
-    row, where = record.row, record.where
-    if "messages" in row:
-        key, role_key, content_key, roles = "messages", "role", "content", {r: r for r in ("system", "user", "assistant")}
-    elif "conversations" in row:
-        key, role_key, content_key, roles = "conversations", "from", "value", SHAREGPT_ROLES
-    else:
-        raise RecordError(f"{where}: missing field 'messages' or 'conversations' (it has {sorted(row)})")
-    turns = row[key]
-    if not isinstance(turns, list) or not turns:
-        raise RecordError(f"{where}: field {key!r} should be a non-empty list of turns, got {turns!r:.80}")
-    messages = []
-    for index, turn in enumerate(turns):
-        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
-            raise RecordError(f"{where}: {key} turn {index} should be an object with {role_key!r} and"
-                              f" {content_key!r}, got {turn!r:.80}")
-        role = roles.get(str(turn[role_key]).lower())
-        if role is None:
-            raise RecordError(f"{where}: {key} turn {index} has the unknown {role_key} {turn[role_key]!r};"
-                              f" expected one of {', '.join(roles)}")
-        if not isinstance(turn[content_key], str):
-            raise RecordError(f"{where}: {key} turn {index}: {content_key!r} should be text, got"
-                              f" {type(turn[content_key]).__name__}")
-        messages.append({"role": role, "content": turn[content_key]})
-    return conversation_example(messages, system, reverse=reverse, where=where, task=task)
+    """An example from a chat row: OpenAI-style `messages` ([{"role", "content"}]) or ShareGPT `conversations`
+    ([{"from", "value"}]), read by model.data.chat (roles system/user/assistant and ShareGPT's names, any case)."""
+    messages = chat_messages(record)
+    if not messages:
+        raise RecordError(f"{record.where}: field {chat_field(record.row)!r} should be a non-empty list of turns")
+    return conversation_example(messages, system, reverse=reverse, where=record.where, task=task)
 
 
 def optional_field(record: Record, name: str | None) -> str | None:

@@ -13,6 +13,7 @@ from safetensors import SafetensorError, safe_open
 
 from model.config import Config
 from model.device import parse_dtype
+from model.prompts import PromptStyle, has_prompt_style, load_prompt_style, save_prompt_style
 from model.weights.checkpoint import save_sharded
 
 
@@ -41,7 +42,7 @@ def _falcon_qkv(config: Config) -> tuple[Callable, Callable]:
     """Falcon fuses q, k, v per key/value group: [q_1..q_m, k, v] for each group (new architecture, and old
     multi-head with m=1), or [all q, k, v] for multi-query, which is already our layout."""
     n_head, groups, hs = config.n_head, config.n_query_groups, config.head_size
-    new_arch = config.extra.get("falcon_new_decoder_architecture", False)
+    new_arch = config.falcon_new_decoder_architecture
     if groups == 1 and not new_arch:
         return (lambda ts: ts), (lambda ts: ts)
     q_per_kv = n_head // groups
@@ -72,7 +73,7 @@ def weight_maps(config: Config) -> list[WeightMap]:
         maps.append(WeightMap("transformer.wte.weight", ["transformer.word_embeddings.weight"]))
         for i in range(config.n_layer):
             hf, lit = f"transformer.h.{i}", f"transformer.h.{i}"
-            if config.extra.get("falcon_new_decoder_architecture") and not config.shared_attention_norm:
+            if config.falcon_new_decoder_architecture and not config.shared_attention_norm:
                 norms = [("norm_1", "ln_attn"), ("norm_2", "ln_mlp")]
             elif config.shared_attention_norm:
                 norms = [("norm_1", "input_layernorm")]
@@ -225,7 +226,8 @@ def config_for_hf_checkpoint(checkpoint_dir: Path, model_name: Optional[str] = N
 def convert_hf_checkpoint(
     checkpoint_dir: Path | str, model_name: Optional[str] = None, dtype: Optional[str] = None
 ) -> Config:
-    """HF weights in `checkpoint_dir` -> `model_config.yaml` + `lit_model.safetensors` in the same directory."""
+    """HF weights in `checkpoint_dir` -> `model_config.yaml` + `lit_model.safetensors` + `prompt_style.yaml` in the
+    same directory (an existing prompt_style.yaml is kept: it may be the user's choice)."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(f"Checkpoint directory {checkpoint_dir} does not exist")
@@ -233,6 +235,12 @@ def convert_hf_checkpoint(
     weights = HFWeights(checkpoint_dir)
     save_sharded(_progress(hf_to_lit(config, weights, parse_dtype(dtype)), len(weight_maps(config))), checkpoint_dir)
     config.save(checkpoint_dir)
+    if not has_prompt_style(checkpoint_dir):
+        # the checkpoint's own chat template decides; without one, the model's name does
+        style = load_prompt_style(checkpoint_dir)
+        if style.name == "default":
+            style = PromptStyle.from_config(config.hf_repo or config.name)
+        save_prompt_style(style, checkpoint_dir)
     return config
 
 
@@ -256,7 +264,7 @@ def hf_config_dict(config: Config) -> dict:
         "tie_word_embeddings": config.tie_embeddings,
     }
     if arch == "FalconForCausalLM":
-        new_arch = config.extra.get("falcon_new_decoder_architecture", False)
+        new_arch = config.falcon_new_decoder_architecture
         return dict(
             c, model_type="falcon", num_kv_heads=config.n_query_groups, new_decoder_architecture=new_arch,
             multi_query=config.n_query_groups == 1, parallel_attn=config.parallel_residual, bias=config.bias,
