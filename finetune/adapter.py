@@ -248,7 +248,7 @@ def train(fabric: L.Fabric, state: dict, args: TrainArgs, *, train_data: list, v
                 validate(fabric, model, val_data, collate, tokenizer, args, metrics, step)
             if step % args.save_interval == 0 or step == max_steps:
                 state["rng"] = rng_state()
-                # the adapter alone too, for generate/adapter.py
+                # the adapter alone too, so generate/ and eval/ read a step directory as a run
                 path = save_training_state(fabric, args.out_dir, step, state, trainable_only=True,
                                            extra=lambda directory: save_adapter(model, directory, hparams))
                 print_rank0(fabric, f"Saved a checkpoint to {path}")

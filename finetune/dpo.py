@@ -21,12 +21,12 @@ adapters switched off (`model.lora.lora_disabled`), so no second copy is held; w
 `<data_dir>/reference/` under a hash of the data file, the checkpoint's weights, max_seq_length, dtype and
 quantization, and every later run with the same inputs reuses them without loading a reference.
 
-To align an SFT model, merge the SFT adapter first (`scripts/merge_lora.py --lora_dir out/lora --out_dir
+To align an SFT model, merge the SFT adapter first (`scripts/merge_lora.py --checkpoint_dir out/lora --out_dir
 checkpoints/my/sft`) and pass that directory as `--checkpoint_dir`: it is both the starting point and the reference.
 
 The run directory is laid out as finetune/lora.py's (or, with --method full, finetune/full.py's): hparams.yaml,
 metrics.csv (loss, rewards, reward margin and preference accuracy on train and validation), resumable step-NNNNNN/
-checkpoints and final/, which generate/lora.py, eval/tasks.py and scripts/merge_lora.py read as they read an SFT run.
+checkpoints and final/, which generate/base.py, eval/tasks.py and scripts/merge_lora.py read as they read an SFT run.
 """
 
 import math

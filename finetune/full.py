@@ -7,7 +7,7 @@ gradient and AdamW's two moments), 16 bytes per weight in fp32 and with bf16-mix
 finetune/lora.py or finetune/adapter.py where that does not fit. The run directory gets `hparams.yaml` (every flag),
 `metrics.csv`, resumable checkpoints `step-NNNNNN/` and, in `final/`, a complete checkpoint directory
 (`lit_model.safetensors`, `model_config.yaml`, the tokenizer files, `prompt_style.yaml`, `hparams.yaml`) that
-every script reads like any other: `python generate/full.py --checkpoint_dir out/full`. To save disk, a step
+every script reads like any other: `python generate/base.py --checkpoint_dir out/full`. To save disk, a step
 directory holds only the training state (`training_state.pt`, model and optimizer, for `--resume`), not a
 checkpoint directory. Copy this file and edit it: the loop is all here.
 """

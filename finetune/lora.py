@@ -4,8 +4,8 @@
 
 The base model is frozen (and, with `--quantize`, stored in 4 or 8 bits); only the low-rank adapters (and DoRA's
 magnitudes) train. The run directory gets `hparams.yaml` (every flag), `metrics.csv`, resumable checkpoints
-`step-NNNNNN/` and the adapter in `final/` (`lora.safetensors` + `hparams.yaml`), which `generate/lora.py`,
-`scripts/merge_lora.py` and `scripts/export_peft.py` read. Copy this file and edit it: the loop is all here.
+`step-NNNNNN/` and the adapter in `final/` (`lora.safetensors` + `hparams.yaml`), which every generate
+and eval script, `scripts/merge_lora.py` and `scripts/export_peft.py` read (`--checkpoint_dir out/lora`). Copy this file and edit it: the loop is all here.
 """
 
 import math
@@ -265,7 +265,7 @@ def train(fabric: L.Fabric, state: dict, args: TrainArgs, *, train_data: list, v
                 validate(fabric, model, val_data, collate, tokenizer, args, metrics, step)
             if step % args.save_interval == 0 or step == max_steps:
                 state["rng"] = rng_state()
-                # the adapter alone too, for generate/lora.py and merge_lora.py
+                # the adapter alone too, so generate/, eval/ and merge_lora.py read a step directory as a run
                 path = save_training_state(fabric, args.out_dir, step, state, trainable_only=True,
                                            extra=lambda directory: save_adapter(model, directory, hparams))
                 print_rank0(fabric, f"Saved a checkpoint to {path}")

@@ -257,7 +257,7 @@ def resolve_model_dir(reference, where: str) -> Path:
             return candidate
     if (Path(reference) / "hparams.yaml").is_file():
         raise FileNotFoundError(f"{where} is a fine-tuning run, not a checkpoint; merge it into one first with"
-                                f" `python scripts/merge_lora.py --lora_dir {reference} --out_dir DIR`")
+                                f" `python scripts/merge_lora.py --checkpoint_dir {reference} --out_dir DIR`")
     raise FileNotFoundError(
         f"{where} not found (no model_config.yaml in {reference} or checkpoints/{reference}). Download and convert"
         f" it with `python scripts/download.py --repo_id {reference}`, or merge a LoRA run into a checkpoint first with `python scripts/merge_lora.py`."
