@@ -17,9 +17,11 @@ from pathlib import Path
 
 from model.cli import run_cli
 from model.data.sft import encode_example, save_dataset
+
 # the task set lives in the library (scripts/prepare_preferences.py judges answers with it); re-exported here
 from model.data.tasks import (  # noqa: F401
     NUMBER,
+    SYSTEM_PROMPTS,
     TASKS,
     check_answer,
     generate_pairs,
