@@ -248,7 +248,8 @@ def on_policy_task_pairs(from_run: Path, num_train: int, num_test: int, tasks: s
         print(f"Answering {len(items)} {split} prompts {samples_per_prompt} time(s) each with {from_run}")
         t0 = time.perf_counter()
         answers = sample_answers(loaded.model, tokenizer, [style.apply(i.instruction, i.system) for i in items],
-                                 samples_per_prompt, temperature, max_new_tokens, batch_size, seed=hash_seed(seed, split),
+                                 samples_per_prompt, temperature, max_new_tokens, batch_size,
+                                 seed=hash_seed(seed, split),
                                  stop_strings=style.stop_tokens())
         rows, counts = wrong_answer_pairs(items, answers, lambda i, a: check_answer(i.task, i.instruction, a),
                                           max_pairs_per_prompt)

@@ -4,9 +4,9 @@
 
 Needs no download: every sample is made here from the sentences in scripts/data/sentences.txt, by a task such as
 "reverse the word order" or "count the words" (see TASKS in model/data/tasks.py). The sentences are split first,
-so the test samples are about sentences that no training sample contains, and test accuracy measures whether the model learned the task
-rather than the sentences. Each task has a few phrasings of its instruction, so the model learns the task rather
-than one string. The same flags give byte-identical files.
+so the test samples are about sentences that no training sample contains, and test accuracy measures whether the
+model learned the task rather than the sentences. Each task has a few phrasings of its instruction, so the model
+learns the task rather than one string. The same flags give byte-identical files.
 
 Writes data/tasks/train.pt, test.pt and meta.json in the format described in model/data.py, tokenized with the
 checkpoint's tokenizer and rendered with its prompt style.

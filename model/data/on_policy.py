@@ -24,7 +24,8 @@ class PromptItem:
 
 
 def sample_answers(model, tokenizer, rendered_prompts: Sequence[str], samples_per_prompt: int, temperature: float,
-                   max_new_tokens: int, batch_size: int, seed: int, stop_strings: Sequence[str] = ()) -> list[list[str]]:
+                   max_new_tokens: int, batch_size: int, seed: int,
+                   stop_strings: Sequence[str] = ()) -> list[list[str]]:
     """`samples_per_prompt` answers to each prompt (already rendered in the model's prompt style): the first greedy
     (the answer an exact-match evaluation sees), the others sampled at `temperature` with a seeded generator, so the
     same flags give the same answers. Each answer ends at a stop token or at the first of `stop_strings`."""

@@ -129,7 +129,8 @@ def plot_lr_find(result: LRFindResult, path: Path, title: str = "LR range test")
     ax.plot(result.lrs, result.losses, color="0.75", linewidth=1, label="loss")
     ax.plot(result.lrs, result.smoothed, color="C0", linewidth=2, label="smoothed loss")
     ax.axvline(result.min_loss_lr, color="C2", linestyle=":", label=f"lowest loss at {result.min_loss_lr:.2g}")
-    ax.axvline(result.suggestion, color="C3", linestyle="--", label=f"suggested --learning_rate {result.suggestion:.2g}")
+    ax.axvline(result.suggestion, color="C3", linestyle="--",
+               label=f"suggested --learning_rate {result.suggestion:.2g}")
     if result.diverged_at is not None:
         ax.axvline(result.diverged_at, color="k", linestyle="-", linewidth=0.8,
                    label=f"diverged at {result.diverged_at:.2g}")
