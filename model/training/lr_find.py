@@ -135,9 +135,9 @@ def plot_lr_find(result: LRFindResult, path: Path, title: str = "LR range test")
         ax.axvline(result.diverged_at, color="k", linestyle="-", linewidth=0.8,
                    label=f"diverged at {result.diverged_at:.2g}")
     ax.set_xscale("log")
-    finite = [loss for loss in result.smoothed if math.isfinite(loss)]
-    if finite:  # the last raw losses of a divergence would squash the interesting part of the curve
-        ax.set_ylim(min(finite) * 0.9, max(result.smoothed[0], min(finite)) * 1.6)
+    lowest = min([loss for loss in result.losses + result.smoothed if math.isfinite(loss)], default=None)
+    if lowest is not None:  # the last raw losses of a divergence would squash the interesting part of the curve
+        ax.set_ylim(lowest * 0.9, max(result.smoothed[0], lowest) * 1.6)
     ax.set_xlabel("learning rate")
     ax.set_ylabel("training loss")
     ax.set_title(title)
