@@ -52,14 +52,16 @@ def test_only_wrong_answers_become_rejected_each_with_its_own_prompt():
         by_prompt.setdefault(instruction, []).append(rejected)
     assert by_prompt == {items[0].instruction: ["THE RED FOX ran", "THE RED FOX"],
                          items[2].instruction: ["3", "Big blue sky"]}
-    assert counts == {"answers": 10, "right": 4, "empty": 1, "duplicate": 1, "prompts_without_a_wrong_answer": 1}
+    assert counts == {"answers": 10, "right": 4, "empty": 1, "duplicate": 1, "beyond_max_pairs": 0,
+                      "prompts_without_a_wrong_answer": 1}
     assert [row[0] for row in rows] == ["p0, own answer 1", "p0, own answer 2", "p2, own answer 1", "p2, own answer 2"]
 
 
 def test_max_pairs_per_prompt_keeps_the_first_wrong_answers():
     items, answers = items_and_answers()
-    rows, _ = wrong_answer_pairs(items, answers, is_right, max_pairs_per_prompt=1)
+    rows, counts = wrong_answer_pairs(items, answers, is_right, max_pairs_per_prompt=1)
     assert [(row[0], row[3]) for row in rows] == [("p0", "THE RED FOX ran"), ("p2", "3")]
+    assert counts["beyond_max_pairs"] == 2 and counts["duplicate"] == 1
     with pytest.raises(ValueError, match="at least 1"):
         wrong_answer_pairs(items, answers, is_right, max_pairs_per_prompt=0)
     with pytest.raises(ValueError, match="3 prompts but 2"):

@@ -64,12 +64,15 @@ def wrong_answer_pairs(items: Sequence[PromptItem], answers: Sequence[Sequence[s
     """Rows (where, instruction, gold, wrong answer, system, task) for prepare_preferences: for each prompt, up to
     `max_pairs_per_prompt` of its own distinct answers that `is_right` rejects, in the order generated. An answer
     is only ever paired with the prompt it answers, never with the gold answer itself, and a right answer is never
-    rejected. Also counts what was left out: prompts answered right every time, empty answers, duplicates."""
+    rejected. Also counts what was left out: right, empty and repeated answers, wrong ones beyond the cap, and
+    prompts without a wrong answer."""
     if max_pairs_per_prompt < 1:
         raise ValueError(f"--max_pairs_per_prompt must be at least 1, got {max_pairs_per_prompt}")
     if len(items) != len(answers):
         raise ValueError(f"{len(items)} prompts but {len(answers)} lists of answers")
-    rows, counts = [], {"answers": 0, "right": 0, "empty": 0, "duplicate": 0, "prompts_without_a_wrong_answer": 0}
+    rows = []
+    counts = {"answers": 0, "right": 0, "empty": 0, "duplicate": 0, "beyond_max_pairs": 0,
+              "prompts_without_a_wrong_answer": 0}
     for item, own in zip(items, answers):
         kept: list[str] = []
         for answer in own:
@@ -82,6 +85,8 @@ def wrong_answer_pairs(items: Sequence[PromptItem], answers: Sequence[Sequence[s
                 counts["duplicate"] += 1
             elif len(kept) < max_pairs_per_prompt:
                 kept.append(answer.strip())
+            else:
+                counts["beyond_max_pairs"] += 1
         if not kept:
             counts["prompts_without_a_wrong_answer"] += 1
         suffix = len(kept) > 1
