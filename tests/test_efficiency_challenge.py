@@ -27,7 +27,8 @@ def test_every_config_is_covered():
 def cli_function(script: str):
     """The function a script hands to run_cli, read from its source (the name in `run_cli(name)`)."""
     tree = ast.parse((ROOT / script).read_text(encoding="utf-8"))
-    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "run_cli"]
+    calls = [node for node in ast.walk(tree)
+             if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "run_cli"]
     return calls[-1].args[0].id, {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
 
 
