@@ -4,8 +4,9 @@
 
 The base model is frozen (and, with `--quantize`, stored in 4 or 8 bits); only the low-rank adapters (and DoRA's
 magnitudes) train. The run directory gets `hparams.yaml` (every flag), `metrics.csv`, resumable checkpoints
-`step-NNNNNN/` and the adapter in `final/` (`lora.safetensors` + `hparams.yaml`), which every generate
-and eval script, `scripts/merge_lora.py` and `scripts/export_peft.py` read (`--checkpoint_dir out/lora`). Copy this file and edit it: the loop is all here.
+`step-NNNNNN/` and the adapter in `final/` (`lora.safetensors` + `hparams.yaml`), which every generate and eval
+script, `scripts/merge_lora.py` and `scripts/export_peft.py` read (`--checkpoint_dir out/lora`). Copy this file and
+edit it: the loop is all here.
 """
 
 import math
