@@ -45,6 +45,6 @@ python finetune/lora.py --checkpoint_dir "$CHECKPOINT" --data_dir data/tasks --o
   --eval_interval 110 --eval_iters 2 --save_interval 55 --resume auto
 
 echo "=== After fine-tuning (the same 200 prompts)"
-python eval/tasks.py --lora_dir "$OUT/lora" --data_dir data/tasks --max_new_tokens 48 --precision "$PRECISION" \
+python eval/tasks.py --checkpoint_dir "$OUT/lora" --data_dir data/tasks --max_new_tokens 48 --precision "$PRECISION" \
   --out_dir "$OUT/after"
-python generate/lora.py --lora_dir "$OUT/lora" --prompt "$QUESTION" --temperature 0 --max_new_tokens 32
+python generate/base.py --checkpoint_dir "$OUT/lora" --prompt "$QUESTION" --temperature 0 --max_new_tokens 32

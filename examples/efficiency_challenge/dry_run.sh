@@ -51,7 +51,7 @@ python finetune/lora.py --config $CONFIGS/qlora_4090_24gb.yaml --checkpoint_dir 
   --warmup_steps 1 --max_seq_length 256 --eval_interval 1 --eval_iters 1 --save_interval 1
 
 stage "5. merge"
-python scripts/merge_lora.py --lora_dir "$OUT/lora" --out_dir "$OUT/merged"
+python scripts/merge_lora.py --checkpoint_dir "$OUT/lora" --out_dir "$OUT/merged"
 
 stage "6. evaluate (the bundled offline lm-eval task instead of the leaderboard tasks, which need a download)"
 python eval/lm_eval_harness.py --config $CONFIGS/eval.yaml --checkpoint_dir "$OUT/merged" --tasks forge_local \
