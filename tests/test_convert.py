@@ -124,7 +124,7 @@ def test_named_configs():
         ("wrong_arch", [], "Unsupported architecture"),
         ("ok", ["--dtype", "float8"], "float8"),
         ("ok", ["--model_name", "Llama-9-1T"], "Unknown model name"),
-        ("mismatch", ["--model_name", "Llama-2-7b-hf"], "tensors are missing"),
+        ("mismatch", ["--model_name", "Llama-2-7b-hf"], "does not match"),
     ],
 )
 def test_convert_bad_input(tmp_path, setup, args, message):

@@ -5,6 +5,7 @@ metrics and the progress line. The training loops themselves stay in the scripts
 from __future__ import annotations
 
 import csv
+import io
 import math
 import random
 import shutil
@@ -142,6 +143,28 @@ def load_training_state(fabric, path: Path, state: dict, trainable_only: bool) -
     fabric.load(path / "training_state.pt", state, strict=not trainable_only, weights_only=True)
 
 
+def check_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], checkpoint_dir: Path) -> None:
+    """The weights of `checkpoint_dir` must fit the model its model_config.yaml describes, and be finite: one line
+    naming the first tensor that does not, instead of a shape error deep in load_state_dict or a NaN loss later."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing = [name for name in expected if name not in state_dict and name != "lm_head.weight"]
+    unexpected = [name for name in state_dict if name not in expected]
+    where = f"{checkpoint_dir}: model_config.yaml does not match the weights"
+    if missing or unexpected:
+        first = f"{missing[0]} is missing" if missing else f"{unexpected[0]} is not in the model"
+        raise ValueError(f"{where} ({first}; {len(missing)} missing, {len(unexpected)} unexpected tensors). Convert"
+                         " the checkpoint again, or restore its model_config.yaml")
+    for name, tensor in state_dict.items():
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(f"{where}: {name} is {list(tensor.shape)} in the weights, {list(expected[name])} in the"
+                             " config. Convert the checkpoint again, or restore its model_config.yaml")
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{checkpoint_dir}: the weights hold NaN/inf values ({bad} in {name}); the checkpoint is"
+                             " damaged. Download or convert it again")
+
+
 def save_hparams(out_dir: Path, hparams: dict) -> None:
     """Every flag of the run, so later scripts (merge, generate, export) never ask the user to repeat them."""
     plain = {k: (str(v) if isinstance(v, Path) else v) for k, v in hparams.items()}
@@ -164,11 +187,14 @@ class MetricsLogger:
         rows = []
         if resume_step is not None and self.path.is_file():
             with open(self.path, newline="") as fp:
-                rows = [r for r in csv.DictReader(fp) if int(r["step"]) <= resume_step]
-        with open(self.path, "w", newline="") as fp:
-            writer = csv.DictWriter(fp, fieldnames=fieldnames)
-            writer.writeheader()
-            writer.writerows(rows)
+                # a row torn by a kill mid-append has no valid step: dropped with the rows after the checkpoint
+                rows = [r for r in csv.DictReader(fp) if _step(r) is not None and _step(r) <= resume_step]
+        # rewritten through a temporary file: a kill here leaves the old file whole, never a truncated one
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, fieldnames=fieldnames, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.path, buffer.getvalue())
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -185,6 +211,13 @@ class MetricsLogger:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.tensorboard.add_scalar(key, value, row["step"])
+
+
+def _step(row: dict) -> Optional[int]:
+    try:
+        return int(row["step"])
+    except (TypeError, ValueError, KeyError):
+        return None
 
 
 @dataclass
