@@ -315,15 +315,16 @@ def split_stats(samples: list[dict], dropped: int = 0) -> dict:
 
 
 def write_prepared(out_dir: Path | str, splits: dict[str, list[dict]], meta: dict) -> None:
-    """Write `<split>.pt` for each split and meta.json, all or nothing: every file goes to a temporary file first;
-    the old meta.json is removed before the first rename and the new one renamed last, so the directory is
-    complete exactly when it has a meta.json (`check_prepared_data` refuses it otherwise: a kill between two renames
-    never passes a new train.pt beside an old test.pt). A failure leaves `out_dir` as it was (and does not leave a
-    new, empty `out_dir` behind); the temporary files of a killed run are removed by the next one."""
+    """Write `<split>.pt` for each split and meta.json, all or nothing: every file goes to a temporary file first and
+    they are renamed into place only once all are complete, meta.json last, so a failure leaves `out_dir` as it was
+    (and does not leave a new, empty `out_dir` behind). meta.json records the SHA-256 of each split file: a kill
+    between two renames (a new train.pt beside an old test.pt) is found and refused by `check_prepared_data`. The
+    temporary files of a killed run are removed by the next one."""
     out_dir = Path(out_dir)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     contents = {f"{name}.pt": _torch_bytes(samples) for name, samples in splits.items()}
+    meta = {**meta, "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}}
     contents["meta.json"] = (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode()
     for name in contents:
         for leftover in out_dir.glob(f".{name}.*.tmp"):
@@ -334,7 +335,6 @@ def write_prepared(out_dir: Path | str, splits: dict[str, list[dict]], meta: dic
             fd, temporary[name] = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
             with os.fdopen(fd, "wb") as file:
                 file.write(data)
-        (out_dir / "meta.json").unlink(missing_ok=True)
         for name, tmp in temporary.items():  # meta.json is the last key: it is published last
             publish_file(tmp, out_dir / name)
     except BaseException:
@@ -356,30 +356,43 @@ def tokenizer_fingerprint(checkpoint_dir: Path | str) -> str:
     return digest.hexdigest()
 
 
-def check_prepared_data(data_dir: Path | str, checkpoint_dir: Path | str) -> dict:
-    """The meta.json of prepared data, checked against the checkpoint it is used with: data prepared with another
-    tokenizer (same vocabulary size or not) is refused, as is a directory whose preparation did not finish."""
+def check_prepared_data(data_dir: Path | str, checkpoint_dir: Path | str, splits: tuple[str, ...] = ("train", "test")
+                        ) -> dict:
+    """The meta.json of prepared data, checked against the checkpoint it is used with and against the split files:
+    data prepared with another tokenizer (same vocabulary size or not) is refused, and so is a directory whose
+    preparation did not finish (a split file that is not the one meta.json describes)."""
     data_dir, checkpoint_dir = Path(data_dir), Path(checkpoint_dir)
     meta_path = data_dir / "meta.json"
+    again = f"Prepare it again with a scripts/prepare_*.py script and --checkpoint_dir {checkpoint_dir}"
     if not meta_path.is_file():
-        raise FileNotFoundError(
-            f"{meta_path} not found: {data_dir} is not prepared data, or its preparation was interrupted. Prepare it"
-            f" (again) with a scripts/prepare_*.py script and --checkpoint_dir {checkpoint_dir}")
+        raise FileNotFoundError(f"{meta_path} not found: {data_dir} is not prepared data, or its preparation was"
+                                f" interrupted. {again}")
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{meta_path} is not valid JSON ({e}); prepare the data again") from None
+        raise ValueError(f"{meta_path} is not valid JSON ({e}). {again}") from None
     prepared_with = meta.get("checkpoint_dir", "another checkpoint")
     fingerprint = meta.get("tokenizer_sha256")
     if fingerprint is not None and fingerprint != tokenizer_fingerprint(checkpoint_dir):
-        raise ValueError(
-            f"{data_dir} was prepared with the tokenizer of {prepared_with}, which differs from {checkpoint_dir}'s:"
-            f" its token ids mean other words here. Prepare the data again with --checkpoint_dir {checkpoint_dir}")
+        raise ValueError(f"{data_dir} was prepared with the tokenizer of {prepared_with}, which differs from"
+                         f" {checkpoint_dir}'s: its token ids mean other words here. {again}")
     if fingerprint is None and "vocab_size" in meta and meta["vocab_size"] != Tokenizer(checkpoint_dir).vocab_size:
-        raise ValueError(
-            f"{data_dir} was prepared for a vocabulary of {meta['vocab_size']} tokens ({prepared_with}), not"
-            f" {checkpoint_dir}'s. Prepare the data again with --checkpoint_dir {checkpoint_dir}")
+        raise ValueError(f"{data_dir} was prepared for a vocabulary of {meta['vocab_size']} tokens ({prepared_with}),"
+                         f" not {checkpoint_dir}'s. {again}")
+    for split in splits:
+        name, expected = f"{split}.pt", meta.get("sha256", {}).get(f"{split}.pt")
+        if expected is not None and (data_dir / name).is_file() and _sha256(data_dir / name) != expected:
+            raise ValueError(f"{data_dir / name} is not the file {meta_path} describes (an interrupted or mixed"
+                             f" preparation). {again}")
     return meta
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _torch_bytes(samples: list[dict]) -> bytes:

@@ -186,9 +186,11 @@ class MetricsLogger:
             return
         rows = []
         if resume_step is not None and self.path.is_file():
-            with open(self.path, newline="") as fp:
-                # a row torn by a kill mid-append has no valid step: dropped with the rows after the checkpoint
-                rows = [r for r in csv.DictReader(fp) if _step(r) is not None and _step(r) <= resume_step]
+            text = self.path.read_text()
+            # a row torn by a kill mid-append lacks its line end: dropped with the rows after the checkpoint
+            complete = text[:text.rfind("\n") + 1]
+            rows = [r for r in csv.DictReader(io.StringIO(complete, newline=""))
+                    if _step(r) is not None and _step(r) <= resume_step]
         # rewritten through a temporary file: a kill here leaves the old file whole, never a truncated one
         buffer = io.StringIO(newline="")
         writer = csv.DictWriter(buffer, fieldnames=fieldnames, extrasaction="ignore")
