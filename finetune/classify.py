@@ -47,7 +47,8 @@ from model.training.run import (
     set_rng_state,
     warmup_cosine,
 )
-from model.weights.checkpoint import lit_weight_files, load_state_dict
+from model.training.strategy import default_precision, weights_dtype
+from model.weights.checkpoint import lit_weight_files, load_state_dict, require_checkpoint
 from model.workflows.classify import (
     Classifier,
     classification_metrics,
@@ -108,7 +109,8 @@ def setup(
         n_layers: How many of the last transformer blocks train in --mode last_layers.
         pooling: The text's vector: the final hidden state of its last token (last) or the mean over its tokens.
             Only `last` exports to transformers' *ForSequenceClassification.
-        precision: 32-true, bf16-true, bf16-mixed or 16-mixed. Default: bf16-true on GPU, 32-true on CPU.
+        precision: 32-true, bf16-true, bf16-mixed or 16-mixed. Default on GPU: bf16-mixed for the modes that train
+            GPT weights (last_layers, full), bf16-true for the others; 32-true on CPU.
         lora_r: LoRA rank (--mode lora).
         lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
         lora_dropout: Dropout on the LoRA input.
@@ -146,13 +148,10 @@ def setup(
         raise ValueError("--mode features fits a logistic regression: tune --logistic_c, not --learning_rate")
     if mode == "features" and resume not in (False, "false", "False"):
         raise ValueError("--mode features has no training steps to resume; rerun it (the features are cached)")
-    if not (checkpoint_dir / "model_config.yaml").is_file():
-        raise FileNotFoundError(f"{checkpoint_dir / 'model_config.yaml'} not found. Convert the checkpoint first:"
-                                f" `python scripts/convert_hf_checkpoint.py --checkpoint_dir {checkpoint_dir}`")
-    lora_config = LoRAConfig(lora_r, lora_alpha, lora_dropout, lora_query, lora_key, lora_value, lora_projection,
-                             lora_mlp) if mode == "lora" else None
-    if precision is None:
-        precision = "bf16-true" if torch.cuda.is_available() else "32-true"
+    require_checkpoint(checkpoint_dir)
+    lora_config = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, query=lora_query, key=lora_key,
+                             value=lora_value, projection=lora_projection, mlp=lora_mlp) if mode == "lora" else None
+    precision = hparams["precision"] = precision or default_precision(trains_base_weights=mode in ("last_layers", "full"))
     fabric = L.Fabric(devices=1, precision=precision)
     fabric.launch(main, checkpoint_dir, data_dir, out_dir, lora_config, hparams)
 
@@ -173,7 +172,7 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, 
     out_dir.mkdir(parents=True, exist_ok=True)
     save_hparams(out_dir, h)
 
-    dtype = {"32-true": torch.float32, "bf16-true": torch.bfloat16}.get(fabric.strategy.precision.precision, torch.float32)
+    dtype = weights_dtype(fabric)
     with fabric.init_module(empty_init=True):
         gpt = GPT(config)
     gpt.load_state_dict(load_state_dict(checkpoint_dir, dtype=dtype), assign=True)
