@@ -130,8 +130,10 @@ def test_resume_with_a_larger_max_steps_continues_exactly(fabric, tmp_path, caps
     assert run.changed == {"max_steps": (6, 8), "eval_interval": (2, 3)}
     assert yaml.safe_load((out_dir / "hparams.yaml").read_text())["max_steps"] == 6  # not before the load
     state = make_state(seed=1)
-    assert run.load(fabric, state, trainable_only=False) == out_dir / "step-000004"
+    assert run.load(fabric, state, trainable_only=False, max_steps=8, warmup_steps=1) == out_dir / "step-000004"
     err = capsys.readouterr().err
+    assert ("Training continues from step 4 to step 8: the learning rate follows the warmup (1 steps) and cosine"
+            " decay recomputed to end at step 8") in err
     assert f"Resumed from {out_dir / 'step-000004'} at step 4" in err
     assert "--max_steps changed on resume: 6 -> 8" in err and "--eval_interval changed on resume: 2 -> 3" in err
     assert yaml.safe_load((out_dir / "hparams.yaml").read_text())["max_steps"] == 8
@@ -248,7 +250,9 @@ def test_sigint_mid_step_saves_a_checkpoint_that_resumes_exactly(fabric, tmp_pat
     with pytest.raises(Interrupted) as stopped, StopOnSignal() as stop:
         while state["step"] < 6:
             train_step(state, on_forward=ctrl_c_in_step_3)  # the step in progress completes
-            stop.check(fabric, state["step"], lambda: save_training_state(fabric, out_dir, state["step"], state, False))
+            if stop.requested(fabric):
+                path = save_training_state(fabric, out_dir, state["step"], state, trainable_only=False)
+                raise stop.interrupted(state["step"], path)
     assert str(stopped.value) == (f"Stopped by SIGINT after step 3; saved {out_dir / 'step-000003'}. Run the same"
                                   " command with --resume true to continue exactly from there")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

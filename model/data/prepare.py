@@ -360,13 +360,13 @@ def check_prepared_data(data_dir: Path | str, checkpoint_dir: Path | str, splits
                         ) -> dict:
     """The meta.json of prepared data, checked against the checkpoint it is used with and against the split files:
     data prepared with another tokenizer (same vocabulary size or not) is refused, and so is a directory whose
-    preparation did not finish (a split file that is not the one meta.json describes)."""
+    preparation did not finish (a split file that is not the one meta.json describes). Data without a meta.json
+    (saved by hand) has nothing to check here."""
     data_dir, checkpoint_dir = Path(data_dir), Path(checkpoint_dir)
     meta_path = data_dir / "meta.json"
     again = f"Prepare it again with a scripts/prepare_*.py script and --checkpoint_dir {checkpoint_dir}"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found: {data_dir} is not prepared data, or its preparation was"
-                                f" interrupted. {again}")
+        return {}  # samples saved by hand with model.data.sft.save_dataset: load_dataset checks their token ids
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

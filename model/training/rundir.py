@@ -7,8 +7,8 @@
         model, the data or the optimizer must be equal, the rest (RESUME_CHANGEABLE) is applied and logged.
     run.load(fabric, state, trainable_only)                 the newest readable checkpoint (a damaged one is
         skipped with a message), and only then hparams.yaml.
-    StopOnSignal + stop.check(fabric, step, save)            Ctrl-C / SIGTERM: a checkpoint at the next step
-        boundary, and one line saying how to resume.
+    StopOnSignal, stop.requested(fabric)                   Ctrl-C / SIGTERM: the loop saves a checkpoint at the
+        next step boundary and raises stop.interrupted(step, path), one line saying how to resume.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import yaml
 
 from model.cli import Interrupted
-from model.training.run import STEP_DIR_PREFIX, load_training_state, save_hparams
+from model.training.run import STEP_DIR_PREFIX, load_training_state, save_hparams, set_rng_state
 
 LOCK_NAME = ".forge.lock"
 # the flags a resumed run may change: how long it trains and how often it evaluates and saves. Everything else
@@ -145,9 +145,11 @@ class Run:
     changed: dict = field(default_factory=dict)
     lock: Optional[RunLock] = None
 
-    def load(self, fabric, state: dict, trainable_only: bool) -> Optional[Path]:
-        """Load the newest checkpoint that loads (skipping damaged ones with a message), then write hparams.yaml:
-        a run that fails to resume leaves the run's hparams.yaml as it was. Returns the checkpoint loaded."""
+    def load(self, fabric, state: dict, trainable_only: bool, max_steps: Optional[int] = None,
+             warmup_steps: int = 0) -> Optional[Path]:
+        """Load the newest checkpoint that loads (skipping damaged ones with a message) and its RNG states, then
+        write hparams.yaml: a run that fails to resume leaves the run's hparams.yaml as it was. Says what a changed
+        --max_steps does to the schedule. Returns the checkpoint loaded."""
         loaded = None
         for i, path in enumerate(self.candidates):
             problem = checkpoint_problem(path)
@@ -164,9 +166,13 @@ class Run:
                 raise ValueError(f"Cannot resume: {problem}, and there is no earlier checkpoint in {path.parent}")
             _print(fabric, f"Skipping {path.name}: {problem}; trying {rest[0].name}")
         if loaded is not None:
+            if state.get("rng") is not None:
+                set_rng_state(state["rng"])
             _print(fabric, f"Resumed from {loaded} at step {state['step']}")
         for key, (old, new) in self.changed.items():
             _print(fabric, f"--{key} changed on resume: {old} -> {new}")
+        if max_steps is not None and (note := describe_schedule(state["step"], max_steps, warmup_steps, self.changed)):
+            _print(fabric, note)
         if fabric.global_rank == 0:
             save_hparams(self.out_dir, self.hparams)
         return loaded
@@ -372,16 +378,18 @@ class StopOnSignal:
         print(f"\n{self.received}: saving a checkpoint at the end of this step (Ctrl-C again to stop now)",
               file=sys.stderr, flush=True)
 
-    def check(self, fabric, step: int, save: Callable[[], Path]) -> None:
-        """At a step boundary: when any rank got a signal, every rank saves (`save()`) and stops with one line."""
+    def requested(self, fabric) -> bool:
+        """At a step boundary: whether to save and stop now; with several processes, when any got a signal (every
+        rank must call it, so that all save the same step together)."""
         requested = self.received is not None
         if fabric.world_size > 1:
             requested = fabric.strategy.reduce_boolean_decision(requested, all=False)
-        if not requested:
-            return
-        path = save()
-        raise Interrupted(f"Stopped by {self.received or 'a signal'} after step {step}; saved {path}. Run the same"
-                          " command with --resume true to continue exactly from there")
+        return requested
+
+    def interrupted(self, step: int, path: Path) -> Interrupted:
+        """The one line that ends a run stopped after saving `path`."""
+        return Interrupted(f"Stopped by {self.received or 'a signal to another process'} after step {step}; saved"
+                           f" {path}. Run the same command with --resume true to continue exactly from there")
 
 
 def _print(fabric, message: str) -> None:
