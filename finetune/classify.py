@@ -25,9 +25,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from model.cli import run_cli
+from model.cli import NonNegativeInt, PositiveInt, run_cli
 from model.config import Config
 from model.data.classification import collate, load_classification_data
+from model.data.prepare import check_prepared_data
 from model.data.sft import save_dataset
 from model.device import peak_memory_gb
 from model.files import atomic_write_text
@@ -36,17 +37,15 @@ from model.lora import LoRAConfig, count_parameters, inject_lora
 from model.training.run import (
     MetricsLogger,
     Throughput,
+    check_weights,
     epoch_batches,
     gradient_accumulation_iters,
-    load_training_state,
     print_rank0,
-    resolve_resume,
     rng_state,
-    save_hparams,
     save_training_state,
-    set_rng_state,
     warmup_cosine,
 )
+from model.training.rundir import StopOnSignal, check_writable, checkpoint_bytes, disk_errors, open_run
 from model.training.strategy import default_precision, weights_dtype
 from model.weights.checkpoint import lit_weight_files, load_state_dict, require_checkpoint
 from model.workflows.classify import (
@@ -67,10 +66,10 @@ def setup(
     data_dir: Path = Path("data/movie_reviews"),
     out_dir: Optional[Path] = None,
     mode: Literal["features", "head", "last_layers", "full", "lora"] = "lora",
-    n_layers: int = 2,
+    n_layers: PositiveInt = 2,
     pooling: Literal["last", "mean"] = "last",
     precision: Optional[Literal["32-true", "bf16-true", "bf16-mixed", "16-mixed"]] = None,
-    lora_r: int = 8,
+    lora_r: PositiveInt = 8,
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
     lora_query: bool = True,
@@ -78,22 +77,23 @@ def setup(
     lora_value: bool = True,
     lora_projection: bool = False,
     lora_mlp: bool = False,
-    micro_batch_size: int = 8,
-    global_batch_size: int = 16,
+    micro_batch_size: PositiveInt = 8,
+    global_batch_size: PositiveInt = 16,
     learning_rate: Optional[float] = None,
     head_learning_rate: float = 1e-3,
     weight_decay: float = 0.0,
-    warmup_steps: int = 10,
-    max_steps: Optional[int] = None,
-    epochs: int = 1,
-    max_seq_length: Optional[int] = None,
-    eval_interval: int = 50,
-    eval_iters: int = 8,
-    save_interval: int = 100,
+    warmup_steps: NonNegativeInt = 10,
+    max_steps: Optional[PositiveInt] = None,
+    epochs: PositiveInt = 1,
+    max_seq_length: Optional[PositiveInt] = None,
+    eval_interval: PositiveInt = 50,
+    eval_iters: PositiveInt = 8,
+    save_interval: PositiveInt = 100,
     logistic_c: float = 1.0,
-    feature_batch_size: int = 16,
+    feature_batch_size: PositiveInt = 16,
     seed: int = 1337,
     resume: Union[bool, Literal["auto"], Path] = False,
+    overwrite: bool = False,
 ) -> None:
     """Train a classifier on `checkpoint_dir` with the prepared labelled data in `data_dir`, and score it on the test
     split.
@@ -138,6 +138,9 @@ def setup(
         seed: Random seed (data order, dropout, initialization).
         resume: Continue a run: true/auto (the latest checkpoint in out_dir; auto starts fresh if none) or the path
             of a step-* directory. --mode features has no steps: its cached features make a rerun cheap instead.
+            Only --max_steps, --epochs and the eval/save flags may differ from the run's.
+        overwrite: Replace the run already in out_dir (its hparams.yaml, metrics.csv, step-*/, final/; the cached
+            features stay) instead of refusing to start.
     """
     if out_dir is None:
         out_dir = Path("out/classify") / mode
@@ -161,6 +164,7 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, 
     h = hparams
     fabric.seed_everything(h["seed"])
     config = Config.from_checkpoint(checkpoint_dir)
+    check_prepared_data(data_dir, checkpoint_dir)
     train_data, label_names = load_classification_data(data_dir, "train", vocab_size=config.vocab_size)
     test_data, _ = load_classification_data(data_dir, "test", vocab_size=config.vocab_size)
     if len({s["label"] for s in train_data}) < 2:
@@ -169,13 +173,14 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, 
     h = {**h, "labels": label_names, **(lora_config.to_hparams() if lora_config else {})}
     if h["mode"] != "lora":
         h = {k: v for k, v in h.items() if not k.startswith("lora_")}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_hparams(out_dir, h)
+    run = open_run(fabric, out_dir, h, h["resume"], h["overwrite"])
 
     dtype = weights_dtype(fabric)
     with fabric.init_module(empty_init=True):
         gpt = GPT(config)
-    gpt.load_state_dict(load_state_dict(checkpoint_dir, dtype=dtype), assign=True)
+    base = load_state_dict(checkpoint_dir, dtype=dtype)
+    check_weights(gpt, base, checkpoint_dir)
+    gpt.load_state_dict(base, assign=True)
     gpt.reset_rope(fabric.device)
     if lora_config is not None:
         inject_lora(gpt, lora_config)
@@ -187,15 +192,18 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, 
 
     if h["mode"] == "features":
         classifier.eval()
+        run.load(fabric, {}, trainable_only=True)  # nothing to resume: writes hparams.yaml
         timing = fit_logistic_regression(fabric, classifier, train_data, checkpoint_dir, data_dir, out_dir, max_seq_length, h)
         test_logits = classifier.score(features_of(fabric, classifier, test_data, "test", checkpoint_dir, data_dir,
                                                    out_dir, max_seq_length, h)[0].to(fabric.device)).float().cpu()
     else:
-        timing = train_classifier(fabric, classifier, train_data, test_data, max_seq_length, out_dir, h)
+        with StopOnSignal() as stop:
+            timing = train_classifier(fabric, classifier, train_data, test_data, max_seq_length, out_dir, h, run, stop)
         classifier = timing.pop("model").eval()
         test_logits = predict(classifier, test_data, h["feature_batch_size"], max_seq_length, fabric.device)
     save_classifier(classifier, out_dir / "final", h)
     print_rank0(fabric, f"Saved the classifier to {out_dir / 'final'}")
+    run.close()
 
     test_labels = [s["label"] for s in test_data]
     result = classification_metrics(test_labels, test_logits.argmax(dim=-1), len(label_names))
@@ -271,12 +279,13 @@ def fit_logistic_regression(fabric, classifier, train_data, checkpoint_dir, data
 # ----------------------------------------------------------------------------------------------- training
 
 
-def train_classifier(fabric, classifier, train_data, test_data, max_seq_length, out_dir, h) -> dict:
+def train_classifier(fabric, classifier, train_data, test_data, max_seq_length, out_dir, h, run, stop) -> dict:
     head = list(classifier.score.parameters())
     body = [p for p in classifier.gpt.parameters() if p.requires_grad]
     learning_rate = h["learning_rate"] or DEFAULT_LEARNING_RATES.get(h["mode"], 0.0)
     groups = [{"params": head, "lr": h["head_learning_rate"]}] + ([{"params": body, "lr": learning_rate}] if body else [])
     model = fabric.setup_module(classifier)
+    check_writable(out_dir, checkpoint_bytes(model, trainable_only=True))
     optimizer = torch.optim.AdamW(groups, weight_decay=h["weight_decay"], betas=(0.9, 0.95))
     optimizer = fabric.setup_optimizers(optimizer)
 
@@ -291,11 +300,7 @@ def train_classifier(fabric, classifier, train_data, test_data, max_seq_length, 
 
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "step": 0, "epoch": 0, "batch_in_epoch": 0,
              "rng": None}
-    resume_from = resolve_resume(h["resume"], out_dir)
-    if resume_from is not None:
-        load_training_state(fabric, resume_from, state, trainable_only=True)
-        set_rng_state(state["rng"])
-        print_rank0(fabric, f"Resumed from {resume_from} at step {state['step']}")
+    resume_from = run.load(fabric, state, trainable_only=True, max_steps=max_steps, warmup_steps=h["warmup_steps"])
 
     metrics = MetricsLogger(out_dir, ["step", "epoch", "loss", "lr", "tokens_per_s", "val_loss", "val_accuracy",
                                       "memory_gb"], resume_step=state["step"] if resume_from else None)
@@ -338,11 +343,15 @@ def train_classifier(fabric, classifier, train_data, test_data, max_seq_length, 
                          "tokens_per_s": throughput.tokens_per_s(), "memory_gb": memory})
             if step % h["eval_interval"] == 0 or step == max_steps:
                 validate(fabric, model, test_data, max_seq_length, h, metrics, step)
-            if step % h["save_interval"] == 0 or step == max_steps:
+            stopping = stop.requested(fabric)
+            if step % h["save_interval"] == 0 or step == max_steps or stopping:
                 state["rng"] = rng_state()
-                path = save_training_state(fabric, out_dir, step, state, trainable_only=True,
-                                           extra=lambda directory: save_classifier(model, directory, h))
+                with disk_errors(out_dir):
+                    path = save_training_state(fabric, out_dir, step, state, trainable_only=True,
+                                               extra=lambda directory: save_classifier(model, directory, h))
                 print_rank0(fabric, f"Saved a checkpoint to {path}")
+                if stopping:
+                    raise stop.interrupted(step, path)
         if state["step"] < max_steps:
             state["epoch"] += 1
             state["batch_in_epoch"] = 0

@@ -72,7 +72,7 @@ def old_run(fabric, out_dir: Path, steps=(2, 4), hparams=None) -> Path:
         if state["step"] in steps:
             save_training_state(fabric, out_dir, state["step"], state, trainable_only=False)
     (out_dir / "metrics.csv").write_text("step,loss\n1,0.5\n")
-    run.lock.release()
+    run.close()
     return out_dir
 
 
@@ -120,7 +120,7 @@ def test_resume_names_every_differing_flag_and_accepts_an_equal_path_spelled_dif
         open_run(fabric, out_dir, {**HPARAMS, "learning_rate": 0.1, "micro_batch_size": 4}, resume=True)
     run = open_run(fabric, out_dir, {**HPARAMS, "data_dir": "./data//tasks", "resume": True}, resume=True)
     assert run.changed == {}
-    run.lock.release()
+    run.close()
 
 
 def test_resume_with_a_larger_max_steps_continues_exactly(fabric, tmp_path, capsys):
@@ -148,7 +148,7 @@ def test_resume_with_a_larger_max_steps_continues_exactly(fabric, tmp_path, caps
     assert torch.equal(state["model"].weight, reference["model"].weight)
     assert state["optimizer"].state_dict()["state"][0]["exp_avg"].equal(
         reference["optimizer"].state_dict()["state"][0]["exp_avg"])
-    run.lock.release()
+    run.close()
 
 
 def test_resume_auto_never_takes_another_runs_checkpoints(fabric, tmp_path):
@@ -175,7 +175,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(fabric, tmp_
     assert state["step"] == 2
     assert f"Skipping step-000004: {state_file} is not a complete torch.save archive (truncated or damaged); trying" \
            " step-000002" in capsys.readouterr().err
-    run.lock.release()
+    run.close()
     # named explicitly, the damaged checkpoint is refused with the good one to use instead
     with pytest.raises(ValueError, match=rf"is not a complete torch.save archive .*; resume from"
                                          rf" {out_dir / 'step-000002'} instead"):
@@ -189,7 +189,7 @@ def test_a_checkpoint_that_is_not_weights_only_is_refused_in_one_line(fabric, tm
     with pytest.raises(ValueError, match=r"Cannot resume: .*training_state.pt is not a weights-only file \(it pickles"
                                          r" Python objects, which Forge never loads\)"):
         run.load(fabric, make_state(), trainable_only=False)
-    run.lock.release()
+    run.close()
 
 
 def _holder(out_dir: Path) -> subprocess.Popen:
@@ -218,7 +218,7 @@ def test_two_runs_cannot_write_one_directory_and_a_dead_runs_lock_is_taken_over(
     run = open_run(fabric, out_dir, HPARAMS, resume=False)
     assert "Removing the stale lock" in capsys.readouterr().err
     assert (out_dir / LOCK_NAME).read_text().split()[1] == str(os.getpid())
-    run.lock.release()
+    run.close()
     assert not (out_dir / LOCK_NAME).exists()
 
 
@@ -230,7 +230,7 @@ def test_leftovers_of_an_interrupted_save_are_removed_by_the_next_run(fabric, tm
     run = open_run(fabric, out_dir, HPARAMS, resume=True)
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(
         [LOCK_NAME, "hparams.yaml", "metrics.csv", "step-000002", "step-000004"])
-    run.lock.release()
+    run.close()
 
 
 def test_sigint_mid_step_saves_a_checkpoint_that_resumes_exactly(fabric, tmp_path, capsys):
@@ -256,7 +256,7 @@ def test_sigint_mid_step_saves_a_checkpoint_that_resumes_exactly(fabric, tmp_pat
     assert str(stopped.value) == (f"Stopped by SIGINT after step 3; saved {out_dir / 'step-000003'}. Run the same"
                                   " command with --resume true to continue exactly from there")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
-    run.lock.release()
+    run.close()
 
     run = open_run(fabric, out_dir, {**HPARAMS, "resume": True}, resume=True)
     resumed = make_state(seed=5)
@@ -265,7 +265,7 @@ def test_sigint_mid_step_saves_a_checkpoint_that_resumes_exactly(fabric, tmp_pat
         train_step(resumed)
     assert torch.equal(resumed["model"].weight, reference["model"].weight)
     assert torch.equal(resumed["model"].bias, reference["model"].bias)
-    run.lock.release()
+    run.close()
 
 
 def test_an_interrupted_run_is_one_line_and_exit_130(capsys):

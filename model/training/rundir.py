@@ -95,6 +95,10 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._holder()
+                if holder == "this process":  # an earlier run in this process that raised: its lock is ours
+                    self.held = True
+                    atexit.register(self.release)
+                    return
                 if holder is not None:
                     raise FileExistsError(
                         f"{self.path.parent} is being written by another run ({holder}, lock {self.path}); wait for"
@@ -120,7 +124,7 @@ class RunLock:
         if host != socket.gethostname():
             return f"process {pid} on {host}"  # another machine's process cannot be checked from here
         if pid == os.getpid():
-            return None
+            return "this process"
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -176,6 +180,12 @@ class Run:
         if fabric.global_rank == 0:
             save_hparams(self.out_dir, self.hparams)
         return loaded
+
+
+    def close(self) -> None:
+        """The run is done: release the directory (also done when the process exits)."""
+        if self.lock is not None:
+            self.lock.release()
 
 
 def _load_problem(path: Path, error: Exception) -> str:
