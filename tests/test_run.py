@@ -75,3 +75,15 @@ def test_nan_or_inf_in_the_weights_is_named(tiny, tmp_path):
     with pytest.raises(ValueError, match=rf"{tmp_path}: the weights hold NaN/inf values"):
         check_weights(model, state_dict, tmp_path)
     assert name
+
+
+def test_hparams_with_validated_numbers_are_plain_yaml(tmp_path):
+    import yaml
+
+    from model.cli import NonNegativeInt, PositiveInt
+    from model.training.run import save_hparams
+
+    save_hparams(tmp_path, {"max_steps": PositiveInt(3), "warmup_steps": NonNegativeInt(0), "out_dir": tmp_path,
+                            "flag": True})
+    assert yaml.safe_load((tmp_path / "hparams.yaml").read_text()) == {"max_steps": 3, "warmup_steps": 0,
+                                                                      "out_dir": str(tmp_path), "flag": True}

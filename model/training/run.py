@@ -219,8 +219,20 @@ def save_run_weights(run_dir: Path, tensors: dict[str, torch.Tensor], weights_na
 
 def save_hparams(out_dir: Path, hparams: dict) -> None:
     """Every flag of the run, so later scripts (merge, generate, export) never ask the user to repeat them."""
-    plain = {k: (str(v) if isinstance(v, Path) else v) for k, v in hparams.items()}
+    plain = {k: _plain(v) for k, v in hparams.items()}
     atomic_write_text(Path(out_dir) / "hparams.yaml", yaml.safe_dump(plain, sort_keys=False))
+
+
+def _plain(value):
+    """A flag's value as YAML writes it: paths as strings, validated numbers (PositiveInt is an int subclass) as
+    plain numbers."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, int) and not isinstance(value, bool) and type(value) is not int:
+        return int(value)
+    if isinstance(value, float) and type(value) is not float:
+        return float(value)
+    return value
 
 
 class MetricsLogger:
