@@ -168,22 +168,6 @@ def latest_checkpoint(out_dir: Path) -> Optional[Path]:
     return steps[-1] if steps else None
 
 
-def resolve_resume(resume: bool | str | Path, out_dir: Path) -> Optional[Path]:
-    """`--resume false`: start fresh; `true`/`auto`: the latest checkpoint in out_dir (auto: none is fine);
-    a path: that checkpoint directory."""
-    if resume is False or resume in ("false", "False"):
-        return None
-    if resume is True or resume in ("auto", "true", "True"):
-        found = latest_checkpoint(out_dir)
-        if found is None and resume != "auto":
-            raise FileNotFoundError(f"--resume: no checkpoint (step-*/training_state.pt) in {out_dir}")
-        return found
-    path = Path(resume)
-    if not (path / "training_state.pt").is_file():
-        raise FileNotFoundError(f"--resume {path}: {path / 'training_state.pt'} not found")
-    return path
-
-
 def load_training_state(fabric, path: Path, state: dict, trainable_only: bool) -> None:
     fabric.load(path / "training_state.pt", state, strict=not trainable_only, weights_only=True)
 
