@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -45,7 +46,7 @@ from model.training.run import (
     save_training_state,
     warmup_cosine,
 )
-from model.training.rundir import StopOnSignal, check_writable, checkpoint_bytes, disk_errors, open_run
+from model.training.rundir import Run, StopOnSignal, check_writable, checkpoint_bytes, disk_errors, open_run
 from model.training.strategy import default_precision, weights_dtype
 from model.weights.checkpoint import lit_weight_files, load_state_dict, require_checkpoint
 from model.workflows.classify import (
@@ -59,6 +60,35 @@ from model.workflows.classify import (
 
 # AdamW learning rate of the GPT's trainable weights per mode: the more of a pretrained model trains, the gentler
 DEFAULT_LEARNING_RATES = {"last_layers": 1e-4, "full": 2e-5, "lora": 5e-4}
+
+
+@dataclass
+class ClassifyArgs:
+    """The run's flags, typed (`setup`'s docstring documents them)."""
+
+    checkpoint_dir: Path
+    data_dir: Path
+    out_dir: Path
+    mode: str
+    n_layers: int
+    pooling: str
+    precision: str
+    micro_batch_size: int
+    global_batch_size: int
+    learning_rate: Optional[float]
+    head_learning_rate: float
+    weight_decay: float
+    warmup_steps: int
+    max_steps: Optional[int]
+    epochs: int
+    max_seq_length: Optional[int]
+    eval_interval: int
+    eval_iters: int
+    save_interval: int
+    logistic_c: float
+    feature_batch_size: int
+    seed: int
+    resume: bool | str | Path
 
 
 def setup(
@@ -156,89 +186,88 @@ def setup(
                              value=lora_value, projection=lora_projection, mlp=lora_mlp) if mode == "lora" else None
     precision = hparams["precision"] = precision or default_precision(trains_base_weights=mode in ("last_layers", "full"))
     fabric = L.Fabric(devices=1, precision=precision)
-    fabric.launch(main, checkpoint_dir, data_dir, out_dir, lora_config, hparams)
+    args = ClassifyArgs(**{name: hparams[name] for name in ClassifyArgs.__dataclass_fields__})
+    fabric.launch(main, args, lora_config, hparams)
 
 
-def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, lora_config: Optional[LoRAConfig],
-         hparams: dict) -> None:
-    h = hparams
-    fabric.seed_everything(h["seed"])
-    config = Config.from_checkpoint(checkpoint_dir)
-    check_prepared_data(data_dir, checkpoint_dir)
-    train_data, label_names = load_classification_data(data_dir, "train", vocab_size=config.vocab_size)
-    test_data, _ = load_classification_data(data_dir, "test", vocab_size=config.vocab_size)
+def main(fabric: L.Fabric, args: ClassifyArgs, lora_config: Optional[LoRAConfig], hparams: dict) -> None:
+    fabric.seed_everything(args.seed)
+    config = Config.from_checkpoint(args.checkpoint_dir)
+    check_prepared_data(args.data_dir, args.checkpoint_dir)
+    train_data, label_names = load_classification_data(args.data_dir, "train", vocab_size=config.vocab_size)
+    test_data, _ = load_classification_data(args.data_dir, "test", vocab_size=config.vocab_size)
     if len({s["label"] for s in train_data}) < 2:
-        raise ValueError(f"{data_dir / 'train.pt'} has only one class: a classifier needs examples of at least two")
-    max_seq_length = min(h["max_seq_length"] or config.block_size, config.block_size)
-    h = {**h, "labels": label_names, **(lora_config.to_hparams() if lora_config else {})}
-    if h["mode"] != "lora":
-        h = {k: v for k, v in h.items() if not k.startswith("lora_")}
-    run = open_run(fabric, out_dir, h, h["resume"], h["overwrite"])
+        raise ValueError(f"{args.data_dir / 'train.pt'} has only one class: a classifier needs examples of at least two")
+    max_seq_length = min(args.max_seq_length or config.block_size, config.block_size)
+    hparams = {**hparams, "labels": label_names, **(lora_config.to_hparams() if lora_config else {})}
+    if args.mode != "lora":
+        hparams = {k: v for k, v in hparams.items() if not k.startswith("lora_")}
+    run = open_run(fabric, args.out_dir, hparams, args.resume, hparams["overwrite"])
 
     dtype = weights_dtype(fabric)
     with fabric.init_module(empty_init=True):
         gpt = GPT(config)
-    base = load_state_dict(checkpoint_dir, dtype=dtype)
-    check_weights(gpt, base, checkpoint_dir)
+    base = load_state_dict(args.checkpoint_dir, dtype=dtype)
+    check_weights(gpt, base, args.checkpoint_dir)
     gpt.load_state_dict(base, assign=True)
     gpt.reset_rope(fabric.device)
     if lora_config is not None:
         inject_lora(gpt, lora_config)
-    classifier = Classifier(gpt, len(label_names), h["pooling"], bias=h["mode"] == "features").to(fabric.device)
-    mark_trainable(classifier, h["mode"], h["n_layers"])
+    classifier = Classifier(gpt, len(label_names), args.pooling, bias=args.mode == "features").to(fabric.device)
+    mark_trainable(classifier, args.mode, args.n_layers)
     trainable_params = count_parameters(classifier)
-    print_rank0(fabric, f"Mode {h['mode']}: {trainable_params:,} trainable parameters of"
+    print_rank0(fabric, f"Mode {args.mode}: {trainable_params:,} trainable parameters of"
                         f" {count_parameters(classifier, None):,}; labels {label_names}")
 
-    if h["mode"] == "features":
+    if args.mode == "features":
         classifier.eval()
         run.load(fabric, {}, trainable_only=True)  # nothing to resume: writes hparams.yaml
-        timing = fit_logistic_regression(fabric, classifier, train_data, checkpoint_dir, data_dir, out_dir, max_seq_length, h)
-        test_logits = classifier.score(features_of(fabric, classifier, test_data, "test", checkpoint_dir, data_dir,
-                                                   out_dir, max_seq_length, h)[0].to(fabric.device)).float().cpu()
+        timing = fit_logistic_regression(fabric, classifier, train_data, args, max_seq_length)
+        test_logits = classifier.score(features_of(fabric, classifier, test_data, "test", args,
+                                                   max_seq_length)[0].to(fabric.device)).float().cpu()
     else:
         with StopOnSignal() as stop:
-            timing = train_classifier(fabric, classifier, train_data, test_data, max_seq_length, out_dir, h, run, stop)
+            timing = train_classifier(fabric, classifier, train_data, test_data, max_seq_length, args, hparams, run, stop)
         classifier = timing.pop("model").eval()
-        test_logits = predict(classifier, test_data, h["feature_batch_size"], max_seq_length, fabric.device)
-    save_classifier(classifier, out_dir / "final", h)
-    print_rank0(fabric, f"Saved the classifier to {out_dir / 'final'}")
+        test_logits = predict(classifier, test_data, args.feature_batch_size, max_seq_length, fabric.device)
+    save_classifier(classifier, args.out_dir / "final", hparams)
+    print_rank0(fabric, f"Saved the classifier to {args.out_dir / 'final'}")
     run.close()
 
     test_labels = [s["label"] for s in test_data]
     result = classification_metrics(test_labels, test_logits.argmax(dim=-1), len(label_names))
-    result = {"mode": h["mode"], "n_layers": h["n_layers"] if h["mode"] == "last_layers" else None,
-              "pooling": h["pooling"], "labels": label_names, "train_samples": len(train_data),
+    result = {"mode": args.mode, "n_layers": args.n_layers if args.mode == "last_layers" else None,
+              "pooling": args.pooling, "labels": label_names, "train_samples": len(train_data),
               "test_samples": len(test_data), "trainable_parameters": trainable_params, **timing,
               "peak_memory_gb": round(peak_memory_gb(fabric.device), 3), **result}
-    atomic_write_text(out_dir / "results.json", json.dumps(result, indent=1) + "\n")
-    title = (f"{h['mode']}{' ' + str(h['n_layers']) if h['mode'] == 'last_layers' else ''} on {checkpoint_dir.name}\n"
+    atomic_write_text(args.out_dir / "results.json", json.dumps(result, indent=1) + "\n")
+    title = (f"{args.mode}{' ' + str(args.n_layers) if args.mode == 'last_layers' else ''} on {args.checkpoint_dir.name}\n"
              f"accuracy {result['accuracy']:.1%}, macro-F1 {result['macro_f1']:.3f}")
-    plot_confusion_matrix(result["confusion_matrix"], label_names, out_dir / "confusion_matrix.png", title)
+    plot_confusion_matrix(result["confusion_matrix"], label_names, args.out_dir / "confusion_matrix.png", title)
     print_rank0(fabric, f"Test ({len(test_data)} texts): accuracy {result['accuracy']:.4f} | macro-F1"
                         f" {result['macro_f1']:.4f} | train time {result['train_time_s']:.1f}s | peak memory"
                         f" {result['peak_memory_gb']:.2f} GB\nConfusion matrix (rows: true {label_names}):"
-                        f" {result['confusion_matrix']}\nWrote {out_dir / 'results.json'} and"
-                        f" {out_dir / 'confusion_matrix.png'}")
+                        f" {result['confusion_matrix']}\nWrote {args.out_dir / 'results.json'} and"
+                        f" {args.out_dir / 'confusion_matrix.png'}")
 
 
 # ----------------------------------------------------------------------------------------------- features + logistic regression
 
 
-def features_of(fabric, classifier, samples, split, checkpoint_dir, data_dir, out_dir, max_seq_length, h):
-    """The pooled hidden states of `samples` and the seconds it took, cached under out_dir/features/ by everything
+def features_of(fabric, classifier, samples, split: str, args: ClassifyArgs, max_seq_length: int):
+    """The pooled hidden states of `samples` and the seconds it took, cached under args.out_dir/features/ by everything
     that determines them: the weights file, the prepared data, the pooling, the length limit and the precision."""
     key = hashlib.sha256()
-    for path in [*lit_weight_files(checkpoint_dir), data_dir / f"{split}.pt"]:
+    for path in [*lit_weight_files(args.checkpoint_dir), args.data_dir / f"{split}.pt"]:
         stat = path.stat()
         key.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-    key.update(f"{h['pooling']}:{max_seq_length}:{h['precision']}".encode())
-    cache = out_dir / "features" / f"{split}-{key.hexdigest()[:16]}.pt"
+    key.update(f"{args.pooling}:{max_seq_length}:{args.precision}".encode())
+    cache = args.out_dir / "features" / f"{split}-{key.hexdigest()[:16]}.pt"
     if cache.is_file():
         print_rank0(fabric, f"Using the cached {split} features {cache}")
         return torch.load(cache, weights_only=True), 0.0
     t0 = time.perf_counter()
-    features = predict(classifier, samples, h["feature_batch_size"], max_seq_length, fabric.device, features=True,
+    features = predict(classifier, samples, args.feature_batch_size, max_seq_length, fabric.device, features=True,
                        progress=True)
     seconds = time.perf_counter() - t0
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -246,18 +275,17 @@ def features_of(fabric, classifier, samples, split, checkpoint_dir, data_dir, ou
     return features, seconds
 
 
-def fit_logistic_regression(fabric, classifier, train_data, checkpoint_dir, data_dir, out_dir, max_seq_length, h) -> dict:
+def fit_logistic_regression(fabric, classifier, train_data, args: ClassifyArgs, max_seq_length: int) -> dict:
     """Fit scikit-learn's logistic regression on the standardized training features, then fold the standardization
     into the classifier's linear head, so the saved classifier is one GPT + one linear layer like every mode's."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    features, extract_s = features_of(fabric, classifier, train_data, "train", checkpoint_dir, data_dir, out_dir,
-                                      max_seq_length, h)
+    features, extract_s = features_of(fabric, classifier, train_data, "train", args, max_seq_length)
     labels = [s["label"] for s in train_data]
     t0 = time.perf_counter()
     scaler = StandardScaler().fit(features.numpy())
-    regression = LogisticRegression(C=h["logistic_c"], max_iter=5000).fit(scaler.transform(features.numpy()), labels)
+    regression = LogisticRegression(C=args.logistic_c, max_iter=5000).fit(scaler.transform(features.numpy()), labels)
     fit_s = time.perf_counter() - t0
     coef = torch.tensor(regression.coef_, dtype=torch.float32)
     intercept = torch.tensor(regression.intercept_, dtype=torch.float32)
@@ -270,7 +298,7 @@ def fit_logistic_regression(fabric, classifier, train_data, checkpoint_dir, data
         classifier.score.bias.copy_(intercept - (coef * (mean / scale)).sum(dim=1))
     train_accuracy = float((torch.tensor(regression.predict(scaler.transform(features.numpy()))) ==
                             torch.tensor(labels)).float().mean())
-    print_rank0(fabric, f"Logistic regression (C={h['logistic_c']}) fitted in {fit_s:.1f}s, {regression.n_iter_.max()}"
+    print_rank0(fabric, f"Logistic regression (C={args.logistic_c}) fitted in {fit_s:.1f}s, {regression.n_iter_.max()}"
                         f" iterations | train accuracy {train_accuracy:.4f}")
     return {"train_time_s": round(extract_s + fit_s, 2), "feature_extraction_s": round(extract_s, 2),
             "fit_s": round(fit_s, 2), "steps": None}
@@ -279,38 +307,39 @@ def fit_logistic_regression(fabric, classifier, train_data, checkpoint_dir, data
 # ----------------------------------------------------------------------------------------------- training
 
 
-def train_classifier(fabric, classifier, train_data, test_data, max_seq_length, out_dir, h, run, stop) -> dict:
+def train_classifier(fabric, classifier, train_data, test_data, max_seq_length: int, args: ClassifyArgs,
+                     hparams: dict, run: Run, stop: StopOnSignal) -> dict:
     head = list(classifier.score.parameters())
     body = [p for p in classifier.gpt.parameters() if p.requires_grad]
-    learning_rate = h["learning_rate"] or DEFAULT_LEARNING_RATES.get(h["mode"], 0.0)
-    groups = [{"params": head, "lr": h["head_learning_rate"]}] + ([{"params": body, "lr": learning_rate}] if body else [])
+    learning_rate = args.learning_rate or DEFAULT_LEARNING_RATES.get(args.mode, 0.0)
+    groups = [{"params": head, "lr": args.head_learning_rate}] + ([{"params": body, "lr": learning_rate}] if body else [])
     model = fabric.setup_module(classifier)
-    check_writable(out_dir, checkpoint_bytes(model, trainable_only=True))
-    optimizer = torch.optim.AdamW(groups, weight_decay=h["weight_decay"], betas=(0.9, 0.95))
+    check_writable(args.out_dir, checkpoint_bytes(model, trainable_only=True))
+    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     optimizer = fabric.setup_optimizers(optimizer)
 
-    accumulate = gradient_accumulation_iters(h["global_batch_size"], h["micro_batch_size"], 1)
+    accumulate = gradient_accumulation_iters(args.global_batch_size, args.micro_batch_size, 1)
     lengths = [min(len(s["input_ids"]), max_seq_length) for s in train_data]
-    batches_per_epoch = len(epoch_batches(lengths, h["micro_batch_size"], 0, h["seed"]))
+    batches_per_epoch = len(epoch_batches(lengths, args.micro_batch_size, 0, args.seed))
     if batches_per_epoch < accumulate:
         raise ValueError(f"{len(train_data)} training texts are too few for one optimizer step of --global_batch_size"
-                         f" {h['global_batch_size']}; lower it or prepare more texts")
-    max_steps = h["max_steps"] or max(1, h["epochs"] * batches_per_epoch // accumulate)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(h["warmup_steps"], max_steps))
+                         f" {args.global_batch_size}; lower it or prepare more texts")
+    max_steps = args.max_steps or max(1, args.epochs * batches_per_epoch // accumulate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, max_steps))
 
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "step": 0, "epoch": 0, "batch_in_epoch": 0,
              "rng": None}
-    resume_from = run.load(fabric, state, trainable_only=True, max_steps=max_steps, warmup_steps=h["warmup_steps"])
+    resume_from = run.load(fabric, state, trainable_only=True, max_steps=max_steps, warmup_steps=args.warmup_steps)
 
-    metrics = MetricsLogger(out_dir, ["step", "epoch", "loss", "lr", "tokens_per_s", "val_loss", "val_accuracy",
+    metrics = MetricsLogger(args.out_dir, ["step", "epoch", "loss", "lr", "tokens_per_s", "val_loss", "val_accuracy",
                                       "memory_gb"], resume_step=state["step"] if resume_from else None)
     throughput = Throughput(start_step=state["step"], max_steps=max_steps)
     started = time.perf_counter()
     model.train()
     if state["step"] == 0:
-        validate(fabric, model, test_data, max_seq_length, h, metrics, step=0)
+        validate(fabric, model, test_data, max_seq_length, args, metrics, step=0)
     while state["step"] < max_steps:
-        batches = epoch_batches(lengths, h["micro_batch_size"], state["epoch"], h["seed"])
+        batches = epoch_batches(lengths, args.micro_batch_size, state["epoch"], args.seed)
         while state["batch_in_epoch"] + accumulate <= len(batches) and state["step"] < max_steps:
             loss_sum = 0.0
             for i in range(accumulate):
@@ -327,7 +356,7 @@ def train_classifier(fabric, classifier, train_data, test_data, max_seq_length, 
             skips_overflow = getattr(fabric.strategy.precision, "scaler", None) is not None
             if not math.isfinite(loss) or not (math.isfinite(grad_norm) or skips_overflow):
                 raise ValueError(f"The loss or gradient norm became non-finite at step {state['step'] + 1}; nothing was"
-                                 f" saved after the last good checkpoint in {out_dir}. Lower --learning_rate /"
+                                 f" saved after the last good checkpoint in {args.out_dir}. Lower --learning_rate /"
                                  " --head_learning_rate, or use --precision 32-true or bf16-true.")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -341,14 +370,14 @@ def train_classifier(fabric, classifier, train_data, test_data, max_seq_length, 
             print_rank0(fabric, throughput.line(step, loss, lr, memory))
             metrics.log({"step": step, "epoch": state["epoch"], "loss": loss, "lr": lr,
                          "tokens_per_s": throughput.tokens_per_s(), "memory_gb": memory})
-            if step % h["eval_interval"] == 0 or step == max_steps:
-                validate(fabric, model, test_data, max_seq_length, h, metrics, step)
+            if step % args.eval_interval == 0 or step == max_steps:
+                validate(fabric, model, test_data, max_seq_length, args, metrics, step)
             stopping = stop.requested(fabric)
-            if step % h["save_interval"] == 0 or step == max_steps or stopping:
+            if step % args.save_interval == 0 or step == max_steps or stopping:
                 state["rng"] = rng_state()
-                with disk_errors(out_dir):
-                    path = save_training_state(fabric, out_dir, step, state, trainable_only=True,
-                                               extra=lambda directory: save_classifier(model, directory, h))
+                with disk_errors(args.out_dir):
+                    path = save_training_state(fabric, args.out_dir, step, state, trainable_only=True,
+                                               extra=lambda directory: save_classifier(model, directory, hparams))
                 print_rank0(fabric, f"Saved a checkpoint to {path}")
                 if stopping:
                     raise stop.interrupted(step, path)
@@ -361,16 +390,16 @@ def train_classifier(fabric, classifier, train_data, test_data, max_seq_length, 
 
 
 @torch.no_grad()
-def validate(fabric, model, test_data, max_seq_length, h, metrics, step) -> None:
+def validate(fabric, model, test_data, max_seq_length: int, args: ClassifyArgs, metrics, step: int) -> None:
     """Loss and accuracy on the first eval_iters x micro_batch_size test texts: a trend to watch, cheaper than the
     full evaluation at the end."""
     model.eval()
-    samples = test_data[: h["eval_iters"] * h["micro_batch_size"]]
+    samples = test_data[: args.eval_iters * args.micro_batch_size]
     batch = collate(samples, max_seq_length=max_seq_length)
     logits = torch.cat([
-        model(batch["input_ids"][i:i + h["micro_batch_size"]].to(fabric.device),
-              batch["attention_mask"][i:i + h["micro_batch_size"]].to(fabric.device)).float()
-        for i in range(0, len(samples), h["micro_batch_size"])
+        model(batch["input_ids"][i:i + args.micro_batch_size].to(fabric.device),
+              batch["attention_mask"][i:i + args.micro_batch_size].to(fabric.device)).float()
+        for i in range(0, len(samples), args.micro_batch_size)
     ])
     labels = batch["labels"].to(fabric.device)
     val_loss = F.cross_entropy(logits, labels).item()
