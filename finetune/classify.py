@@ -180,7 +180,8 @@ def setup(
     if mode == "features" and learning_rate is not None:
         raise ValueError("--mode features fits a logistic regression: tune --logistic_c, not --learning_rate")
     if mode == "features" and resume not in (False, "false", "False"):
-        raise ValueError("--mode features has no training steps to resume; rerun it with --overwrite true (the features are cached)")
+        raise ValueError("--mode features has no training steps to resume; rerun it with --overwrite true (the features"
+                         " are cached)")
     require_checkpoint(checkpoint_dir)
     lora_config = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, query=lora_query, key=lora_key,
                              value=lora_value, projection=lora_projection, mlp=lora_mlp) if mode == "lora" else None
