@@ -228,7 +228,8 @@ def main(fabric: L.Fabric, args: ClassifyArgs, lora_config: Optional[LoRAConfig]
                                                    max_seq_length)[0].to(fabric.device)).float().cpu()
     else:
         with StopOnSignal() as stop:
-            timing = train_classifier(fabric, classifier, train_data, test_data, max_seq_length, args, hparams, run, stop)
+            timing = train_classifier(fabric, classifier, train_data, test_data, max_seq_length, args, hparams, run,
+                                      stop)
         classifier = timing.pop("model").eval()
         test_logits = predict(classifier, test_data, args.feature_batch_size, max_seq_length, fabric.device)
     save_classifier(classifier, args.out_dir / "final", hparams)
