@@ -11,7 +11,6 @@ trained on a quantized base (QLoRA/QDoRA) is merged into the same dequantized we
 saved in the base checkpoint's dtype.
 """
 
-import shutil
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -22,11 +21,8 @@ from model.config import Config
 from model.gpt import GPT
 from model.lora import LORA_WEIGHTS, inject_lora, load_lora_state_dict, merge_lora
 from model.quantize import dequantize_linear, quantize_model
-from model.weights.checkpoint import load_state_dict, save_sharded
+from model.weights.checkpoint import load_state_dict, write_checkpoint_dir
 from model.weights.load import load_hparams, load_lora_run, run_output_dir
-
-COPIED_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                "generation_config.json", "prompt_style.yaml", "chat_template.jinja")
 
 
 def merge(checkpoint_dir: Path, out_dir: Path) -> None:
@@ -60,19 +56,8 @@ def merge(checkpoint_dir: Path, out_dir: Path) -> None:
     if lora_config.head and config.tie_embeddings:
         config.tie_embeddings = False  # the merged head differs from the embedding now
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        merged = model.state_dict()
-        if config.tie_embeddings:
-            merged.pop("lm_head.weight")
-        save_sharded(iter(merged.items()), out_dir)
-        config.save(out_dir)
-        for name in COPIED_FILES:
-            if (checkpoint_dir / name).is_file():
-                shutil.copy2(checkpoint_dir / name, out_dir / name)
-    except BaseException:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        raise
+    # assembled in a temporary directory beside out_dir and renamed into place: a kill never leaves half a checkpoint
+    write_checkpoint_dir(iter(model.state_dict().items()), config, checkpoint_dir, out_dir)
     print(f"Merged {run_dir} into {checkpoint_dir.name} and saved it to {out_dir}")
 
 

@@ -44,6 +44,7 @@ from typing import Literal, Optional
 from model.cli import run_cli
 from model.data.on_policy import PromptItem, sample_answers, wrong_answer_pairs
 from model.data.preference import encode_pair, save_pairs
+from model.data.prepare import tokenizer_fingerprint
 from model.data.records import Record, RecordError, field, read_records
 from model.data.tasks import (
     check_answer,
@@ -401,6 +402,7 @@ def prepare_preferences(
 
     meta = {
         "checkpoint_dir": str(checkpoint_dir), "vocab_size": tokenizer.vocab_size, "prompt_style": prompt_style.name,
+        "tokenizer_sha256": tokenizer_fingerprint(checkpoint_dir),
         "source": source, "format": used_format, "max_seq_length": max_seq_length, "seed": seed,
         "skipped": report,
     }

@@ -121,7 +121,7 @@ def test_pytorch_bin_checkpoints_convert(tmp_path):
         ("wrong_arch", [], "Unsupported architecture"),
         ("ok", ["--dtype", "float8"], "float8"),
         ("ok", ["--model_name", "Llama-9-1T"], "Unknown model name"),
-        ("mismatch", ["--model_name", "Llama-2-7b-hf"], "tensors are missing"),
+        ("mismatch", ["--model_name", "Llama-2-7b-hf"], "does not match"),
     ],
 )
 def test_convert_bad_input(tmp_path, setup, args, message):
@@ -177,3 +177,38 @@ def test_convert_to_hf_takes_a_full_fine_tunes_out_dir_and_refuses_an_adapter_ru
                                               str(tmp_path / "hf2")])
     assert "is a LoRA/DoRA run, not a checkpoint" in error and "merge_lora.py" in error
     assert not (tmp_path / "hf2").exists()
+
+
+def test_the_config_comes_from_the_files_not_the_folder_name(tmp_path, capsys):
+    # a tiny Llama saved under the name of a model in the table: config.json decides, with a note
+    checkpoint_dir = tmp_path / "HuggingFaceTB" / "SmolLM2-135M"
+    save_tiny_model("llama2", checkpoint_dir)
+    config = convert_hf_checkpoint(checkpoint_dir)
+    assert "is named like SmolLM2-135M, but" in capsys.readouterr().out
+    hf = json.loads((checkpoint_dir / "config.json").read_text())
+    assert (config.n_layer, config.n_embd) == (hf["num_hidden_layers"], hf["hidden_size"])
+    GPT.from_checkpoint(checkpoint_dir)
+
+
+def test_a_config_json_that_does_not_fit_the_tensors_is_one_error_and_writes_nothing(tmp_path):
+    checkpoint_dir = tmp_path / "org" / "tiny-edited"
+    save_tiny_model("llama2", checkpoint_dir)
+    hf = json.loads((checkpoint_dir / "config.json").read_text())
+    (checkpoint_dir / "config.json").write_text(json.dumps({**hf, "intermediate_size": hf["intermediate_size"] * 2}))
+    before = sorted(p.name for p in checkpoint_dir.iterdir())
+    result = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(checkpoint_dir))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: The weights in {checkpoint_dir} do not fit the 'tiny-edited' config:")
+    assert "the config expects" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in checkpoint_dir.iterdir()) == before
+
+
+def test_a_killed_conversions_temporary_shards_are_removed_by_the_rerun(tmp_path):
+    checkpoint_dir = tmp_path / "org" / "tiny"
+    save_tiny_model("llama2", checkpoint_dir)
+    stale = checkpoint_dir / ".convert-k1ll3d"  # what a SIGKILL mid-conversion leaves: no lit_model.safetensors yet
+    stale.mkdir()
+    (stale / "shard-0").write_bytes(b"half a shard")
+    convert_hf_checkpoint(checkpoint_dir)
+    assert not [p.name for p in checkpoint_dir.iterdir() if p.name.startswith(".")]
+    GPT.from_checkpoint(checkpoint_dir)
