@@ -1,66 +1,61 @@
-"""Model merging: the methods as functions on tensors, and streamed, memory-mapped access to checkpoints.
+"""Model merging: the methods as functions on tensors, their parameter table, and streamed, memory-mapped access
+to checkpoints.
 
-Every method takes the tensors of one weight (one per model, same shape) and returns the merged tensor; the
-scripts (scripts/merge_models.py, scripts/merge_moe.py) walk the checkpoints one tensor at a time, so merging never
-holds more than one weight per model, plus the output shard being written, in memory.
+Every method takes the tensors of one Hugging Face weight (one per model, same shape) and returns the merged
+tensor; scripts/merge_models.py splits our fused tensors (Llama's q/k/v, Phi-3's gate/up) into the tensors the
+HF checkpoint has, merges each, and fuses the results back, so a method sees what mergekit (and the model's
+authors) see. Each follows mergekit 0.1.5's semantics (tutorials/merge.md says how that was checked); the math is
+computed in float32 (mergekit computes in the config's `dtype`).
 
 - linear: a weighted average (Wortsman et al. 2022, "Model soups").
-- slerp: spherical interpolation of two models (Shoemake 1985; as popularised by mergekit).
-- task_arithmetic: base + sum_i w_i (model_i - base) (Ilharco et al. 2023, "Editing models with task arithmetic").
-- ties: trim each task vector to its largest `density` fraction, elect a sign per weight, average only the task
-  vectors that agree with it (Yadav et al. 2023, "TIES-Merging").
-- dare: drop each task-vector entry with probability 1 - density and rescale the rest by 1 / density, so its
-  expectation is unchanged (Yu et al. 2023, "Language models are Super Mario"); then TIES's sign election
-  (dare_ties) or a plain sum (dare_linear).
+- slerp: spherical interpolation of two models (Shoemake 1985); nuslerp: SLERP of two models or of their task
+  vectors, per row or flattened; multislerp: barycentric interpolation of several on the hypersphere;
+  karcher: the Riemannian (Karcher) mean on the hypersphere.
+- task_arithmetic: base + lambda * sum_i w_i (model_i - base) (Ilharco et al. 2023), and its sparsified variants:
+  ties (top-k by magnitude, sign election, disjoint mean; Yadav et al. 2023), dare_ties / dare_linear (random drop;
+  Yu et al. 2023), breadcrumbs / breadcrumbs_ties (drop the smallest and the largest outliers; Davari & Belilovsky
+  2023), della / della_linear (drop with a probability that falls with the magnitude's rank; Deep et al. 2024).
+- model_stock: interpolate between the base and the models' average by their task vectors' angle (Jang et al.
+  2024); sce: select by variance, calculate weights from the task vectors' energy, erase minority signs (Wan et al.
+  2024); nearswap: take the other model's value where it is within `t` of the base.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import re
+import typing
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from model.weights.checkpoint import LIT_INDEX, LIT_WEIGHTS, lit_weight_files
 
-# Below this angle between two weight vectors SLERP's sin(theta) divides by ~0: interpolate linearly instead.
-SLERP_DOT_THRESHOLD = 0.9995
+# Entries per piece when a whole-tensor statistic is accumulated: bounds the temporaries to a few MB.
+CHUNK = 2**20
 
 
-# ----------------------------------------------------------------------------------------------- the methods
+def _pieces(*tensors: torch.Tensor):
+    """Matching flat float32 pieces of same-shaped tensors, CHUNK entries at a time."""
+    flat = [t.reshape(-1) for t in tensors]
+    for start in range(0, flat[0].numel(), CHUNK):
+        yield [f[start:start + CHUNK].float() for f in flat]
 
 
-def lerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
-    return (1 - t) * a + t * b
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p) for (p,) in _pieces(x)]))
 
 
-def slerp(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = SLERP_DOT_THRESHOLD) -> torch.Tensor:
-    """Interpolate along the great circle between `a` and `b` (treated as flat vectors), t=0 -> a, t=1 -> b.
-
-    The angle comes from the normalised vectors; the interpolation weights apply to the originals, so two unit
-    vectors give a unit vector for every t. Nearly colinear vectors (|cos| > dot_threshold) fall back to lerp.
-    """
-    a, b = a.float(), b.float()
-    norms = math.sqrt(_dot64(a, a) * _dot64(b, b))
-    dot = max(-1.0, min(1.0, _dot64(a, b) / max(norms, 1e-24)))
-    if abs(dot) > dot_threshold:
-        return lerp(a, b, t)
-    theta = math.acos(dot)
-    sin_theta = math.sin(theta)
-    s_a = math.sin((1 - t) * theta) / sin_theta
-    s_b = math.sin(t * theta) / sin_theta
-    return torch.add(a * s_a, b, alpha=s_b)
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.stack([(x * y).sum() for x, y in _pieces(a, b)]).sum()
 
 
-def _dot64(a: torch.Tensor, b: torch.Tensor, chunk: int = 2**20) -> float:
-    """The dot product of two flattened tensors, accumulated in float64 a chunk at a time: exact enough for the
-    angle between vectors of billions of entries, without a float64 copy of either."""
-    a, b = a.reshape(-1), b.reshape(-1)
-    return sum(float((a[i:i + chunk].double() * b[i:i + chunk].double()).sum()) for i in range(0, a.numel(), chunk))
+# ----------------------------------------------------------------------------------------------- interpolations
 
 
 def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True) -> torch.Tensor:
@@ -75,122 +70,557 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize:
     return merged
 
 
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
+    """Interpolate along the great circle between `a` and `b` (each one flat vector), t=0 -> a, t=1 -> b.
+
+    The angle comes from the normalised vectors, the weights apply to the originals, so two unit vectors give a
+    unit vector for every t. Nearly colinear or opposite vectors (|cos| > dot_threshold) are interpolated linearly.
+    """
+    a, b = a.float(), b.float()
+    norm_a, norm_b = _norm(a), _norm(b)
+    norm_a = torch.where(norm_a > eps, norm_a, 1)
+    norm_b = torch.where(norm_b > eps, norm_b, 1)
+    # normalised before the product, as mergekit does, so the dot cannot overflow
+    dot = torch.stack([(x / norm_a * (y / norm_b)).sum() for x, y in _pieces(a, b)]).sum().clamp(-1, 1)
+    t = torch.tensor(t, dtype=torch.float32)
+    if dot.abs() > dot_threshold:
+        return (1 - t) * a + t * b
+    theta = torch.acos(dot)
+    sin_theta = torch.sin(theta)
+    return torch.sin((1 - t) * theta) / sin_theta * a + torch.sin(t * theta) / sin_theta * b
+
+
+def nuslerp(a: torch.Tensor, b: torch.Tensor, t: float, row_wise: bool = False, flatten: bool = True,
+            eps: float = 1e-8) -> torch.Tensor:
+    """SLERP over the whole tensor (`flatten`), over each row (the last dimension), or over each column
+    (`row_wise`, mergekit's name: vectors along the first dimension). Colinear vectors are interpolated linearly."""
+    shape = a.shape
+    a, b = a.float(), b.float()
+    if flatten:
+        a, b = a.reshape(-1), b.reshape(-1)
+    elif row_wise:
+        a, b = a.transpose(0, -1), b.transpose(0, -1)
+    unit_a = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp(min=1e-7)
+    unit_b = b / torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (unit_a * unit_b).sum(-1, keepdim=True).clamp(-1, 1)
+    del unit_a, unit_b
+    colinear = (1 - cos.square()) <= eps**2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    result = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
+    result = torch.where(colinear, (1 - t) * a + t * b, result)
+    if row_wise and not flatten:
+        result = result.transpose(0, -1)
+    return result.reshape(shape)
+
+
+def nuslerp_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], base: Optional[torch.Tensor] = None,
+                  row_wise: bool = False, flatten: bool = True) -> torch.Tensor:
+    """nuslerp of two models with t = w_2 / (w_1 + w_2); with a base, of their task vectors, added to the base."""
+    total = weights[0] + weights[1]
+    t = 0.5 if abs(total) < 1e-6 else weights[1] / total
+    if base is None:
+        return nuslerp(tensors[0], tensors[1], t, row_wise, flatten)
+    base = base.float()
+    return base + nuslerp(tensors[0].float() - base, tensors[1].float() - base, t, row_wise, flatten)
+
+
+def multislerp(tensors: Sequence[torch.Tensor], weights: Sequence[float], base: Optional[torch.Tensor] = None,
+               normalize_weights: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Barycentric interpolation on the hypersphere: project the unit vectors onto the tangent space at their
+    weighted mean direction, average there, map back (exponential map), and scale to the weighted mean norm.
+    With a base, of the task vectors."""
+    if len(tensors) == 1:
+        return tensors[0].float()
+    stacked = torch.stack([t.float() for t in tensors])
+    if base is not None:
+        stacked -= base.float()
+    flat = stacked.view(len(tensors), -1)
+    w = torch.tensor(weights, dtype=torch.float32)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * w.view(-1, 1)).sum(0)
+    mean_norm = torch.linalg.vector_norm(mean)
+    if mean_norm < eps:
+        if len(tensors) != 2:
+            raise ValueError("multislerp: the weighted sum of the unit task vectors is zero (opposite vectors whose"
+                             " weights balance out); change the weights")
+        result = (flat[0] * w[0] + flat[1] * w[1]).view(stacked.shape[1:])
+        return result + base.float() if base is not None else result
+    mean = mean / mean_norm
+    tangent = units - (units * mean).sum(-1, keepdim=True) * mean
+    tangent_mean = (tangent * w.view(-1, 1)).sum(0)
+    del tangent, units
+    tangent_norm = torch.linalg.vector_norm(tangent_mean) + eps
+    result = mean * torch.cos(tangent_norm) + tangent_mean * (torch.sin(tangent_norm) / tangent_norm)
+    result = (result * (norms.squeeze(-1) * w).sum()).view(stacked.shape[1:])
+    return result + base.float() if base is not None else result
+
+
+def karcher(tensors: Sequence[torch.Tensor], max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
+    """The equal-weight Karcher (Riemannian) mean of the directions, scaled by the mean norm: start from the
+    normalised Euclidean mean of the unit vectors, then move along the mean of the log maps until it is < tol."""
+    if len(tensors) == 1:
+        return tensors[0].float()
+    tensors = [t.float() for t in tensors]
+    alphas = [1.0 / len(tensors)] * len(tensors)
+    norms = [_norm(t) for t in tensors]
+    valid = [i for i, n in enumerate(norms) if n.item() > tol]
+    if not valid:
+        return torch.zeros_like(tensors[0])
+    alpha_sum = sum(alphas[i] for i in valid)
+    weights = [alphas[i] / alpha_sum for i in valid]
+    units = [tensors[i] / norms[i] for i in valid]
+    mean = torch.zeros_like(units[0])
+    for weight, unit in zip(weights, units):
+        mean += weight * unit
+    mean_norm = _norm(mean)
+    mean = units[0].clone() if mean_norm.item() < tol else mean / mean_norm
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for weight, unit in zip(weights, units):
+            dot = _dot(mean, unit).clamp(-1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            tangent += weight * (theta / torch.sin(theta)) * (unit - dot * mean)
+        tangent_norm = _norm(tangent)
+        if tangent_norm.item() < tol:
+            break
+        mean = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
+        unit_norm = _norm(mean)
+        if unit_norm.item() > tol:
+            mean = mean / unit_norm
+    # mergekit scales by every input's norm with the unnormalised weights, zero tensors included
+    return sum(alpha * norm for alpha, norm in zip(alphas, norms)) * mean
+
+
+# ----------------------------------------------------------------------------------------------- task vectors
+
+
+def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """The max(1, int(density * n)) entries of largest magnitude (TIES); ties at the threshold go to the lower
+    flat index (mergekit leaves them to torch.argsort's unspecified order)."""
+    n = delta.numel()
+    if density <= 0 or n == 0:
+        return torch.zeros(delta.shape, dtype=torch.bool)
+    k = max(1, int(density * n))
+    keep = torch.sort(delta.abs().reshape(-1).float(), descending=True, stable=True).indices[:k]
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[keep] = True
+    return mask.view(delta.shape)
+
+
+def outliers_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs: drop the int(gamma * n) largest magnitudes, then keep the int(density * n) next ones
+    (fewer outliers dropped where both do not fit)."""
+    n = delta.numel()
+    keep_n = int(density * n)
+    drop_small = max(0, n - keep_n - int(gamma * n))
+    order = torch.sort(delta.abs().reshape(-1).float(), stable=True).indices
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[order[drop_small:drop_small + keep_n]] = True
+    return mask.view(delta.shape)
+
+
+def random_mask(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE: keep each entry with probability `density`."""
+    return torch.bernoulli(torch.full(delta.shape, float(density)), generator=generator).bool()
+
+
+def della_mask(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:
+    """DELLA's MagPrune: in each row, keep an entry with probability density - epsilon (smallest magnitude) rising
+    linearly with its rank to density + epsilon (largest)."""
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError(f"della: density +/- epsilon must lie in (0, 1), got density {density}, epsilon {epsilon}")
+    rows = delta.float() if delta.dim() >= 2 else delta.float().unsqueeze(0)
+    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1), dim=1).float() + 1
+    low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    probability = (density - epsilon) + ((ranks - low) / (high - low)).clamp(0, 1) * 2 * epsilon
+    return torch.bernoulli(probability, generator=generator).bool().view(delta.shape)
+
+
+def masked_rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
+    """The kept entries; with `rescale`, multiplied so that the task vector keeps its L1 norm (mergekit's
+    `rescale`; the DARE paper's 1/density is this in expectation)."""
+    masked = delta * mask
+    if not rescale:
+        return masked
+    before, after = delta.abs().sum(), masked.abs().sum()
+    if before < eps or after < eps:
+        return masked
+    return masked * (before / after)
+
+
+def sparsify(delta: torch.Tensor, density: float, method: str, rescale: bool = False,
+             generator: Optional[torch.Generator] = None, gamma: float = 0.01, epsilon: float = 0.15) -> torch.Tensor:
+    """One task vector trimmed by `method`: magnitude (TIES), random (DARE), magnitude_outliers (Breadcrumbs)
+    or della_magprune (DELLA). A density of 1 or more leaves it as it is (not rescaled)."""
+    if density >= 1:
+        return delta
+    if method == "magnitude":
+        mask = magnitude_mask(delta, density)
+    elif method == "random":
+        mask = random_mask(delta, density, generator)
+    elif method == "magnitude_outliers":
+        mask = outliers_mask(delta, density, gamma)
+    elif density <= 0:
+        return torch.zeros_like(delta)
+    else:
+        mask = della_mask(delta, density, epsilon, generator)
+    return masked_rescaled(delta, mask, rescale)
+
+
+def sign_agreement(weighted_deltas: torch.Tensor) -> torch.Tensor:
+    """TIES's election by total mass: per entry the sign (+1 at 0) of the summed weighted task vectors, and which
+    task vectors agree with it (zero entries never do)."""
+    elected = torch.where(weighted_deltas.sum(0) >= 0, 1.0, -1.0)
+    return torch.sign(weighted_deltas) == elected
+
+
 def task_arithmetic(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
-                    lambda_: float = 1.0, normalize: bool = False) -> torch.Tensor:
-    # one task vector at a time: a merge of n models holds the inputs, the sum and one difference
-    merged = torch.zeros(base.shape, dtype=torch.float32)
-    for tensor, weight in zip(tensors, weights):
-        merged.add_(tensor.float() - base.float(), alpha=weight)
+                    densities: Optional[Sequence[float]] = None, sparsification: Optional[str] = None,
+                    consensus: bool = False, normalize: bool = False, rescale: bool = False, lambda_: float = 1.0,
+                    gammas: Optional[Sequence[float]] = None, epsilons: Optional[Sequence[float]] = None,
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """mergekit's generalized task arithmetic: base + lambda * mix(w_i * sparsify(model_i - base)), where mix is
+    a sum (divided by sum w_i with `normalize`) or, with `consensus`, TIES's disjoint sum over the task vectors
+    that agree with the elected sign (divided by the agreeing weights with `normalize`). task_arithmetic, ties,
+    dare_*, breadcrumbs*, della* are this with their sparsification, consensus and defaults."""
+    base = base.float()
+    n = len(tensors)
+    deltas = torch.empty((n, *base.shape), dtype=torch.float32)
+    for i, tensor in enumerate(tensors):
+        delta = tensor.float() - base
+        if sparsification is not None:
+            delta = sparsify(delta, densities[i], sparsification, rescale, generator,
+                             gammas[i] if gammas else 0.01, epsilons[i] if epsilons else 0.15)
+        deltas[i] = delta
+        del delta
+    w = torch.tensor(list(weights), dtype=torch.float32).view(-1, *[1] * base.dim())
+    deltas.mul_(w)
+    if consensus:
+        agrees = sign_agreement(deltas)
+        mixed = (deltas * agrees).sum(0)
+        divisor = (w * agrees).sum(0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(0)
+        divisor = w.sum(0)
+        divisor[divisor.abs() < 1e-8] = 1
+    del deltas
     if normalize:
-        if sum(weights) == 0:
-            raise ValueError("task arithmetic with normalize: the weights sum to 0")
-        merged /= float(sum(weights))
-    return merged.mul_(lambda_).add_(base.float())
+        mixed /= divisor
+    if lambda_ != 1:
+        mixed *= lambda_
+    return base + mixed
 
 
-def trim_by_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the `density` fraction of entries with the largest magnitude, zero the rest (TIES step 1)."""
-    if density >= 1:
-        return delta
-    k = int(round(density * delta.numel()))
-    if k <= 0:
-        return torch.zeros_like(delta)
-    # the k-th largest magnitude is the threshold; ties at it are kept, as in the paper's top-k
-    threshold = delta.abs().flatten().kthvalue(delta.numel() - k + 1).values
-    return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))
+def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
+    """Model Stock: t = k cos / (1 + (k - 1) cos), where cos is the mean pairwise cosine between the k task
+    vectors (of the whole tensor, or of each row with `filter_wise`); t * average + (1 - t) * base. Where the
+    denominator vanishes, the base."""
+    shape = base.shape
+    w0 = base.float()
+    ws = [t.float() for t in tensors]
+    if filter_wise:
+        if w0.dim() == 1:
+            w0, ws = w0.unsqueeze(0), [w.unsqueeze(0) for w in ws]
+    else:
+        w0, ws = w0.reshape(-1), [w.reshape(-1) for w in ws]
+    offsets = [w - w0 for w in ws]
+    cosines = []
+    for i, a in enumerate(offsets):
+        for b in offsets[i + 1:]:
+            norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
+            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    del offsets
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    k = len(ws)
+    denominator = 1 + (k - 1) * cos
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, 0, k * cos / torch.where(singular, 1, denominator))
+    return (t * (sum(ws) / k) + (1 - t) * w0).reshape(shape)
 
 
-def drop_and_rescale(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """DARE: zero each entry with probability 1 - density, multiply the kept ones by 1 / density."""
-    if density >= 1:
-        return delta
-    if density <= 0:
-        return torch.zeros_like(delta)
-    keep = torch.rand(delta.shape, generator=generator) < density
-    return torch.where(keep, delta / density, torch.zeros_like(delta))
+def sce(base: torch.Tensor, tensors: Sequence[torch.Tensor], select_topk: float = 1.0) -> torch.Tensor:
+    """SCE: keep the int(select_topk * nonzero) entries whose values vary most across the models, weight each task
+    vector by its mean squared entry (normalised to sum 1), and average the ones that agree with TIES's elected
+    sign, by those weights."""
+    base = base.float()
+    deltas = torch.stack([t.float() - base for t in tensors])
+    if select_topk < 1:
+        variance = torch.var(deltas, dim=0, unbiased=False)
+        k = int(torch.count_nonzero(variance) * select_topk) if select_topk > 0 else 0
+        mask = torch.zeros(variance.numel(), dtype=torch.bool)
+        if k > 0:
+            mask[torch.topk(variance.reshape(-1), k=k).indices] = True
+        deltas *= mask.view(variance.shape)
+    agrees = sign_agreement(deltas)
+    energy = deltas.square().reshape(len(tensors), -1).mean(dim=1)
+    total = energy.sum().item()
+    weights = torch.full_like(energy, 1 / len(tensors)) if abs(total) < 1e-6 else energy / total
+    weights = weights.view(-1, *[1] * base.dim()) * agrees
+    return base + (deltas * weights).sum(0) / weights.sum(0).clamp(min=1e-6)
 
 
-def elect_sign(weighted_deltas: torch.Tensor) -> torch.Tensor:
-    """Per entry, the sign (+1/-1) of the total weighted task vector mass (TIES step 2, "sum" election)."""
-    return torch.where(weighted_deltas.sum(0) >= 0, 1.0, -1.0)
+def nearswap(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Tensor:
+    """Interpolate towards `other` by min(1, t / |other - base|): entries closer than `t` are swapped in."""
+    base, other = base.float(), other.float()
+    weight = (t / (base - other).abs().clamp(min=1e-6)).clamp(0, 1)
+    return weight * other + (1 - weight) * base
 
 
-def disjoint_merge(weighted_deltas: torch.Tensor, weights: torch.Tensor, sign: torch.Tensor,
-                   normalize: bool = True) -> torch.Tensor:
-    """Sum the entries whose sign agrees with the elected one; with `normalize`, divide by the weight of the models
-    that contributed to each entry (TIES step 3, the disjoint mean). Trimmed (zero) entries never agree."""
-    agrees = torch.sign(weighted_deltas) == sign
-    merged = (weighted_deltas * agrees).sum(0)
-    if normalize:
-        contributors = (weights * agrees).sum(0)
-        merged = merged / torch.where(contributors == 0, torch.ones_like(contributors), contributors)
-    return merged
+# ----------------------------------------------------------------------------------------------- the method table
+
+REQUIRED = "required"
 
 
-def ties(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float], densities: Sequence[float],
-         lambda_: float = 1.0, normalize: bool = True) -> torch.Tensor:
-    deltas = [trim_by_magnitude(t.float() - base.float(), d) for t, d in zip(tensors, densities)]
-    return base.float() + lambda_ * _sign_consensus(deltas, weights, normalize)
+@dataclass(frozen=True)
+class Parameter:
+    kind: type  # float, bool or int
+    default: Any = REQUIRED
+    per_model: bool = False  # one value per model (weight, density), else one for the merge (t, normalize)
 
 
-def dare(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float], densities: Sequence[float],
-         generator: torch.Generator, sign_consensus: bool, lambda_: float = 1.0, normalize: bool = False) -> torch.Tensor:
-    """dare_ties (`sign_consensus=True`) or dare_linear: random drop with rescale, then TIES's election or a sum."""
-    deltas = [drop_and_rescale(t.float() - base.float(), d, generator) for t, d in zip(tensors, densities)]
-    if sign_consensus:
-        return base.float() + lambda_ * _sign_consensus(deltas, weights, normalize)
-    return base.float() + lambda_ * linear(deltas, weights, normalize)
+@dataclass(frozen=True)
+class Method:
+    base: str  # "required", "optional" (nuslerp, multislerp: task vectors when given) or "unused"
+    parameters: dict[str, Parameter]
+    min_models: int = 1  # models besides the base
+    max_models: Optional[int] = None
+    sparsification: Optional[str] = None  # the task-vector methods: how each task vector is trimmed
+    consensus: bool = False  # ... and whether TIES's sign election mixes them
 
 
-def _sign_consensus(deltas: list[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
-    weight = torch.tensor(weights, dtype=torch.float32).view(-1, *[1] * deltas[0].dim())
-    weighted = torch.stack(deltas) * weight
-    return disjoint_merge(weighted, weight.expand_as(weighted), elect_sign(weighted), normalize)
+def _task_vectors(sparsification: Optional[str], consensus: bool, normalize: bool, rescale: bool,
+                  **extra: Parameter) -> Method:
+    # mergekit requires `weight`; 1 is our default, so a YAML without weights sums the task vectors
+    parameters = {"weight": Parameter(float, 1.0, True), "int8_mask": Parameter(bool, False),
+                  "normalize": Parameter(bool, normalize), "rescale": Parameter(bool, rescale),
+                  "lambda": Parameter(float, 1.0)}
+    if sparsification is not None:
+        parameters["density"] = Parameter(float, 1.0, True)
+    return Method("required", {**parameters, **extra}, sparsification=sparsification, consensus=consensus)
 
 
-# ----------------------------------------------------------------------------------------------- parameters
+# mergekit 0.1.5's methods with its parameter names and defaults (arcee_fusion and ram are left out)
+METHODS: dict[str, Method] = {
+    "linear": Method("unused", {"weight": Parameter(float, 1.0, True), "normalize": Parameter(bool, True)}),
+    "slerp": Method("optional", {"t": Parameter(float)}, 1, 1),
+    "nuslerp": Method("optional", {"weight": Parameter(float, 1.0, True), "nuslerp_row_wise": Parameter(bool, False),
+                                   "nuslerp_flatten": Parameter(bool, True)}, 2, 2),
+    "multislerp": Method("optional", {"weight": Parameter(float, 1.0, True),
+                                      "normalize_weights": Parameter(bool, True), "eps": Parameter(float, 1e-8)}),
+    "karcher": Method("unused", {"max_iter": Parameter(int, 10), "tol": Parameter(float, 1e-5)}),
+    "task_arithmetic": _task_vectors(None, False, normalize=False, rescale=False),
+    "ties": _task_vectors("magnitude", True, normalize=True, rescale=False),
+    "dare_ties": _task_vectors("random", True, normalize=False, rescale=True),
+    "dare_linear": _task_vectors("random", False, normalize=False, rescale=True),
+    "breadcrumbs": _task_vectors("magnitude_outliers", False, normalize=False, rescale=False,
+                                 gamma=Parameter(float, 0.01, True)),
+    "breadcrumbs_ties": _task_vectors("magnitude_outliers", True, normalize=False, rescale=False,
+                                      gamma=Parameter(float, 0.01, True)),
+    "della": _task_vectors("della_magprune", True, normalize=True, rescale=True,
+                           epsilon=Parameter(float, 0.15, True)),
+    "della_linear": _task_vectors("della_magprune", False, normalize=False, rescale=True,
+                                  epsilon=Parameter(float, 0.15, True)),
+    "model_stock": Method("required", {"filter_wise": Parameter(bool, False)}, 2),
+    "sce": Method("required", {"int8_mask": Parameter(bool, False), "select_topk": Parameter(float, 1.0)}),
+    "nearswap": Method("required", {"t": Parameter(float)}, 1, 1),
+    "passthrough": Method("unused", {"scale": Parameter(float, 1.0, True)}, 1, 1),
+}
+RANDOM_METHODS = {name for name, m in METHODS.items() if m.sparsification in ("random", "della_magprune")}
 
 
-LAYER_TENSOR = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
-# mergekit users filter by Hugging Face module names; these are ours
-FILTER_ALIASES = {"self_attn": "attn", "input_layernorm": "norm_1", "post_attention_layernorm": "norm_2",
-                  "embed_tokens": "wte", "q_proj": "attn.qkv", "k_proj": "attn.qkv", "v_proj": "attn.qkv",
-                  "o_proj": "attn.proj", "gate_proj": "mlp.fc_1", "up_proj": "mlp.fc_2", "down_proj": "mlp.proj"}
+def merge_weight(method: str, base: Optional[torch.Tensor], tensors: Sequence[torch.Tensor], params: dict[str, Any],
+                 per_model: dict[str, list], generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One weight merged by `method`: `base` (None where the method has none), the other models' `tensors`,
+    the merge's parameters and the per-model ones (lists in the order of `tensors`). int8_mask only saves memory
+    in mergekit; the masks here are booleans, so it changes nothing."""
+    if method == "linear":
+        return linear(tensors, per_model["weight"], params["normalize"])
+    if method == "passthrough":
+        scale = per_model["scale"][0]
+        return tensors[0] if scale == 1 else tensors[0].float() * scale
+    if method == "slerp":
+        return slerp(base, tensors[0], params["t"])
+    if method == "nuslerp":
+        return nuslerp_merge(tensors, per_model["weight"], base, params["nuslerp_row_wise"], params["nuslerp_flatten"])
+    if method == "multislerp":
+        return multislerp(tensors, per_model["weight"], base, params["normalize_weights"], params["eps"])
+    if method == "karcher":
+        return karcher(tensors, params["max_iter"], params["tol"])
+    if method == "model_stock":
+        return model_stock(base, tensors, params["filter_wise"])
+    if method == "sce":
+        return sce(base, tensors, params["select_topk"])
+    if method == "nearswap":
+        return nearswap(base, tensors[0], params["t"])
+    spec = METHODS[method]
+    return task_arithmetic(base, tensors, per_model["weight"], per_model.get("density"), spec.sparsification,
+                           spec.consensus, params["normalize"], params["rescale"], params["lambda"],
+                           per_model.get("gamma"), per_model.get("epsilon"), generator)
 
 
-def gradient_value(values: Sequence[float], position: float) -> float:
-    """A per-layer "gradient": `values` are anchors spread evenly from the first layer (position 0) to the last
-    (position 1); a layer between anchors gets the linear interpolation."""
-    if len(values) == 1:
-        return float(values[0])
-    x = position * (len(values) - 1)
-    i = min(int(math.floor(x)), len(values) - 2)
-    return float(values[i] + (x - i) * (values[i + 1] - values[i]))
+def weight_generator(seed: int, name: str) -> torch.Generator:
+    """The random methods' generator for one weight, seeded by its name: the same masks whatever the order."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
-def filter_matches(pattern: str, tensor_name: str) -> bool:
-    return pattern in tensor_name or FILTER_ALIASES.get(pattern, pattern) in tensor_name
+# ----------------------------------------------------------------------------------------------- parameter values
 
 
-def resolve_parameter(value, tensor_name: str, position: float, where: str) -> float:
-    """A parameter's value for one tensor at a layer position in [0, 1]. `value` is a number, a list of numbers (a
-    gradient over the layers), or a list of `{filter: name-part, value: number or list}` tried in order, where an
-    entry without `filter` matches every tensor."""
-    if isinstance(value, bool) or value is None:
-        raise ValueError(f"{where}: expected a number, a list of numbers or a list of {{filter, value}}, got {value!r}")
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        return gradient_value(value, position)
+def gradient_value(values: Sequence[float], t: float) -> float:
+    """mergekit's per-layer gradient: `values` spread evenly over t in [0, 1], linear in between."""
+    scaled = t * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = scaled - i0
+    return float((1 - frac) * values[i0] + frac * values[i1])
+
+
+def filter_matches(pattern: str, names: Sequence[str]) -> bool:
+    """A `filter` is a part of the tensor's name, Hugging Face's (self_attn, q_proj, mlp) or ours (attn.qkv)."""
+    return pattern == "*" or any(pattern in name for name in names)
+
+
+def resolve_parameter(value, kind: type, names: Sequence[str], t: float, where: str):
+    """A parameter's value for one weight (known by `names`) at gradient position t: a number (or bool), a list of
+    numbers (a gradient over the slice's layers), or a list of `{filter: name-part, value: ...}` tried in order,
+    where an entry without `filter` matches every tensor. None when no entry matches (the next source applies)."""
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
         for entry in value:
-            unknown = set(entry) - {"filter", "value"}
-            if unknown or "value" not in entry:
+            if set(entry) - {"filter", "value"} or "value" not in entry:
                 raise ValueError(f"{where}: each filtered entry needs `value` (and optionally `filter`), got {entry!r}")
-            if "filter" not in entry or filter_matches(str(entry["filter"]), tensor_name):
-                return resolve_parameter(entry["value"], tensor_name, position, where)
-        raise ValueError(f"{where}: no entry matches tensor {tensor_name!r}; add one without `filter` as the default")
-    raise ValueError(f"{where}: expected a number, a list of numbers or a list of {{filter, value}}, got {value!r}")
+            if entry.get("filter") is None or filter_matches(str(entry["filter"]), names):
+                return resolve_parameter(entry["value"], kind, names, t, where)
+        return None
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and is_number and float(value).is_integer():
+        return int(value)
+    if kind is float and is_number:
+        return float(value)
+    if kind is float and isinstance(value, list) and value and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return gradient_value(value, t)
+    expected = {bool: "true or false", int: "an integer", float: "a number, a list of numbers (a gradient)"}[kind]
+    raise ValueError(f"{where}: expected {expected} or a list of {{filter, value}}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------- the YAML schema
+
+
+@dataclass
+class SourceSpec:
+    """One model in `models:`, or one source of a slice (with `layer_range`, end exclusive)."""
+
+    model: str
+    layer_range: Optional[list[int]] = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SliceSpec:
+    sources: list[SourceSpec]
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MergeSpec:
+    """A mergekit-style merge config."""
+
+    merge_method: str
+    models: Optional[list[SourceSpec]] = None
+    slices: Optional[list[SliceSpec]] = None
+    base_model: Optional[str] = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    dtype: Optional[str] = None
+    tokenizer_source: Optional[str] = None
+    seed: int = 0
+
+
+def _typed(hint, value, where: str):
+    """`value` checked against (and built into) the type `hint`; one error line naming the YAML key otherwise."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        if value is None:
+            return None
+        return _typed(next(a for a in args if a is not type(None)), value, where)
+    if dataclasses.is_dataclass(hint):
+        return parse_spec(hint, value, where)
+    if origin is list:
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"{where} must be a non-empty list, got {value!r}")
+        return [_typed(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a mapping of name: value, got {value!r}")
+        return dict(value)
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        raise ValueError(f"{where} must be {'an integer' if hint is int else 'a string'}, got {value!r}")
+    return value
+
+
+def parse_spec(cls, data, where: str):
+    """A dataclass of the schema above from a YAML mapping: unknown keys, missing keys and wrong types fail with
+    one line naming the key."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping with keys {[f.name for f in dataclasses.fields(cls)]}, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r}; the keys are {list(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ValueError(f"{key} is required")
+            continue
+        values[name] = _typed(hints[name], data[name], key)
+    return cls(**values)
+
+
+def check_spec(spec: MergeSpec, label: str) -> None:
+    """What the types cannot say: the method exists, `models` xor `slices`, layer ranges, parameter names."""
+    if spec.merge_method not in METHODS:
+        raise ValueError(f"{label}: merge_method {spec.merge_method!r} is not one of {', '.join(METHODS)}")
+    if (spec.models is None) == (spec.slices is None):
+        raise ValueError(f"{label}: give exactly one of `models` and `slices`")
+    method = METHODS[spec.merge_method]
+    known = sorted(method.parameters)
+
+    def check_names(params: dict, where: str, per_model_only: bool = False) -> None:
+        for name in params:
+            if name not in method.parameters or per_model_only and not method.parameters[name].per_model:
+                raise ValueError(f"{label}: {where}.{name}: {spec.merge_method} has no such"
+                                 f" {'per-model ' if per_model_only else ''}parameter; it reads {known}")
+
+    check_names(spec.parameters, "parameters")
+    for i, source in enumerate(spec.models or []):
+        if source.layer_range is not None:
+            raise ValueError(f"{label}: models[{i}].layer_range: layer ranges belong in `slices`")
+        check_names(source.parameters, f"models[{i}].parameters", per_model_only=True)
+    for i, entry in enumerate(spec.slices or []):
+        check_names(entry.parameters, f"slices[{i}].parameters")
+        for j, source in enumerate(entry.sources):
+            where = f"slices[{i}].sources[{j}]"
+            value = source.layer_range
+            if value is None:
+                raise ValueError(f"{label}: {where}.layer_range is required")
+            if (len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+                    or not 0 <= value[0] < value[1]):
+                raise ValueError(f"{label}: {where}.layer_range must be [start, end] with 0 <= start < end, got {value!r}")
+            check_names(source.parameters, f"{where}.parameters", per_model_only=True)
+    if spec.dtype is not None and spec.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"{label}: dtype {spec.dtype!r} is not one of float32, bfloat16, float16")
 
 
 # ----------------------------------------------------------------------------------------------- streamed I/O
@@ -236,15 +666,13 @@ class CheckpointReader:
             return f.get_tensor(name)
 
 
+LAYER_TENSOR = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
+
+
 def layer_of(tensor_name: str) -> Optional[tuple[int, str]]:
     """(layer index, the name inside the block) for a block's tensor, None for embeddings, final norm and head."""
     match = LAYER_TENSOR.match(tensor_name)
     return (int(match.group(1)), match.group(2)) if match else None
-
-
-# ----------------------------------------------------------------------------------------------- configs and outputs
-
-
 
 
 def resolve_model_dir(reference, where: str) -> Path:
@@ -260,5 +688,6 @@ def resolve_model_dir(reference, where: str) -> Path:
                                 f" `python scripts/merge_lora.py --lora_dir {reference} --out_dir DIR`")
     raise FileNotFoundError(
         f"{where} not found (no model_config.yaml in {reference} or checkpoints/{reference}). Download and convert"
-        f" it with `python scripts/download.py --repo_id {reference}`, or merge a LoRA run into a checkpoint first with `python scripts/merge_lora.py`."
+        f" it with `python scripts/download.py --repo_id {reference}`, or merge a LoRA run into a checkpoint first"
+        f" with `python scripts/merge_lora.py`."
     )
