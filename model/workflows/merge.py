@@ -199,77 +199,171 @@ def karcher(tensors: Sequence[torch.Tensor], max_iter: int = 10, tol: float = 1e
 # ----------------------------------------------------------------------------------------------- task vectors
 
 
+def _row_view(tensor: torch.Tensor) -> torch.Tensor:
+    """Rows of a weight (a 1-D tensor is one row): the unit the task-vector methods are processed in."""
+    return tensor.reshape(tensor.shape[0], -1) if tensor.dim() >= 2 else tensor.reshape(1, -1)
+
+
+def _row_chunks(rows: torch.Tensor) -> list[slice]:
+    step = max(1, CHUNK // max(rows.shape[1], 1))
+    return [slice(i, min(i + step, rows.shape[0])) for i in range(0, rows.shape[0], step)]
+
+
+class TaskVector:
+    """model - base (or a given delta), computed a chunk of rows at a time and never held whole: merging n models
+    holds the inputs, the output and a few chunks, not n float32 copies of the weight."""
+
+    def __init__(self, tensor: torch.Tensor, base: Optional[torch.Tensor] = None) -> None:
+        self.rows = _row_view(tensor)
+        self.base = _row_view(base) if base is not None else None
+        self.chunks = _row_chunks(self.rows)
+        self.numel = tensor.numel()
+
+    def chunk(self, rows: slice) -> torch.Tensor:
+        delta = self.rows[rows].float()
+        return delta - self.base[rows].float() if self.base is not None else delta
+
+
+def _value_at_rank(task_vector: TaskVector, rank: int) -> tuple[torch.Tensor, int]:
+    """The magnitude of ascending rank `rank` (0-based) and how many magnitudes are smaller, from two histogram
+    passes over the bits of the float32 magnitudes (in order for non-negative floats): no sort, no copy."""
+
+    def histogram(high: Optional[int]) -> torch.Tensor:
+        counts = torch.zeros(32768 if high is None else 65536, dtype=torch.int64)
+        for rows in task_vector.chunks:
+            bits = task_vector.chunk(rows).abs().view(torch.int32).reshape(-1)
+            counts += torch.bincount(bits >> 16 if high is None else bits[(bits >> 16) == high] & 0xFFFF,
+                                     minlength=counts.numel())
+        return counts.cumsum(0)
+
+    cumulative = histogram(None)
+    high = int(torch.searchsorted(cumulative, torch.tensor(rank), right=True))
+    below = int(cumulative[high - 1]) if high else 0
+    cumulative = histogram(high)
+    low = int(torch.searchsorted(cumulative, torch.tensor(rank - below), right=True))
+    below += int(cumulative[low - 1]) if low else 0
+    return torch.tensor([(high << 16) | low], dtype=torch.int32).view(torch.float32)[0], below
+
+
+class Sparsifier:
+    """One task vector's mask, mergekit 0.1.5's way, applied a chunk of rows at a time (in order, once per pass):
+
+    - magnitude (TIES): keep the max(1, int(density * n)) largest magnitudes;
+    - magnitude_outliers (Model Breadcrumbs): drop the int(gamma * n) largest, keep the int(density * n) next;
+    - random (DARE): keep each entry with probability density;
+    - della_magprune (DELLA): in each row, keep with probability density - epsilon (smallest magnitude) rising
+      linearly with the rank to density + epsilon (largest).
+
+    Magnitudes are ranked in ascending order, ties by flat index, so a tie at the threshold keeps the later
+    entries (mergekit leaves ties to torch.argsort's unspecified order). With `rescale`, the kept entries are
+    multiplied so that the task vector keeps its L1 norm (mergekit's `rescale`; the DARE paper's 1/density is
+    this in expectation). A density of 1 or more keeps everything and does not rescale.
+    """
+
+    def __init__(self, method: Optional[str], task_vector: TaskVector, density: float = 1.0, rescale: bool = False,
+                 seed: int = 0, gamma: float = 0.01, epsilon: float = 0.15) -> None:
+        self.method, self.task_vector, self.density, self.epsilon, self.seed = method, task_vector, density, epsilon, seed
+        self.identity = method is None or density >= 1
+        self.empty = False
+        self.window = None
+        n = task_vector.numel
+        if self.identity:
+            return
+        if method == "magnitude":
+            k = max(1, int(density * n))
+            self.empty = density <= 0 or n == 0
+            self.window = (n - k, n)
+        elif method == "magnitude_outliers":
+            keep = int(density * n)
+            drop_small = max(0, n - keep - int(gamma * n))
+            self.window = (drop_small, drop_small + keep)
+            self.empty = keep <= 0
+        elif method == "della_magprune":
+            self.empty = density <= 0
+            if not self.empty and (density + epsilon >= 1 or density - epsilon <= 0):
+                raise ValueError(f"della: density +/- epsilon must lie in (0, 1), got density {density},"
+                                 f" epsilon {epsilon}")
+        if self.window is not None and not self.empty:
+            lo, hi = self.window
+            self.low = _value_at_rank(task_vector, lo)
+            self.high = _value_at_rank(task_vector, hi - 1)
+        self.scale = None
+        if rescale and not self.empty:
+            before, after = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+            self.start_pass()
+            for rows in task_vector.chunks:
+                delta = task_vector.chunk(rows)
+                before += delta.abs().sum()
+                after += (delta * self.mask(delta)).abs().sum()
+            before, after = before.float(), after.float()
+            if before >= 1e-7 and after >= 1e-7:
+                self.scale = before / after
+
+    def start_pass(self) -> None:
+        """Masks are made in chunk order: the tie counters and the random generator start over."""
+        self.tied_low = self.tied_high = 0
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def mask(self, delta: torch.Tensor) -> torch.Tensor:
+        if self.empty:
+            return torch.zeros(delta.shape, dtype=torch.bool)
+        if self.method == "random":
+            return torch.bernoulli(torch.full(delta.shape, float(self.density)), generator=self.generator).bool()
+        magnitude = delta.abs()
+        if self.method == "della_magprune":
+            ranks = torch.argsort(torch.argsort(magnitude, dim=1), dim=1).float() + 1
+            low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+            probability = (self.density - self.epsilon) + ((ranks - low) / (high - low)).clamp(0, 1) * 2 * self.epsilon
+            return torch.bernoulli(probability, generator=self.generator).bool()
+        (lo, hi), (v_lo, below_lo), (v_hi, below_hi) = self.window, self.low, self.high
+        at_low, at_high = magnitude == v_lo, magnitude == v_hi
+        # the rank of a tied entry is the number of smaller ones plus its place among the ties so far
+        place_low = at_low.reshape(-1).cumsum(0).view(at_low.shape) - 1 + self.tied_low
+        place_high = at_high.reshape(-1).cumsum(0).view(at_high.shape) - 1 + self.tied_high
+        self.tied_low += int(at_low.sum())
+        self.tied_high += int(at_high.sum())
+        above = (magnitude > v_lo) | (at_low & (place_low >= lo - below_lo))
+        return above & ((magnitude < v_hi) | (at_high & (place_high < hi - below_hi)))
+
+    def apply(self, delta: torch.Tensor) -> torch.Tensor:
+        if self.identity:
+            return delta
+        masked = delta * self.mask(delta)
+        return masked * self.scale if self.scale is not None else masked
+
+
+def _whole_mask(method: str, delta: torch.Tensor, density: float, seed: int = 0, **kw) -> torch.Tensor:
+    task_vector = TaskVector(delta)
+    sparsifier = Sparsifier(method, task_vector, density, seed=seed, **kw)
+    sparsifier.start_pass()
+    return torch.cat([sparsifier.mask(task_vector.chunk(rows)) for rows in task_vector.chunks]).view(delta.shape)
+
+
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """The max(1, int(density * n)) entries of largest magnitude (TIES); ties at the threshold go to the lower
-    flat index (mergekit leaves them to torch.argsort's unspecified order)."""
-    n = delta.numel()
-    if density <= 0 or n == 0:
-        return torch.zeros(delta.shape, dtype=torch.bool)
-    k = max(1, int(density * n))
-    keep = torch.sort(delta.abs().reshape(-1).float(), descending=True, stable=True).indices[:k]
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[keep] = True
-    return mask.view(delta.shape)
+    """TIES's trim: the max(1, int(density * n)) largest magnitudes (none at density 0)."""
+    return _whole_mask("magnitude", delta, density)
 
 
 def outliers_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """Model Breadcrumbs: drop the int(gamma * n) largest magnitudes, then keep the int(density * n) next ones
     (fewer outliers dropped where both do not fit)."""
-    n = delta.numel()
-    keep_n = int(density * n)
-    drop_small = max(0, n - keep_n - int(gamma * n))
-    order = torch.sort(delta.abs().reshape(-1).float(), stable=True).indices
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[order[drop_small:drop_small + keep_n]] = True
-    return mask.view(delta.shape)
+    return _whole_mask("magnitude_outliers", delta, density, gamma=gamma)
 
 
-def random_mask(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """DARE: keep each entry with probability `density`."""
-    return torch.bernoulli(torch.full(delta.shape, float(density)), generator=generator).bool()
+def della_mask(delta: torch.Tensor, density: float, epsilon: float, seed: int) -> torch.Tensor:
+    """DELLA's MagPrune mask (see Sparsifier)."""
+    return _whole_mask("della_magprune", delta, density, seed=seed, epsilon=epsilon)
 
 
-def della_mask(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:
-    """DELLA's MagPrune: in each row, keep an entry with probability density - epsilon (smallest magnitude) rising
-    linearly with its rank to density + epsilon (largest)."""
-    if density + epsilon >= 1 or density - epsilon <= 0:
-        raise ValueError(f"della: density +/- epsilon must lie in (0, 1), got density {density}, epsilon {epsilon}")
-    rows = delta.float() if delta.dim() >= 2 else delta.float().unsqueeze(0)
-    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1), dim=1).float() + 1
-    low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
-    probability = (density - epsilon) + ((ranks - low) / (high - low)).clamp(0, 1) * 2 * epsilon
-    return torch.bernoulli(probability, generator=generator).bool().view(delta.shape)
-
-
-def masked_rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
-    """The kept entries; with `rescale`, multiplied so that the task vector keeps its L1 norm (mergekit's
-    `rescale`; the DARE paper's 1/density is this in expectation)."""
-    masked = delta * mask
-    if not rescale:
-        return masked
-    before, after = delta.abs().sum(), masked.abs().sum()
-    if before < eps or after < eps:
-        return masked
-    return masked * (before / after)
-
-
-def sparsify(delta: torch.Tensor, density: float, method: str, rescale: bool = False,
-             generator: Optional[torch.Generator] = None, gamma: float = 0.01, epsilon: float = 0.15) -> torch.Tensor:
-    """One task vector trimmed by `method`: magnitude (TIES), random (DARE), magnitude_outliers (Breadcrumbs)
-    or della_magprune (DELLA). A density of 1 or more leaves it as it is (not rescaled)."""
+def sparsify(delta: torch.Tensor, density: float, method: str, rescale: bool = False, seed: int = 0,
+             gamma: float = 0.01, epsilon: float = 0.15) -> torch.Tensor:
+    """One whole task vector trimmed by `method` (magnitude, random, magnitude_outliers, della_magprune)."""
     if density >= 1:
         return delta
-    if method == "magnitude":
-        mask = magnitude_mask(delta, density)
-    elif method == "random":
-        mask = random_mask(delta, density, generator)
-    elif method == "magnitude_outliers":
-        mask = outliers_mask(delta, density, gamma)
-    elif density <= 0:
-        return torch.zeros_like(delta)
-    else:
-        mask = della_mask(delta, density, epsilon, generator)
-    return masked_rescaled(delta, mask, rescale)
+    task_vector = TaskVector(delta)
+    sparsifier = Sparsifier(method, task_vector, density, rescale, seed, gamma, epsilon)
+    sparsifier.start_pass()
+    return torch.cat([sparsifier.apply(task_vector.chunk(rows)) for rows in task_vector.chunks]).view(delta.shape)
 
 
 def sign_agreement(weighted_deltas: torch.Tensor) -> torch.Tensor:
@@ -287,34 +381,37 @@ def task_arithmetic(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights
     """mergekit's generalized task arithmetic: base + lambda * mix(w_i * sparsify(model_i - base)), where mix is
     a sum (divided by sum w_i with `normalize`) or, with `consensus`, TIES's disjoint sum over the task vectors
     that agree with the elected sign (divided by the agreeing weights with `normalize`). task_arithmetic, ties,
-    dare_*, breadcrumbs*, della* are this with their sparsification, consensus and defaults."""
-    base = base.float()
+    dare_*, breadcrumbs*, della* are this with their sparsification, consensus and defaults. Computed a chunk of
+    rows at a time; the random masks take one seed per model from `generator`."""
     n = len(tensors)
-    deltas = torch.empty((n, *base.shape), dtype=torch.float32)
-    for i, tensor in enumerate(tensors):
-        delta = tensor.float() - base
-        if sparsification is not None:
-            delta = sparsify(delta, densities[i], sparsification, rescale, generator,
-                             gammas[i] if gammas else 0.01, epsilons[i] if epsilons else 0.15)
-        deltas[i] = delta
-        del delta
-    w = torch.tensor(list(weights), dtype=torch.float32).view(-1, *[1] * base.dim())
-    deltas.mul_(w)
-    if consensus:
-        agrees = sign_agreement(deltas)
-        mixed = (deltas * agrees).sum(0)
-        divisor = (w * agrees).sum(0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed = deltas.sum(0)
-        divisor = w.sum(0)
-        divisor[divisor.abs() < 1e-8] = 1
-    del deltas
-    if normalize:
-        mixed /= divisor
-    if lambda_ != 1:
-        mixed *= lambda_
-    return base + mixed
+    task_vectors = [TaskVector(t, base) for t in tensors]
+    seeds = [int(torch.randint(2**62, (1,), generator=generator)) if generator is not None else 0 for _ in tensors]
+    sparsifiers = [Sparsifier(sparsification, tv, densities[i] if densities else 1.0, rescale, seeds[i],
+                              gammas[i] if gammas else 0.01, epsilons[i] if epsilons else 0.15)
+                   for i, tv in enumerate(task_vectors)]
+    for sparsifier in sparsifiers:
+        sparsifier.start_pass()
+    base_rows = _row_view(base)
+    out = torch.empty(base_rows.shape, dtype=torch.float32)
+    w = torch.tensor(list(weights), dtype=torch.float32).view(n, 1, 1)
+    for rows in task_vectors[0].chunks:
+        deltas = torch.stack([s.apply(tv.chunk(rows)) for s, tv in zip(sparsifiers, task_vectors)])
+        deltas.mul_(w)
+        if consensus:
+            agrees = sign_agreement(deltas)
+            mixed = (deltas * agrees).sum(0)
+            divisor = (w * agrees).sum(0)
+            divisor[divisor == 0] = 1
+        else:
+            mixed = deltas.sum(0)
+            divisor = w.sum(0)
+            divisor[divisor.abs() < 1e-8] = 1
+        if normalize:
+            mixed /= divisor
+        if lambda_ != 1:
+            mixed *= lambda_
+        out[rows] = base_rows[rows].float() + mixed
+    return out.view(base.shape)
 
 
 def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
