@@ -24,8 +24,9 @@ by one, and converted back, so `filter`s name HF modules (self_attn, q_proj, mlp
 `slices` builds the output from layer ranges (end exclusive): with passthrough one source per slice, stacked in
 order (frankenmerges, self-merges that repeat layers); with the other methods each slice merges its sources'
 layers, which must have the same length; a gradient runs over each slice's layers, as in mergekit. Tensors are
-read one weight at a time from memory-mapped safetensors, so the merge needs about one output shard
-(`--shard_size_mb`) plus a few copies of one weight of RAM, not the models' size. The output is a complete
+read one weight at a time from memory-mapped safetensors and each merged weight is written to disk at once (the
+file's header is known from the plan), so the merge holds a few copies of one weight, not the models; the
+task-vector methods work on chunks of rows (benchmarks/merge_memory.py measures each method). The output is a complete
 checkpoint (weights, model_config.yaml with the new layer count, tokenizer, prompt style, config.json, and the
 merge config as merge_config.yaml) that generate/, eval/ and finetune/ read.
 """
@@ -45,7 +46,7 @@ from model.cli import run_cli
 from model.config import Config
 from model.device import DTYPES
 from model.files import atomic_write_text, check_out_dir, publish_dir
-from model.weights.checkpoint import copy_checkpoint_files, save_sharded
+from model.weights.checkpoint import copy_checkpoint_files
 from model.weights.convert import WeightMap, hf_config_dict, weight_maps
 from model.workflows.merge import (
     METHODS,
@@ -59,6 +60,7 @@ from model.workflows.merge import (
     parse_spec,
     resolve_model_dir,
     resolve_parameter,
+    save_streamed,
     weight_generator,
 )
 
@@ -129,7 +131,7 @@ def merge_models(
             itself computes in float32.
         tokenizer_source: `base`, or the model whose tokenizer and prompt style the output gets.
         seed: Seeds the random methods' drops (DARE, DELLA), per weight, so the same config gives the same merge.
-        shard_size_mb: Write the weights in files of at most this size; the merge holds one such file in RAM.
+        shard_size_mb: Write the weights in files of at most this size.
         dry_run: Check the config, the models' architectures and tensor shapes, print the plan, write nothing.
     """
     data = {key: value for key, value in dict(
@@ -183,11 +185,13 @@ def merge_models(
     tmp_dir = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-merging-"))
     try:
         merged = (
-            (name, tensor.to(out_dtype))
+            (name, tensor)
             for unit in tqdm(units, desc="Merging", unit="weight")
             for name, tensor in merge_unit(spec, unit, readers)
         )
-        save_sharded(merged, tmp_dir, shard_size_bytes=shard_size_mb * 2**20)
+        planned = [(name, readers[unit_sources(unit)[0].model].shapes[source_name(unit_sources(unit)[0], unit, name)])
+                   for unit in units for name in unit.out_names]
+        save_streamed(planned, out_dtype, merged, tmp_dir, shard_size_mb * 2**20)
         out_config.save(tmp_dir)
         copy_checkpoint_files(tokenizer_dir, tmp_dir)
         hf_config = hf_config_dict(out_config)

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
+import struct
 import typing
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -761,6 +763,47 @@ class CheckpointReader:
     def get(self, name: str) -> torch.Tensor:
         with safe_open(self.key_to_file[name], framework="pt") as f:
             return f.get_tensor(name)
+
+
+SAFETENSORS_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def save_streamed(planned: Sequence[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
+                  tensors: Iterator[tuple[str, torch.Tensor]], checkpoint_dir: Path, shard_size_bytes: int) -> None:
+    """Write tensors whose names and shapes are known in advance straight into `lit_model.safetensors` (or
+    shards of at most `shard_size_bytes`, with an index): each file's header goes first, so only the tensor being
+    written is in memory, never a shard. `checkpoint_dir` is a fresh directory published whole afterwards."""
+    shards: list[list[tuple[str, tuple[int, ...], int]]] = [[]]
+    size = 0
+    for name, shape in planned:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if shards[-1] and size + nbytes > shard_size_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, tuple(shape), nbytes))
+        size += nbytes
+    files = [LIT_WEIGHTS] if len(shards) == 1 else [f"lit_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                                                     for i in range(len(shards))]
+    tensors = iter(tensors)
+    for file, shard in zip(files, shards):
+        header, offset = {}, 0
+        for name, shape, nbytes in shard:
+            header[name] = {"dtype": SAFETENSORS_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        header["__metadata__"] = {"format": "pt"}
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        with open(checkpoint_dir / file, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for name, shape, _ in shard:
+                got, tensor = next(tensors)
+                if got != name or tuple(tensor.shape) != shape:
+                    raise RuntimeError(f"expected {name} {list(shape)}, got {got} {list(tensor.shape)}")
+                f.write(tensor.to(dtype).contiguous().reshape(-1).view(torch.uint8).numpy())
+    if len(files) > 1:
+        weight_map = {name: file for file, shard in zip(files, shards) for name, _, _ in shard}
+        (checkpoint_dir / LIT_INDEX).write_text(json.dumps({"weight_map": weight_map}, indent=2))
 
 
 LAYER_TENSOR = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
