@@ -130,39 +130,47 @@ def multislerp(tensors: Sequence[torch.Tensor], weights: Sequence[float], base: 
                normalize_weights: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """Barycentric interpolation on the hypersphere: project the unit vectors onto the tangent space at their
     weighted mean direction, average there, map back (exponential map), and scale to the weighted mean norm.
-    With a base, of the task vectors."""
+    With a base, of the task vectors. One model's vector at a time: no stack of all of them."""
     if len(tensors) == 1:
         return tensors[0].float()
-    stacked = torch.stack([t.float() for t in tensors])
-    if base is not None:
-        stacked -= base.float()
-    flat = stacked.view(len(tensors), -1)
+    shape = tensors[0].shape
+
+    def vector(i: int) -> torch.Tensor:
+        x = tensors[i].float().reshape(-1)
+        return x - base.float().reshape(-1) if base is not None else x
+
     w = torch.tensor(weights, dtype=torch.float32)
     if normalize_weights:
         w = w / w.sum()
-    norms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True)
-    units = flat / (norms + eps)
-    mean = (units * w.view(-1, 1)).sum(0)
+    norms = [torch.linalg.vector_norm(vector(i)) for i in range(len(tensors))]
+    mean = torch.zeros(tensors[0].numel(), dtype=torch.float32)
+    for i, norm in enumerate(norms):
+        mean += vector(i) / (norm + eps) * w[i]
     mean_norm = torch.linalg.vector_norm(mean)
     if mean_norm < eps:
         if len(tensors) != 2:
             raise ValueError("multislerp: the weighted sum of the unit task vectors is zero (opposite vectors whose"
                              " weights balance out); change the weights")
-        result = (flat[0] * w[0] + flat[1] * w[1]).view(stacked.shape[1:])
+        result = (vector(0) * w[0] + vector(1) * w[1]).view(shape)
         return result + base.float() if base is not None else result
-    mean = mean / mean_norm
-    tangent = units - (units * mean).sum(-1, keepdim=True) * mean
-    tangent_mean = (tangent * w.view(-1, 1)).sum(0)
-    del tangent, units
+    mean /= mean_norm
+    tangent_mean = torch.zeros_like(mean)
+    for i, norm in enumerate(norms):
+        unit = vector(i) / (norm + eps)
+        unit -= (unit * mean).sum() * mean
+        tangent_mean += unit * w[i]
+        del unit
     tangent_norm = torch.linalg.vector_norm(tangent_mean) + eps
-    result = mean * torch.cos(tangent_norm) + tangent_mean * (torch.sin(tangent_norm) / tangent_norm)
-    result = (result * (norms.squeeze(-1) * w).sum()).view(stacked.shape[1:])
+    result = mean.mul_(torch.cos(tangent_norm)).add_(tangent_mean * (torch.sin(tangent_norm) / tangent_norm))
+    del tangent_mean
+    result = result.mul_(sum(n * wi for n, wi in zip(norms, w))).view(shape)
     return result + base.float() if base is not None else result
 
 
 def karcher(tensors: Sequence[torch.Tensor], max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
     """The equal-weight Karcher (Riemannian) mean of the directions, scaled by the mean norm: start from the
-    normalised Euclidean mean of the unit vectors, then move along the mean of the log maps until it is < tol."""
+    normalised Euclidean mean of the unit vectors, then move along the mean of the log maps until it is < tol.
+    The unit vectors are made when needed, not kept."""
     if len(tensors) == 1:
         return tensors[0].float()
     tensors = [t.float() for t in tensors]
@@ -173,29 +181,36 @@ def karcher(tensors: Sequence[torch.Tensor], max_iter: int = 10, tol: float = 1e
         return torch.zeros_like(tensors[0])
     alpha_sum = sum(alphas[i] for i in valid)
     weights = [alphas[i] / alpha_sum for i in valid]
-    units = [tensors[i] / norms[i] for i in valid]
-    mean = torch.zeros_like(units[0])
-    for weight, unit in zip(weights, units):
-        mean += weight * unit
+
+    def unit(j: int) -> torch.Tensor:
+        return tensors[valid[j]] / norms[valid[j]]
+
+    mean = torch.zeros_like(tensors[0])
+    for j, weight in enumerate(weights):
+        mean += weight * unit(j)
     mean_norm = _norm(mean)
-    mean = units[0].clone() if mean_norm.item() < tol else mean / mean_norm
+    mean = unit(0) if mean_norm.item() < tol else mean.div_(mean_norm)
     for _ in range(max_iter):
         tangent = torch.zeros_like(mean)
-        for weight, unit in zip(weights, units):
-            dot = _dot(mean, unit).clamp(-1.0, 1.0)
+        for j, weight in enumerate(weights):
+            u = unit(j)
+            dot = _dot(mean, u).clamp(-1.0, 1.0)
             theta = torch.arccos(dot)
             if theta.item() < tol:
                 continue
-            tangent += weight * (theta / torch.sin(theta)) * (unit - dot * mean)
+            u -= dot * mean
+            tangent += weight * (theta / torch.sin(theta)) * u
+            del u
         tangent_norm = _norm(tangent)
         if tangent_norm.item() < tol:
             break
-        mean = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
+        mean = mean.mul_(torch.cos(tangent_norm)).add_(torch.sin(tangent_norm) * tangent.div_(tangent_norm))
+        del tangent
         unit_norm = _norm(mean)
         if unit_norm.item() > tol:
-            mean = mean / unit_norm
+            mean.div_(unit_norm)
     # mergekit scales by every input's norm with the unnormalised weights, zero tensors included
-    return sum(alpha * norm for alpha, norm in zip(alphas, norms)) * mean
+    return mean.mul_(sum(alpha * norm for alpha, norm in zip(alphas, norms)))
 
 
 # ----------------------------------------------------------------------------------------------- task vectors
