@@ -329,9 +329,9 @@ def pick_tokenizer_dir(value: Optional[str], reference: str, dirs: dict[str, Pat
     if value in dirs:
         return dirs[value]
     if value == "union":
-        raise ValueError(f"{CONFIG_LABEL}: tokenizer_source: union is not supported: Forge checkpoints of one"
-                         " architecture share one vocabulary (merging differs only in added tokens, which a"
-                         " fine-tune here does not add); give `base` or one of the merged models")
+        raise ValueError(f"{CONFIG_LABEL}: tokenizer_source: union is not supported: Forge merges models that share"
+                         " one vocabulary (mergekit's union builds a new tokenizer and re-orders each model's embedding"
+                         " rows); give `base` or one of the merged models")
     raise ValueError(f"{CONFIG_LABEL}: tokenizer_source must be `base` or one of the merged models {sorted(dirs)},"
                      f" got {value!r}")
 
@@ -365,9 +365,13 @@ def unit_parameters(spec: MergeSpec, unit: Unit, hf_name: str) -> tuple[dict, di
                  for name, p in method.parameters.items() if p.per_model}
     if spec.merge_method == "slerp" and not 0 <= params["t"] <= 1:
         raise ValueError(f"{CONFIG_LABEL}: slerp's t must be in [0, 1], got {params['t']} for {hf_name}")
-    for density in per_model.get("density", []):
+    for i, density in enumerate(per_model.get("density", [])):
         if not 0 <= density <= 1:
             raise ValueError(f"{CONFIG_LABEL}: density must be in [0, 1], got {density} for {hf_name}")
+        epsilon = per_model.get("epsilon", [None] * (i + 1))[i]
+        if epsilon is not None and 0 < density < 1 and not 0 < density - epsilon < density + epsilon < 1:
+            raise ValueError(f"{CONFIG_LABEL}: {spec.merge_method} needs density +/- epsilon in (0, 1), got density"
+                             f" {density} and epsilon {epsilon} for {hf_name}")
     return params, per_model
 
 

@@ -191,6 +191,8 @@ def cli_error(capsys, args: list[str]) -> str:
     (lambda s, m: dict(s, parameters={"t": 0.5}), r"parameters.t: ties has no such parameter"),
     (lambda s, m: dict(s, models=[{"model": str(m["a"]), "density": 0.5}]), r"models\[0\]: unknown key 'density'"),
     (lambda s, m: dict(s, tokenizer_source="union"), "tokenizer_source: union is not supported"),
+    (lambda s, m: dict(s, merge_method="della", models=[{"model": str(m["a"]), "parameters": {"density": 0.1}}]),
+     r"della needs density \+/- epsilon in \(0, 1\), got density 0.1 and epsilon 0.15"),
     (lambda s, m: dict(s, merge_method="nearswap", models=[{"model": str(m["a"])}]), "nearswap needs the parameter `t`"),
     (lambda s, m: dict(s, merge_method="model_stock", models=[{"model": str(m["a"])}]), "model_stock needs at least 2 models besides base_model"),
     (lambda s, m: {k: v for k, v in s.items() if k != "base_model"}, "ties needs `base_model`"),

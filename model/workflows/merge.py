@@ -711,11 +711,14 @@ def check_spec(spec: MergeSpec, label: str) -> None:
     method = METHODS[spec.merge_method]
     known = sorted(method.parameters)
 
+    per_model = sorted(name for name, p in method.parameters.items() if p.per_model)
+
     def check_names(params: dict, where: str, per_model_only: bool = False) -> None:
         for name in params:
             if name not in method.parameters or per_model_only and not method.parameters[name].per_model:
-                raise ValueError(f"{label}: {where}.{name}: {spec.merge_method} has no such"
-                                 f" {'per-model ' if per_model_only else ''}parameter; it reads {known}")
+                kind = "per-model " if per_model_only else ""
+                raise ValueError(f"{label}: {where}.{name}: {spec.merge_method} has no such {kind}parameter; its"
+                                 f" {kind}parameters are {per_model if per_model_only else known}")
 
     check_names(spec.parameters, "parameters")
     for i, source in enumerate(spec.models or []):
