@@ -278,17 +278,18 @@ class Sparsifier:
     """
 
     def __init__(self, method: Optional[str], task_vector: TaskVector, density: float = 1.0, rescale: bool = False,
-                 seed: int = 0, gamma: float = 0.01, epsilon: float = 0.15) -> None:
+                 seed: int = 0, gamma: float = 0.01, epsilon: float = 0.15, keep: Optional[int] = None) -> None:
         self.method, self.task_vector, self.density, self.epsilon, self.seed = method, task_vector, density, epsilon, seed
-        self.identity = method is None or density >= 1
+        self.identity = method is None or density >= 1 and keep is None
         self.empty = False
         self.window = None
         n = task_vector.numel
         if self.identity:
             return
         if method == "magnitude":
-            k = max(1, int(density * n))
-            self.empty = density <= 0 or n == 0
+            # `keep` overrides the count (SCE's selection): keep it exactly, none if 0
+            k = max(1, int(density * n)) if keep is None else keep
+            self.empty = (density <= 0 if keep is None else keep <= 0) or n == 0
             self.window = (n - k, n)
         elif method == "magnitude_outliers":
             keep = int(density * n)
@@ -431,52 +432,80 @@ def task_arithmetic(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights
     return out.view(base.shape)
 
 
+def _parts(rows: torch.Tensor, per_row: bool) -> list[tuple[slice, slice]]:
+    """(rows, columns) pieces of a 2-D view: whole rows at a time (statistics per row), or column ranges of its
+    single row (statistics of the whole tensor)."""
+    if per_row:
+        return [(chunk, slice(None)) for chunk in _row_chunks(rows)]
+    return [(slice(None), slice(c, c + CHUNK)) for c in range(0, rows.shape[1], CHUNK)]
+
+
 def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
     """Model Stock: t = k cos / (1 + (k - 1) cos), where cos is the mean pairwise cosine between the k task
     vectors (of the whole tensor, or of each row with `filter_wise`); t * average + (1 - t) * base. Where the
-    denominator vanishes, the base."""
-    shape = base.shape
-    w0 = base.float()
-    ws = [t.float() for t in tensors]
-    if filter_wise:
-        if w0.dim() == 1:
-            w0, ws = w0.unsqueeze(0), [w.unsqueeze(0) for w in ws]
-    else:
-        w0, ws = w0.reshape(-1), [w.reshape(-1) for w in ws]
-    offsets = [w - w0 for w in ws]
-    cosines = []
-    for i, a in enumerate(offsets):
-        for b in offsets[i + 1:]:
-            norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
-            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
-    del offsets
-    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    denominator vanishes, the base. Computed in pieces: the task vectors are never held whole."""
+    view = _row_view if filter_wise else (lambda t: t.reshape(1, -1))
+    w0, ws = view(base), [view(t) for t in tensors]
+    parts = _parts(w0, filter_wise)
     k = len(ws)
+    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    squares = torch.zeros(k, w0.shape[0])
+    dots = torch.zeros(len(pairs), w0.shape[0])
+    for rows, cols in parts:
+        offsets = [w[rows, cols].float() - w0[rows, cols].float() for w in ws]
+        for i, offset in enumerate(offsets):
+            squares[i, rows] += offset.square().sum(-1)
+        for p, (i, j) in enumerate(pairs):
+            dots[p, rows] += (offsets[i] * offsets[j]).sum(-1)
+    norms = squares.sqrt()
+    cos = torch.stack([(dots[p] / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1) for p, (i, j) in enumerate(pairs)])
+    cos = cos.mean(dim=0).unsqueeze(-1)
     denominator = 1 + (k - 1) * cos
     singular = denominator.abs() < 1e-6
     t = torch.where(singular, 0, k * cos / torch.where(singular, 1, denominator))
-    return (t * (sum(ws) / k) + (1 - t) * w0).reshape(shape)
+    out = torch.empty(w0.shape, dtype=torch.float32)
+    for rows, cols in parts:
+        average = sum(w[rows, cols].float() for w in ws) / k
+        out[rows, cols] = t[rows] * average + (1 - t[rows]) * w0[rows, cols].float()
+    return out.view(base.shape)
 
 
 def sce(base: torch.Tensor, tensors: Sequence[torch.Tensor], select_topk: float = 1.0) -> torch.Tensor:
     """SCE: keep the int(select_topk * nonzero) entries whose values vary most across the models, weight each task
     vector by its mean squared entry (normalised to sum 1), and average the ones that agree with TIES's elected
-    sign, by those weights."""
-    base = base.float()
-    deltas = torch.stack([t.float() - base for t in tensors])
+    sign, by those weights. In chunks of rows; the selection by histogram, as TIES's."""
+    task_vectors = [TaskVector(t, base) for t in tensors]
+    chunks = task_vectors[0].chunks
+    selector = None
     if select_topk < 1:
-        variance = torch.var(deltas, dim=0, unbiased=False)
-        k = int(torch.count_nonzero(variance) * select_topk) if select_topk > 0 else 0
-        mask = torch.zeros(variance.numel(), dtype=torch.bool)
-        if k > 0:
-            mask[torch.topk(variance.reshape(-1), k=k).indices] = True
-        deltas *= mask.view(variance.shape)
-    agrees = sign_agreement(deltas)
-    energy = deltas.square().reshape(len(tensors), -1).mean(dim=1)
+        variance = torch.empty(task_vectors[0].rows.shape, dtype=torch.float32)
+        for rows in chunks:
+            variance[rows] = torch.var(torch.stack([tv.chunk(rows) for tv in task_vectors]), dim=0, unbiased=False)
+        keep = int(torch.count_nonzero(variance) * select_topk) if select_topk > 0 else 0
+        selected = TaskVector(variance)
+        selector = Sparsifier("magnitude", selected, keep=keep)
+
+    def deltas(rows: slice) -> torch.Tensor:
+        stacked = torch.stack([tv.chunk(rows) for tv in task_vectors])
+        return stacked * selector.mask(selected.chunk(rows)) if selector is not None else stacked
+
+    energy = torch.zeros(len(tensors), dtype=torch.float64)
+    if selector is not None:
+        selector.start_pass()
+    for rows in chunks:
+        energy += deltas(rows).square().reshape(len(tensors), -1).sum(dim=1)
+    energy = (energy / task_vectors[0].numel).float()
     total = energy.sum().item()
     weights = torch.full_like(energy, 1 / len(tensors)) if abs(total) < 1e-6 else energy / total
-    weights = weights.view(-1, *[1] * base.dim()) * agrees
-    return base + (deltas * weights).sum(0) / weights.sum(0).clamp(min=1e-6)
+    if selector is not None:
+        selector.start_pass()
+    base_rows = _row_view(base)
+    out = torch.empty(base_rows.shape, dtype=torch.float32)
+    for rows in chunks:
+        chunk = deltas(rows)
+        erased = weights.view(-1, 1, 1) * sign_agreement(chunk)
+        out[rows] = base_rows[rows].float() + (chunk * erased).sum(0) / erased.sum(0).clamp(min=1e-6)
+    return out.view(base.shape)
 
 
 def nearswap(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Tensor:
