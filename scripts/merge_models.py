@@ -123,8 +123,7 @@ def merge_models(
         slices: `[{sources: [{model: DIR, layer_range: [start, end], parameters: {...}}], parameters: {...}}]`,
             stacked in order.
         base_model: The model the task vectors are taken from (the task-vector methods, model_stock, sce,
-            nearswap; nuslerp and multislerp when given), slerp's t=0 end, and where passthrough takes the
-            embeddings and head from.
+            nearswap; nuslerp and multislerp when given) and slerp's t=0 end (without it, the first model).
         parameters: Defaults for the models' parameters, and the method's own (t, lambda, normalize, ...). Each is a
             number, a per-layer gradient `[first, ..., last]`, or `[{filter: NAME_PART, value: ...}, {value: ...}]`.
         dtype: The output's dtype (float32, bfloat16, float16); default: the base (or first) model's. The merge

@@ -87,13 +87,6 @@ METHODS = {
 }
 
 
-def load_script(path: str):
-    spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def make_inputs(family: str) -> dict[str, dict[str, torch.Tensor]]:
     """The four models' HF tensors, from seeded generators (not transformers' init, so they do not change with its
     version): random weights, norms around 1, and each fine-tune the base plus noise of 1/10 its scale."""
