@@ -214,7 +214,9 @@ def read_slices(spec: MergeSpec) -> list[Slice]:
     uses_base = method.base != "unused" and (spec.base_model is not None or spec.merge_method == "slerp")
     if spec.models is not None:
         raw = [([Source(m.model, 0, -1, m.parameters, f"models[{i}]") for i, m in enumerate(spec.models)], {})]
-        if uses_base and spec.base_model is not None and spec.base_model not in [m.model for m in spec.models]:
+        # as in mergekit, a base_model not listed joins the models, also where the method treats it as any other
+        if (spec.base_model is not None and spec.base_model not in [m.model for m in spec.models]
+                and spec.merge_method != "passthrough"):
             raw[0][0].append(Source(spec.base_model, 0, -1, {}, "base_model"))
     else:
         raw = [([Source(s.model, s.layer_range[0], s.layer_range[1], s.parameters, f"slices[{i}].sources[{j}]")

@@ -143,8 +143,12 @@ def test_linear_and_task_arithmetic_through_the_script(models, tmp_path):
     merged = load_state_dict(run_merge(tmp_path, {"merge_method": "linear", "models": weighted}, "linear"))
     tasks = load_state_dict(run_merge(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(models["base"]),
                                                  "models": weighted, "parameters": {"lambda": 0.5}}, "tasks"))
+    # a base_model not among the models joins them where the method has no base (mergekit does the same)
+    with_base = load_state_dict(run_merge(tmp_path, {"merge_method": "linear", "base_model": str(models["base"]),
+                                                     "models": weighted}, "with_base"))
     for name in ("transformer.h.1.mlp.proj.weight", "transformer.h.0.attn.qkv.weight", "transformer.wte.weight"):
         assert torch.allclose(merged[name], linear([a[name], b[name]], [0.6, 0.4]), atol=1e-6)
+        assert torch.allclose(with_base[name], linear([a[name], b[name], base[name]], [0.6, 0.4, 1.0]), atol=1e-6)
         assert torch.allclose(tasks[name], task_arithmetic(base[name], [a[name], b[name]], [0.6, 0.4], lambda_=0.5),
                               atol=1e-6)
 
