@@ -68,9 +68,7 @@ def make_fine_tunes(base_dir: Path, work_dir: Path) -> dict[str, str]:
         state = load_state_dict(base_dir)
         noisy = ((k, v + 1e-3 * torch.randn(v.shape, generator=generator)) for k, v in state.items())
         save_sharded(noisy, out)
-        for f in ("model_config.yaml", *[p.name for p in base_dir.iterdir() if p.suffix in (".json", ".yaml")]):
-            if (base_dir / f).is_file() and not (out / f).exists():
-                (out / f).write_bytes((base_dir / f).read_bytes())
+        (out / "model_config.yaml").write_bytes((base_dir / "model_config.yaml").read_bytes())
         copy_checkpoint_files(base_dir, out)
     return dirs
 
