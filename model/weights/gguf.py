@@ -230,7 +230,9 @@ def rope_scaling(metadata: dict, tensors: dict, rope_theta: float, head_dim: int
     # are not stored, so we find the usual ones that reproduce those factors (convert_hf_to_gguf.py's formula).
     factors = dequantize(tensors["rope_freqs.weight"].data, tensors["rope_freqs.weight"].tensor_type).reshape(-1)
     factor = float(factors.max())
-    for old_context_len in (8192, 4096, 2048, 16384, 32768, 65536, 131072):
+    # our exporter records the original context; otherwise try the usual ones
+    stored = metadata.get("llama.rope.scaling.original_context_length")
+    for old_context_len in ([stored] if stored else []) + [8192, 4096, 2048, 16384, 32768, 65536, 131072]:
         for low_freq_factor in (1.0, 2.0, 0.5, 4.0):
             for high_freq_factor in (4.0, 8.0, 2.0, 16.0, 1.0):
                 if high_freq_factor <= low_freq_factor:
@@ -711,6 +713,10 @@ def add_architecture_metadata(writer: GGUFWriter, config: Config) -> None:
         writer.add_value_length(config.head_size)
     if arch == gguf.MODEL_ARCH.LLAMA:
         writer.add_vocab_size(config.vocab_size)
+    if config.rope_scaling and config.rope_scaling["type"] == "llama3":
+        # llama.cpp reads the factors from rope_freqs.weight; the original context lets an importer find the
+        # parameters again (ours does)
+        writer.add_rope_scaling_orig_ctx_len(config.rope_scaling["original_max_seq_len"])
     if config.n_expert:
         writer.add_expert_count(config.n_expert)
         writer.add_expert_used_count(config.n_expert_per_token)
