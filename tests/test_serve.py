@@ -67,7 +67,7 @@ def test_chat_stream_and_models(server, smollm2_dir):
     answer = response.choices[0].message.content
     assert answer == forge_answer(model, smollm2_dir, QUESTIONS[0], 24)
     assert "Paris" in answer and response.choices[0].finish_reason == "stop"
-    assert response.usage.completion_tokens == len(Tokenizer(smollm2_dir).encode(answer)) + 1  # + <|im_end|>
+    assert response.usage.completion_tokens == len(Tokenizer(smollm2_dir).encode(answer))
 
     chunks = list(chat(client, QUESTIONS[0], max_tokens=24, stream=True))
     assert chunks[0].choices[0].delta.role == "assistant"
