@@ -246,3 +246,31 @@ def test_bad_input_exits_with_one_clear_line(tmp_path, tiny_sentencepiece_model)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 1 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_lora_run_is_merged_on_the_fly(tmp_path, tiny_sentencepiece_model):
+    import yaml
+    from safetensors.torch import save_file
+
+    from model.lora import LORA_WEIGHTS, LoRAConfig, inject_lora, lora_state_dict
+    from model.weights.load import load_any
+
+    checkpoint_dir, seq_len = tiny_checkpoint(tmp_path, "llama2", tiny_sentencepiece_model)
+    config = LoRAConfig(r=4, alpha=8.0, query=True, value=True, mlp=True)
+    model = inject_lora(GPT.from_checkpoint(checkpoint_dir), config)
+    torch.manual_seed(0)
+    run_dir = tmp_path / "run" / "final"
+    run_dir.mkdir(parents=True)
+    save_file({k: torch.randn_like(v) * 0.5 for k, v in lora_state_dict(model).items()}, run_dir / LORA_WEIGHTS)
+    (run_dir / "hparams.yaml").write_text(
+        yaml.safe_dump({"checkpoint_dir": str(checkpoint_dir), "quantize": None, **config.to_hparams()}))
+
+    gguf_path = tmp_path / "run.gguf"
+    exporter.convert_to_gguf(run_dir.parent, gguf_path, outtype="f32")
+    imported = tmp_path / "imported" / "org" / "tiny"
+    convert_gguf_checkpoint(gguf_path, imported, dtype="float32")
+    ids = torch.randint(0, 100, (1, seq_len))
+    with torch.no_grad():
+        expected = load_any(run_dir.parent, device="cpu").model(ids)
+        assert (expected - forge_logits(checkpoint_dir, ids)).abs().max() > 1e-2  # the run changes the model
+        assert (forge_logits(imported, ids) - expected).abs().max() <= 1e-4
