@@ -24,6 +24,7 @@ def serve(
     port: int = 8000,
     name: Optional[str] = None,
     max_batch_size: int = 8,
+    batch_wait_ms: float = 20.0,
     max_new_tokens: int = 256,
     device: str = "auto",
     precision: Optional[str] = None,
@@ -37,6 +38,8 @@ def serve(
         port: The TCP port.
         name: The model id clients pass as `model` (default: the checkpoint directory's name).
         max_batch_size: The most requests decoded together; more wait for the next batch.
+        batch_wait_ms: How long the first request of a batch waits for others to join it (a request that arrives
+            while a batch is decoding waits for the next one).
         max_new_tokens: The answer length when a request does not set max_tokens (capped by the context).
         device: "auto" (GPU if there is one), "cpu", "cuda", "cuda:1", ...
         precision: The weights' precision: "32-true", "bf16-true" or "16-true" (default: bf16 on a GPU, fp32 on CPU).
@@ -60,7 +63,8 @@ def serve(
         style = load_prompt_style(style_dir)
         tokenizer = Tokenizer(loaded.checkpoint_dir)
         model_name = name or Path(checkpoint_dir).resolve().name
-        engine = BatchingEngine(loaded.model, tokenizer, max_batch_size=max_batch_size)
+        engine = BatchingEngine(loaded.model, tokenizer, max_batch_size=max_batch_size,
+                                batch_wait_s=batch_wait_ms / 1000)
         app = create_app(engine, style, model_name, default_max_tokens=max_new_tokens)
         print(f"Serving {model_name!r} ({loaded.kind}, prompt style {style.name}) on http://{host}:{port}/v1")
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))

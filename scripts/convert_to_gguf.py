@@ -39,7 +39,8 @@ def convert_to_gguf(
         outtype: The type of the weight matrices: f32, f16 or bf16 (exact up to that precision), q8_0 (8-bit, what
             llama.cpp's own converter writes), or the 4/5-bit q5_1, q5_0, q4_1, q4_0 (quantized by the gguf package;
             llama.cpp's llama-quantize makes the K-quants from an f16 file). Norms and biases stay f32.
-        ollama: Also write an Ollama `Modelfile` beside the GGUF file (`ollama create NAME -f Modelfile`).
+        ollama: Also write an Ollama Modelfile beside the GGUF file, `<output_file stem>.Modelfile`
+            (then `ollama create NAME -f that.Modelfile`).
         name: The model name stored in the file (general.name); default: the checkpoint's config name.
     """
     checkpoint_dir = Path(checkpoint_dir)
@@ -67,7 +68,7 @@ def convert_to_gguf(
     export_gguf(config, shapes, get, tokenizer_dir, style, output_file, outtype, name or config.name)
     print(f"Wrote {output_file} ({output_file.stat().st_size / 1e6:.1f} MB, {outtype}, prompt style {style.name})")
     if ollama:
-        modelfile = output_file.parent / "Modelfile"
+        modelfile = output_file.with_suffix(".Modelfile")
         atomic_write_text(modelfile, ollama_modelfile(output_file.name, style))
         print(f"Wrote {modelfile}: `ollama create NAME -f {modelfile}`")
 

@@ -87,6 +87,18 @@ def test_llama_family_f32_round_trips_exactly(tmp_path, tiny_sentencepiece_model
     assert (forge_logits(imported, ids) - expected).abs().max() <= 1e-4
     assert Tokenizer(imported).encode("Paris is the capital of France.").tolist() == (
         Tokenizer(checkpoint_dir).encode("Paris is the capital of France.").tolist())
+    if family == "llama2":
+        # the imported checkpoint keeps the vocabulary as a tokenizer.json (BPE with byte fallback): exporting that
+        # gives the same vocabulary, and importing again the same tokenizer
+        again = tmp_path / "again.gguf"
+        exporter.convert_to_gguf(imported, again, outtype="f32")
+        again_metadata, _ = read_gguf(again)
+        for key in ("tokens", "token_type", "bos_token_id", "eos_token_id", "add_bos_token", "add_space_prefix"):
+            assert again_metadata[f"tokenizer.ggml.{key}"] == metadata[f"tokenizer.ggml.{key}"], key
+        convert_gguf_checkpoint(again, tmp_path / "imported-again" / "org" / "tiny", dtype="float32")
+        text = "Numbers like 12345 and naïve <s> text"
+        assert Tokenizer(tmp_path / "imported-again" / "org" / "tiny").encode(text).tolist() == (
+            Tokenizer(checkpoint_dir).encode(text).tolist())
     if not family.startswith("llama3"):
         reference = transformers.AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
                                                                       dtype=torch.float32)
@@ -187,7 +199,7 @@ def test_smollm2_export_loads_in_transformers_with_our_tokenizer_and_template(tm
     assert metadata["tokenizer.ggml.pre"] == "smollm" and metadata["tokenizer.ggml.model"] == "gpt2"
     assert metadata["tokenizer.ggml.eos_token_id"] == 2 and not metadata["tokenizer.ggml.add_bos_token"]
     assert len(metadata["tokenizer.ggml.merges"]) == 48900
-    modelfile = (tmp_path / "Modelfile").read_text()
+    modelfile = (tmp_path / "smollm2-f16.Modelfile").read_text()
     assert modelfile.startswith("FROM ./smollm2-f16.gguf\n") and 'PARAMETER stop "<|im_end|>"' in modelfile
 
     reference = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=gguf_path.name)

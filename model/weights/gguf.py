@@ -33,7 +33,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tqdm import tqdm
 
 from model.config import Config
-from model.files import atomic_save_safetensors
+from model.files import atomic_save_safetensors, publish_file
 from model.prompts import PromptStyle, detect_from_chat_template, load_prompt_style, save_prompt_style
 from model.tokenizer import Tokenizer
 from model.weights.checkpoint import lit_weight_files
@@ -572,7 +572,18 @@ def tokenizer_metadata(checkpoint_dir: Path, vocab_size: int) -> dict[str, Any]:
     tokenizer = Tokenizer(checkpoint_dir)
     tokenizer_json = checkpoint_dir / "tokenizer.json"
     metadata: dict[str, Any] = {}
-    if tokenizer_json.is_file():
+    if (checkpoint_dir / "tokenizer.model").is_file():
+        # sentencepiece's own scores, as convert_hf_to_gguf.py prefers them too
+        vocab = gguf.SentencePieceVocab(checkpoint_dir)
+        tokens, scores, types = [], [], []
+        for text, score, kind in vocab.all_tokens():
+            tokens.append(text.decode("utf-8"))
+            scores.append(score)
+            types.append(kind)
+        metadata["tokenizer.ggml.model"] = "llama"
+        metadata["tokenizer.ggml.scores"] = scores
+        metadata["tokenizer.ggml.add_space_prefix"] = True
+    else:
         data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
         model = data["model"]
         if model.get("type") != "BPE":
@@ -588,10 +599,10 @@ def tokenizer_metadata(checkpoint_dir: Path, vocab_size: int) -> dict[str, Any]:
         for index, token in enumerate(tokens):
             if index not in by_id:
                 types.append(TokenType.UNUSED)
-            elif index in special_added:
-                types.append(TokenType.CONTROL if special_added[index] else TokenType.USER_DEFINED)
             elif token == model.get("unk_token"):
                 types.append(TokenType.UNKNOWN)
+            elif index in special_added:
+                types.append(TokenType.CONTROL if special_added[index] else TokenType.USER_DEFINED)
             elif model.get("byte_fallback") and re.fullmatch(r"<0x[0-9A-F]{2}>", token):
                 types.append(TokenType.BYTE)
             else:
@@ -614,16 +625,6 @@ def tokenizer_metadata(checkpoint_dir: Path, vocab_size: int) -> dict[str, Any]:
             metadata["tokenizer.ggml.model"] = "gpt2"
             metadata["tokenizer.ggml.pre"] = pre_tokenizer_name(tokenizer_json)
         metadata["tokenizer.ggml.merges"] = merges
-    else:
-        vocab = gguf.SentencePieceVocab(checkpoint_dir)
-        tokens, scores, types = [], [], []
-        for text, score, kind in vocab.all_tokens():
-            tokens.append(text.decode("utf-8"))
-            scores.append(score)
-            types.append(kind)
-        metadata["tokenizer.ggml.model"] = "llama"
-        metadata["tokenizer.ggml.scores"] = scores
-        metadata["tokenizer.ggml.add_space_prefix"] = True
     if len(tokens) > vocab_size:
         raise ValueError(f"The tokenizer in {checkpoint_dir} has {len(tokens)} tokens, more than the model's {vocab_size}")
     padding = vocab_size - len(tokens)
@@ -823,7 +824,7 @@ def export_gguf(
             progress.update()
         progress.close()
         writer.close()
-        os.replace(tmp_name, output_file)
+        publish_file(tmp_name, output_file)
     finally:
         writer.close()
         if os.path.exists(tmp_name):

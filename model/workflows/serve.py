@@ -74,7 +74,7 @@ class Job:
 class BatchingEngine:
     """Decodes queued jobs in batches on a background thread."""
 
-    def __init__(self, model, tokenizer: Tokenizer, max_batch_size: int = 8, batch_wait_s: float = 0.005):
+    def __init__(self, model, tokenizer: Tokenizer, max_batch_size: int = 8, batch_wait_s: float = 0.02):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
         self.device = next(model.parameters()).device
@@ -95,7 +95,7 @@ class BatchingEngine:
             job = self.pending.get()
             if job is None:
                 return
-            # requests that arrive within a few milliseconds of each other are decoded together
+            # requests that arrive within `batch_wait_s` of the first are decoded together
             time.sleep(self.batch_wait_s)
             jobs = [job]
             while len(jobs) < self.max_batch_size:
