@@ -38,8 +38,8 @@ def serve(
         port: The TCP port.
         name: The model id clients pass as `model` (default: the checkpoint directory's name).
         max_batch_size: The most requests decoded together; more wait for the next batch.
-        batch_wait_ms: How long the first request of a batch waits for others to join it (a request that arrives
-            while a batch is decoding waits for the next one).
+        batch_wait_ms: A batch keeps taking requests while each next one arrives within this many milliseconds of
+            the previous (a request that arrives while a batch is decoding waits for the next batch).
         max_new_tokens: The answer length when a request does not set max_tokens (capped by the context).
         device: "auto" (GPU if there is one), "cpu", "cuda", "cuda:1", ...
         precision: The weights' precision: "32-true", "bf16-true" or "16-true" (default: bf16 on a GPU, fp32 on CPU).

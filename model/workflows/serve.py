@@ -95,12 +95,12 @@ class BatchingEngine:
             job = self.pending.get()
             if job is None:
                 return
-            # requests that arrive within `batch_wait_s` of the first are decoded together
-            time.sleep(self.batch_wait_s)
+            # requests that arrive together are decoded together: keep collecting while each next one comes within
+            # `batch_wait_s` of the previous (on a busy machine the requests of one burst trickle in)
             jobs = [job]
             while len(jobs) < self.max_batch_size:
                 try:
-                    job = self.pending.get_nowait()
+                    job = self.pending.get(timeout=self.batch_wait_s)
                 except queue.Empty:
                     break
                 if job is None:
