@@ -10,7 +10,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 from conftest import ROOT
 
 openai = pytest.importorskip("openai")
