@@ -1,12 +1,13 @@
 """Forge's library: everything the scripts share, in layers whose imports point only down.
 
-    workflows/   merge, classify, judge: whole tasks built from the layers below (never from a script)
+    workflows/   merge, classify, judge, serve (the batching engine and OpenAI API): whole tasks built from the
+                 layers below (never from a script)
     data/        records (JSON/JSONL/CSV/Parquet rows with file:line errors), prepare (rows -> prepared splits),
                  sft (SFT samples, collate, packing), preference (pairs), classification (labelled texts), curate
     training/    run (batch order, schedule, resumable state, hparams, metrics), preference (DPO-family losses,
                  sequence log-probs, the reference cache)
-    weights/     checkpoint (our safetensors files), convert (HF <-> Forge weight maps), load (one loader for a
-                 checkpoint or any fine-tuning run, detected from its files)
+    weights/     checkpoint (our safetensors files), convert (HF <-> Forge weight maps), gguf (llama.cpp's GGUF in and
+                 out), load (one loader for a checkpoint or any fine-tuning run, detected from its files)
     the model    config, gpt, tokenizer, prompts, generate, lora, adapter, quantize
     base         files (atomic writers), device (devices, precisions, dtypes), cli (the CLI and its error line)
 
