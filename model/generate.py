@@ -141,6 +141,27 @@ def generate_batch(
     nearly as fast as answering one. The prompts are left-padded to a common length; the cache masks the padding
     out and starts each sample's positions after it, so each answer equals what `generate` gives alone.
     """
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for step in generate_batch_steps(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids, generator):
+        for output, token in zip(outputs, step):
+            if token is not None:
+                output.append(token)
+    return outputs
+
+
+@torch.inference_mode()
+def generate_batch_steps(
+    model: GPT,
+    prompts: list[torch.Tensor],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: float = 1.0,
+    stop_ids: Iterable[int] = (),
+    generator: Optional[torch.Generator] = None,
+) -> Iterator[list[Optional[int]]]:
+    """`generate_batch` one step at a time, for callers that stream: each step yields every prompt's new token, or
+    None for a prompt that has already stopped (its stop token included). Closing the iterator stops decoding."""
     stop_ids = set(stop_ids)
     device = prompts[0].device
     length = max(p.numel() for p in prompts)
@@ -153,7 +174,6 @@ def generate_batch(
         idx[i, length - p.numel():] = p
     model.set_kv_cache(batch_size=len(prompts), max_seq_length=length + max_new_tokens, device=device,
                        pad_lengths=pad_lengths)
-    outputs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     try:
         input_pos = torch.arange(length, device=device)
@@ -162,15 +182,15 @@ def generate_batch(
         logits = model(idx, input_pos, logits_mask=last_only)
         for _ in range(max_new_tokens):
             tokens = sample(logits, temperature, top_k, top_p, generator)
+            step: list[Optional[int]] = []
             for i, token in enumerate(tokens.tolist()):
                 if not done[i]:
                     done[i] = token in stop_ids
-                    if not done[i]:
-                        outputs[i].append(token)
+                step.append(None if done[i] else token)
+            yield step
             if all(done):
                 break
             input_pos = input_pos[-1:] + 1
             logits = model(tokens.view(-1, 1), input_pos)[:, -1]
     finally:
         model.clear_kv_cache()
-    return outputs

@@ -1,4 +1,4 @@
-"""scripts/convert_gguf_checkpoint.py: the real SmolLM2 GGUF against transformers' own GGUF loader, tiny GGUF files
+"""scripts/convert_gguf_checkpoint.py and the import half of model.weights.gguf: the real SmolLM2 GGUF against transformers' own GGUF loader, tiny GGUF files
 written here (sentencepiece vocabulary, grouped-query attention, several quantizations, Llama 3.1 RoPE, shards),
 and the errors a user sees."""
 
@@ -12,14 +12,13 @@ import pytest
 import sentencepiece
 import torch
 import transformers
-from conftest import ROOT, SMOLLM2_GGUF, load_script, smollm2_gguf_path
+from conftest import ROOT, SMOLLM2_GGUF, smollm2_gguf_path
 from gguf import GGMLQuantizationType, GGUFWriter, TokenType
 from gguf.quants import dequantize, quantize
 
+import model.weights.gguf as converter  # the library behind scripts/convert_gguf_checkpoint.py
 from model import GPT
 from model.tokenizer import Tokenizer
-
-converter = load_script("scripts/convert_gguf_checkpoint.py")
 
 CHATML_PROMPT = (
     "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
