@@ -10,10 +10,24 @@ Modes (QLoRA, https://arxiv.org/abs/2305.14314; LLM.int8(), https://arxiv.org/ab
   bnb.int8-training        weights kept in their dtype and trainable; the matmul runs in int8
 """
 
+import logging
 from typing import Callable
 
-import bitsandbytes as bnb
 import torch
+
+
+class _NoKernelHubNotice(logging.Filter):
+    """bitsandbytes announces at import that it could not fetch its AVX512-BF16 inference kernel from the Hugging
+    Face hub (the `kernels` package). Forge never takes that path (see `_quantized_linear`): the notice would only
+    alarm users."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelHubNotice())
+
+import bitsandbytes as bnb  # noqa: E402  (after the filter it must not print through)
 
 QUANTIZE_MODES = ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8", "bnb.int8-training")
 
@@ -83,6 +97,10 @@ def _quantized_linear(linear: torch.nn.Linear, mode: str, compute_dtype: torch.d
             linear.in_features, linear.out_features, bias=has_bias, compute_dtype=compute_dtype,
             compress_statistics=double_quant, quant_type=quant_type, device="meta",
         )
+        # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for its inference kernel at the first eval
+        # forward: that asserts on shapes whose out_features is not a multiple of 32, and a repacked layer later
+        # trained backpropagates nothing through its kernel (no autograd). Keep the portable dequantize + matmul.
+        layer.support_avx512bf16_for_cpu = False
         # `Params4bit.to(device)` is where bitsandbytes quantizes, on "cpu" as well as "cuda".
         layer.weight = bnb.nn.Params4bit(
             weight, requires_grad=False, compress_statistics=double_quant, quant_type=quant_type, module=layer
@@ -90,6 +108,11 @@ def _quantized_linear(linear: torch.nn.Linear, mode: str, compute_dtype: torch.d
     if has_bias:
         layer.bias = linear.bias
     return layer
+
+
+def weight_numel(param: torch.nn.Parameter) -> int:
+    """The number of weights a parameter stands for: a 4-bit weight packs two per byte."""
+    return param.quant_state.shape.numel() if isinstance(param, bnb.nn.Params4bit) else param.numel()
 
 
 def dequantize_linear(layer: torch.nn.Module) -> torch.Tensor:
