@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -103,6 +103,7 @@ class GPT(nn.Module):
         return_hidden: bool = False,
         logits_mask: Optional[torch.Tensor] = None,
         segment_ids: Optional[torch.Tensor] = None,
+        head_fn: Optional[Callable[[torch.Tensor, nn.Module], torch.Tensor]] = None,
     ) -> torch.Tensor:
         """Logits `(B, T, vocab_size)` for token ids `idx` `(B, T)`.
 
@@ -116,6 +117,9 @@ class GPT(nn.Module):
         `segment_ids` `(B, T)` marks packed samples (model/data.py `pack_samples`): each run of equal ids is one
         sample, whose positions restart at 0 and which attends only to itself, so its logits are the ones it gets
         alone. Each sample's attention is computed on its own span: no `(T, T)` mask is ever built.
+        `head_fn(hidden, lm_head)` replaces `lm_head(hidden)`, inside the forward pass (under autocast and FSDP's
+        unsharded head): `partial(model.training.loss.head_cross_entropy, targets=...)` returns the per-position
+        loss without ever holding the full-vocabulary logits.
         """
         T = idx.size(1)
         if input_pos is None:
@@ -146,7 +150,9 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if logits_mask is not None:
             x = x[logits_mask]
-        return x if return_hidden else self.lm_head(x)
+        if return_hidden:
+            return x
+        return self.lm_head(x) if head_fn is None else head_fn(x, self.lm_head)
 
     def rope(self, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The float32 `cos` and `sin` of the rotation angles at positions `input_pos`."""

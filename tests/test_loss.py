@@ -107,3 +107,16 @@ def test_a_head_that_is_not_a_plain_linear_computes_its_logits():
     head = nn.Sequential(nn.Linear(16, 53, bias=False))
     head[0].weight.data.copy_(weight.detach())
     torch.testing.assert_close(head_cross_entropy(hidden, head, targets), reference(hidden, weight, None, targets))
+
+
+def test_head_fn_computes_the_loss_inside_the_forward_pass():
+    from functools import partial
+
+    torch.manual_seed(0)
+    config = Config(name="tiny", vocab_size=97, n_layer=1, n_head=4, n_embd=32, intermediate_size=48, block_size=32)
+    model = GPT(config)
+    ids, targets = torch.randint(0, 97, (2, 10)), torch.randint(0, 97, (2, 10))
+    predicting = torch.rand(2, 10) > 0.3
+    expected = F.cross_entropy(model(ids, logits_mask=predicting).float(), targets[predicting], reduction="none")
+    loss = model(ids, logits_mask=predicting, head_fn=partial(head_cross_entropy, targets=targets[predicting]))
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)

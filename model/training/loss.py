@@ -16,7 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from model.data.sft import IGNORE_INDEX
+from model.lora import LoRALinear
+
 # float32 logits per chunk: 2**25 elements = 128 MB (about 260 positions at a 128k vocabulary)
 CHUNK_ELEMENTS = 2**25
 
@@ -40,6 +42,8 @@ def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Ten
 
     A plain linear head goes through `linear_cross_entropy`; any other head (e.g. one with LoRA on it) computes its
     logits and `F.cross_entropy` on them."""
+    if isinstance(head, LoRALinear) and not head.adapters_enabled:  # DPO's reference: the plain head
+        head = head.linear
     if type(head) is nn.Linear:
         return linear_cross_entropy(hidden, head.weight, head.bias, targets)
     return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
