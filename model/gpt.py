@@ -139,6 +139,18 @@ class GPT(nn.Module):
             rope_pos = packed_positions(segment_ids)
             spans = segment_spans(segment_ids)
         cos, sin = (t.to(x.dtype) for t in self.rope(rope_pos))
+        x = self.transformer.ln_f(self.run_blocks(x, cos, sin, input_pos, spans))
+        if logits_mask is not None:
+            x = x[logits_mask]
+        if return_hidden:
+            return x
+        return self.lm_head(x) if head_fn is None else head_fn(x, self.lm_head)
+
+    def run_blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
+                   spans: Optional[list[list[tuple[int, int]]]] = None) -> torch.Tensor:
+        """The hidden states `(B, T, n_embd)` through every Block, checkpointed as `gradient_checkpointing` says
+        when gradients are being recorded (never with a KV cache)."""
+        cache = self.transformer.h[0].attn.kv_cache
         checkpointing = self.gradient_checkpointing if torch.is_grad_enabled() and cache is None else "none"
         for block in self.transformer.h:
             if checkpointing == "block":
@@ -147,12 +159,7 @@ class GPT(nn.Module):
                 x = OffloadedCheckpoint.apply(block, x, torch.empty(0, requires_grad=True), cos, sin, input_pos, spans)
             else:
                 x = block(x, cos, sin, input_pos, None, spans)
-        x = self.transformer.ln_f(x)
-        if logits_mask is not None:
-            x = x[logits_mask]
-        if return_hidden:
-            return x
-        return self.lm_head(x) if head_fn is None else head_fn(x, self.lm_head)
+        return x
 
     def rope(self, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The float32 `cos` and `sin` of the rotation angles at positions `input_pos`."""
