@@ -19,7 +19,6 @@ An out-of-memory error is a result ("OOM"), as is a row that outlives its timeou
 """
 
 import json
-import math
 import subprocess
 import sys
 import time

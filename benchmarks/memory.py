@@ -17,6 +17,7 @@ downloaded; bytes do not depend on the values. Memory numbers do not depend on t
 
 import copy
 import tempfile
+from functools import partial
 from dataclasses import replace
 from pathlib import Path
 
@@ -83,8 +84,7 @@ def activation_table(config: Config, seq_len: int, dtype: torch.dtype) -> list[s
         model.train()
         for mode in CHECKPOINTING_MODES:
             model.set_gradient_checkpointing(mode)
-            blocks = lambda: model.run_blocks(x, cos, sin, positions)  # noqa: E731
-            kept = saved_bytes(blocks, held=(*model.parameters(), cos, sin, positions))
+            kept = saved_bytes(partial(model.run_blocks, x, cos, sin, positions), held=(*model.parameters(), cos, sin, positions))
             offloaded = x.nbytes if mode == "offload" else 0
             per = seq_len * config.n_layer * 1024
             rows.append(f"| {setting} | {mode} | {kept / per:.1f} | {offloaded / seq_len / 1024:.1f} |")

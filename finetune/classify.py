@@ -122,6 +122,7 @@ def setup(
     save_interval: int = 100,
     logistic_c: float = 1.0,
     feature_batch_size: int = 16,
+    gradient_checkpointing: Literal["none", "block", "offload"] = "none",
     seed: int = 1337,
     resume: Union[bool, Literal["auto"], Path] = False,
 ) -> None:
@@ -165,6 +166,9 @@ def setup(
         logistic_c: Inverse L2 regularization strength of the logistic regression (--mode features), on
             standardized features.
         feature_batch_size: Texts per forward pass when extracting features and evaluating.
+        gradient_checkpointing: none; block (recompute each Block in the backward pass: activation memory from
+            ~150-180 KB to 8 KB per token per layer at 8B width, for about one more forward pass of compute); offload
+            (block, and each Block's input waits in pinned CPU memory: activations no longer grow with depth).
         seed: Random seed (data order, dropout, initialization).
         resume: Continue a run: true/auto (the latest checkpoint in out_dir; auto starts fresh if none) or the path
             of a step-* directory. --mode features has no steps: its cached features make a rerun cheap instead.
@@ -206,6 +210,7 @@ def main(fabric: L.Fabric, args: ClassifyArgs, lora_config: Optional[LoRAConfig]
         gpt = GPT(config)
     gpt.load_state_dict(load_state_dict(args.checkpoint_dir, dtype=dtype), assign=True)
     gpt.reset_rope(fabric.device)
+    gpt.set_gradient_checkpointing(hparams["gradient_checkpointing"])
     if lora_config is not None:
         inject_lora(gpt, lora_config)
     classifier = Classifier(gpt, len(label_names), args.pooling, bias=args.mode == "features").to(fabric.device)

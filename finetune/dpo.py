@@ -138,6 +138,7 @@ def setup(
     eval_interval: int = 25,
     eval_iters: int = 25,
     save_interval: int = 100,
+    gradient_checkpointing: Literal["none", "block", "offload"] = "none",
     seed: int = 1337,
     resume: Union[bool, Literal["auto"], Path] = False,
 ) -> None:
@@ -185,6 +186,9 @@ def setup(
         eval_interval: Validate every this many optimizer steps (and at the first and the last).
         eval_iters: Validation batches per evaluation (the first eval_iters * micro_batch_size pairs of test.pt).
         save_interval: Save a resumable checkpoint every this many optimizer steps.
+        gradient_checkpointing: none; block (recompute each Block in the backward pass: activation memory from
+            ~150-180 KB to 8 KB per token per layer at 8B width, for about one more forward pass of compute); offload
+            (block, and each Block's input waits in pinned CPU memory: activations no longer grow with depth).
         seed: Random seed (data order, dropout, initialization).
         resume: Continue a run: true/auto (the latest checkpoint in out_dir; auto starts fresh if none) or the path
             of a step-* directory.
@@ -232,6 +236,7 @@ def main(fabric: L.Fabric, args: TrainArgs, dpo: DPOArgs, lora_config: Optional[
         model = GPT(config)
     model.load_state_dict(load_state_dict(args.checkpoint_dir, dtype=dtype), assign=True)
     model.reset_rope(fabric.device)
+    model.set_gradient_checkpointing(hparams["gradient_checkpointing"])
     if quantize:
         quantize_model(model.to(fabric.device), quantize, compute_dtype=dtype)
     if lora_config is not None:

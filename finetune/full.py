@@ -14,12 +14,12 @@ checkpoint directory. Copy this file and edit it: the loop is all here.
 
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Literal, Optional, Union
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from model.cli import run_cli
 from model.config import Config
@@ -47,6 +47,7 @@ from model.training.run import (
     warmup_cosine,
     with_answers,
 )
+from model.training.loss import head_cross_entropy
 from model.training.strategy import default_precision, fabric_strategy, weights_dtype
 from model.weights.checkpoint import load_state_dict, require_checkpoint
 
@@ -69,6 +70,7 @@ def setup(
     epochs: int = 1,
     max_seq_length: Optional[int] = None,
     packing: bool = False,
+    gradient_checkpointing: Literal["none", "block", "offload"] = "none",
     eval_interval: int = 50,
     eval_iters: int = 20,
     save_interval: int = 100,
@@ -99,6 +101,9 @@ def setup(
         packing: Pack several samples into each row of up to max_seq_length tokens, each sample attending only to
             itself with its positions restarting (no padding wasted; the loss is unchanged). micro_batch_size and
             global_batch_size then count rows.
+        gradient_checkpointing: none; block (recompute each Block in the backward pass: activation memory from
+            ~150-180 KB to 8 KB per token per layer at 8B width, for about one more forward pass of compute); offload
+            (block, and each Block's input waits in pinned CPU memory: activations no longer grow with depth).
         eval_interval: Validate (loss + a sample generation) every this many optimizer steps.
         eval_iters: Validation batches per evaluation.
         save_interval: Save a resumable checkpoint (the training state only) every this many optimizer steps.
@@ -132,6 +137,7 @@ def main(fabric: L.Fabric, args: TrainArgs, hparams: dict) -> None:
         model = GPT(config)
     model.load_state_dict(load_state_dict(args.checkpoint_dir, dtype=dtype), assign=True)
     model.reset_rope(fabric.device)
+    model.set_gradient_checkpointing(hparams["gradient_checkpointing"])
     print_rank0(fabric, f"Trainable parameters: {count_parameters(model):,}")
     model = fabric.setup_module(model)
 
@@ -202,9 +208,9 @@ def train(fabric: L.Fabric, state: dict, args: TrainArgs, *, train_data: list, v
                 with fabric.no_backward_sync(model, enabled=i < accumulate - 1):
                     loss = next_token_loss(model, input_ids, labels, batch.get("segment_ids"))
                     fabric.backward(loss / accumulate)
-                loss_sum += loss.item()
+                loss_sum += loss.detach()  # read once per step: no host sync per micro-batch
                 throughput.update(int(input_ids.numel()) * fabric.world_size)
-            loss = loss_sum / accumulate
+            loss = (loss_sum / accumulate).item()
             # checked before the optimizer step, so a non-finite value never reaches the weights or a checkpoint;
             # the norm is of the all-reduced gradients, so every rank stops together. With 16-mixed an overflow
             # is routine: the grad scaler skips that step and lowers its scale.
@@ -249,8 +255,10 @@ def next_token_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
     predicting = torch.nn.functional.pad(targets != -100, (0, 1))  # position t predicts label t+1; the last predicts nothing
     if segment_ids is not None:
         segment_ids = segment_ids.to(input_ids.device)
-    logits = model(input_ids, logits_mask=predicting, segment_ids=segment_ids)
-    return F.cross_entropy(logits.float(), targets[targets != -100])
+    # the head and its cross-entropy in chunks: the (N, vocab) float32 logits never exist at once
+    losses = model(input_ids, logits_mask=predicting, segment_ids=segment_ids,
+                   head_fn=partial(head_cross_entropy, targets=targets[targets != -100]))
+    return losses.mean()
 
 
 @torch.no_grad()

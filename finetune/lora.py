@@ -10,12 +10,12 @@ magnitudes) train. The run directory gets `hparams.yaml` (every flag), `metrics.
 
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Literal, Optional, Union
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from model.cli import run_cli
 from model.config import Config
@@ -32,7 +32,7 @@ from model.lora import (
     mark_only_lora_as_trainable,
     mark_routers_as_trainable,
 )
-from model.quantize import quantize_model, validate_quantize
+from model.quantize import load_quantized, validate_quantize
 from model.tokenizer import Tokenizer
 from model.training.run import (
     MetricsLogger,
@@ -51,6 +51,7 @@ from model.training.run import (
     warmup_cosine,
     with_answers,
 )
+from model.training.loss import head_cross_entropy
 from model.training.strategy import default_precision, fabric_strategy, weights_dtype
 from model.weights.checkpoint import load_state_dict, require_checkpoint
 
@@ -84,6 +85,7 @@ def setup(
     epochs: int = 1,
     max_seq_length: Optional[int] = None,
     packing: bool = False,
+    gradient_checkpointing: Literal["none", "block", "offload"] = "none",
     eval_interval: int = 50,
     eval_iters: int = 20,
     save_interval: int = 100,
@@ -125,6 +127,9 @@ def setup(
         packing: Pack several samples into each row of up to max_seq_length tokens, each sample attending only to
             itself with its positions restarting (no padding wasted; the loss is unchanged). micro_batch_size and
             global_batch_size then count rows.
+        gradient_checkpointing: none; block (recompute each Block in the backward pass: activation memory from
+            ~150-180 KB to 8 KB per token per layer at 8B width, for about one more forward pass of compute); offload
+            (block, and each Block's input waits in pinned CPU memory: activations no longer grow with depth).
         eval_interval: Validate (loss + a sample generation) every this many optimizer steps.
         eval_iters: Validation batches per evaluation.
         save_interval: Save a resumable checkpoint every this many optimizer steps.
@@ -159,20 +164,26 @@ def main(fabric: L.Fabric, args: TrainArgs, lora_config: LoRAConfig, quantize: O
         args.out_dir.mkdir(parents=True, exist_ok=True)
         save_hparams(args.out_dir, hparams)
 
-    # The base model: loaded in the training dtype, optionally quantized, then wrapped with adapters
+    # The base model: loaded in the training dtype, or quantized block by block as it loads (the 4-bit layers compute
+    # in bf16), then wrapped with adapters in the training dtype
     dtype = weights_dtype(fabric)
-    with fabric.init_module(empty_init=True):
-        model = GPT(config)
-    model.load_state_dict(load_state_dict(args.checkpoint_dir, dtype=dtype), assign=True)
-    model.reset_rope(fabric.device)
     if quantize:
-        quantize_model(model.to(fabric.device), quantize, compute_dtype=dtype)
-    inject_lora(model, lora_config)
+        model = load_quantized(args.checkpoint_dir, quantize, fabric.device, dtype=dtype, config=config)
+    else:
+        with fabric.init_module(empty_init=True):
+            model = GPT(config)
+        model.load_state_dict(load_state_dict(args.checkpoint_dir, dtype=dtype), assign=True)
+    model.reset_rope(fabric.device)
+    model.set_gradient_checkpointing(hparams["gradient_checkpointing"])
+    inject_lora(model, lora_config, dtype=dtype)
     mark_only_lora_as_trainable(model)
     if lora_config.router:
         mark_routers_as_trainable(model)
     print_rank0(fabric, f"Trainable parameters: {count_parameters(model):,} of {count_parameters(model, None):,}")
     model = fabric.setup_module(model)
+    print_rank0(fabric, f"Setup peak memory: {peak_memory_gb(fabric.device):.2f} GB")
+    if fabric.device.type == "cuda":  # from here on the peak is the training's own
+        torch.cuda.reset_peak_memory_stats(fabric.device)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay, betas=(0.9, 0.95))
@@ -235,9 +246,9 @@ def train(fabric: L.Fabric, state: dict, args: TrainArgs, *, train_data: list, v
                 with fabric.no_backward_sync(model, enabled=i < accumulate - 1):
                     loss = next_token_loss(model, input_ids, labels, batch.get("segment_ids"))
                     fabric.backward(loss / accumulate)
-                loss_sum += loss.item()
+                loss_sum += loss.detach()  # read once per step: no host sync per micro-batch
                 throughput.update(int(input_ids.numel()) * fabric.world_size)
-            loss = loss_sum / accumulate
+            loss = (loss_sum / accumulate).item()
             # checked before the optimizer step, so a non-finite value never reaches the weights or a checkpoint;
             # the norm is of the all-reduced gradients, so every rank stops together. With 16-mixed an overflow
             # is routine: the grad scaler skips that step and lowers its scale.
@@ -278,13 +289,15 @@ def next_token_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
                     segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean cross-entropy of predicting token t+1 at position t, over the positions whose next label is not -100.
 
-    Logits are computed only at those positions: with the prompt masked, that skips most of the output head."""
+    The head is computed only at those positions: with the prompt masked, that skips most of its work."""
     targets = labels[:, 1:]
     predicting = torch.nn.functional.pad(targets != -100, (0, 1))  # position t predicts label t+1; the last predicts nothing
     if segment_ids is not None:
         segment_ids = segment_ids.to(input_ids.device)
-    logits = model(input_ids, logits_mask=predicting, segment_ids=segment_ids)
-    return F.cross_entropy(logits.float(), targets[targets != -100])
+    # the head and its cross-entropy in chunks: the (N, vocab) float32 logits never exist at once
+    losses = model(input_ids, logits_mask=predicting, segment_ids=segment_ids,
+                   head_fn=partial(head_cross_entropy, targets=targets[targets != -100]))
+    return losses.mean()
 
 
 @torch.no_grad()

@@ -238,10 +238,11 @@ def lora_targets(model: GPT, lora_config: LoRAConfig) -> dict[str, Optional[dict
     return targets
 
 
-def inject_lora(model: GPT, lora_config: LoRAConfig) -> GPT:
+def inject_lora(model: GPT, lora_config: LoRAConfig, dtype: Optional[torch.dtype] = None) -> GPT:
     """Wrap the linears chosen by `lora_config` in LoRALinear, in place. Quantize the model (if at all) before this.
 
-    With tied embeddings the head's LoRALinear wraps the same nn.Linear, whose weight stays the embedding's."""
+    The adapters take `dtype`, by default the base weight's (a quantized layer's compute dtype). With tied embeddings
+    the head's LoRALinear wraps the same nn.Linear, whose weight stays the embedding's."""
     if any(isinstance(module, LoRALinear) for module in model.modules()):
         raise ValueError("The model already has LoRA layers; inject_lora must be called once, on the base model")
     for path, out_slices in lora_targets(model, lora_config).items():
@@ -249,7 +250,7 @@ def inject_lora(model: GPT, lora_config: LoRAConfig) -> GPT:
         parent = model.get_submodule(parent_path)
         lora_linear = LoRALinear(
             getattr(parent, name), lora_config.r, lora_config.alpha, lora_config.dropout, lora_config.dora,
-            out_slices=out_slices,
+            out_slices=out_slices, dtype=dtype,
         )
         # a new module starts in training mode; keep the model's (dropout must stay off in an eval-mode model)
         setattr(parent, name, lora_linear.train(model.training))
