@@ -35,6 +35,8 @@ from model.gpt import GPT
 from model.lora import count_parameters
 from model.quantize import quantize_model, validate_quantize
 from model.tokenizer import Tokenizer
+from model.training.loss import head_cross_entropy
+from model.training.optim import build_optimizer
 from model.training.run import (
     MetricsLogger,
     Throughput,
@@ -52,7 +54,6 @@ from model.training.run import (
     warmup_cosine,
     with_answers,
 )
-from model.training.loss import head_cross_entropy
 from model.training.strategy import default_precision, fabric_strategy, weights_dtype
 from model.weights.checkpoint import load_state_dict, require_checkpoint
 
@@ -79,6 +80,7 @@ def setup(
     max_seq_length: Optional[int] = None,
     packing: bool = False,
     gradient_checkpointing: Literal["none", "block", "offload"] = "none",
+    optimizer: Literal["adamw", "adamw_fused", "adamw8bit", "paged_adamw8bit"] = "adamw",
     eval_interval: int = 50,
     eval_iters: int = 20,
     save_interval: int = 100,
@@ -115,6 +117,8 @@ def setup(
         gradient_checkpointing: none; block (recompute each Block in the backward pass: activation memory from
             ~150-180 KB to 8 KB per token per layer at 8B width, for about one more forward pass of compute); offload
             (block, and each Block's input waits in pinned CPU memory: activations no longer grow with depth).
+        optimizer: adamw; adamw_fused (one fused kernel per step); adamw8bit (bitsandbytes: 8-bit moments, 2 instead
+            of 8 bytes of state per trained parameter); paged_adamw8bit (adamw8bit paged to host memory on CUDA).
         eval_interval: Validate (loss + a sample generation) every this many optimizer steps.
         eval_iters: Validation batches per evaluation.
         save_interval: Save a resumable checkpoint every this many optimizer steps.
@@ -159,7 +163,7 @@ def main(fabric: L.Fabric, args: TrainArgs, adapter_config: AdapterConfig, quant
     model = fabric.setup_module(model)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    optimizer = build_optimizer(hparams["optimizer"], trainable, lr=args.learning_rate, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     optimizer = fabric.setup_optimizers(optimizer)
 
     accumulate = gradient_accumulation_iters(args.global_batch_size, args.micro_batch_size, fabric.world_size)

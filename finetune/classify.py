@@ -34,6 +34,7 @@ from model.device import peak_memory_gb
 from model.files import atomic_write_text
 from model.gpt import GPT
 from model.lora import LoRAConfig, count_parameters, inject_lora
+from model.training.optim import build_optimizer
 from model.training.run import (
     MetricsLogger,
     Throughput,
@@ -123,6 +124,7 @@ def setup(
     logistic_c: float = 1.0,
     feature_batch_size: int = 16,
     gradient_checkpointing: Literal["none", "block", "offload"] = "none",
+    optimizer: Literal["adamw", "adamw_fused", "adamw8bit", "paged_adamw8bit"] = "adamw",
     seed: int = 1337,
     resume: Union[bool, Literal["auto"], Path] = False,
 ) -> None:
@@ -169,6 +171,8 @@ def setup(
         gradient_checkpointing: none; block (recompute each Block in the backward pass: activation memory from
             ~150-180 KB to 8 KB per token per layer at 8B width, for about one more forward pass of compute); offload
             (block, and each Block's input waits in pinned CPU memory: activations no longer grow with depth).
+        optimizer: adamw; adamw_fused (one fused kernel per step); adamw8bit (bitsandbytes: 8-bit moments, 2 instead
+            of 8 bytes of state per trained parameter); paged_adamw8bit (adamw8bit paged to host memory on CUDA).
         seed: Random seed (data order, dropout, initialization).
         resume: Continue a run: true/auto (the latest checkpoint in out_dir; auto starts fresh if none) or the path
             of a step-* directory. --mode features has no steps: its cached features make a rerun cheap instead.
@@ -311,7 +315,7 @@ def train_classifier(fabric, classifier, train_data, test_data, max_seq_length: 
     learning_rate = args.learning_rate or DEFAULT_LEARNING_RATES.get(args.mode, 0.0)
     groups = [{"params": head, "lr": args.head_learning_rate}] + ([{"params": body, "lr": learning_rate}] if body else [])
     model = fabric.setup_module(classifier)
-    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    optimizer = build_optimizer(hparams["optimizer"], groups, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     optimizer = fabric.setup_optimizers(optimizer)
 
     accumulate = gradient_accumulation_iters(args.global_batch_size, args.micro_batch_size, 1)

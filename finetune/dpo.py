@@ -53,6 +53,7 @@ from model.lora import (
     mark_only_lora_as_trainable,
 )
 from model.quantize import quantize_model, validate_quantize
+from model.training.optim import build_optimizer
 from model.training.preference import (
     compute_reference,
     load_reference,
@@ -139,6 +140,7 @@ def setup(
     eval_iters: int = 25,
     save_interval: int = 100,
     gradient_checkpointing: Literal["none", "block", "offload"] = "none",
+    optimizer: Literal["adamw", "adamw_fused", "adamw8bit", "paged_adamw8bit"] = "adamw",
     seed: int = 1337,
     resume: Union[bool, Literal["auto"], Path] = False,
 ) -> None:
@@ -189,6 +191,8 @@ def setup(
         gradient_checkpointing: none; block (recompute each Block in the backward pass: activation memory from
             ~150-180 KB to 8 KB per token per layer at 8B width, for about one more forward pass of compute); offload
             (block, and each Block's input waits in pinned CPU memory: activations no longer grow with depth).
+        optimizer: adamw; adamw_fused (one fused kernel per step); adamw8bit (bitsandbytes: 8-bit moments, 2 instead
+            of 8 bytes of state per trained parameter); paged_adamw8bit (adamw8bit paged to host memory on CUDA).
         seed: Random seed (data order, dropout, initialization).
         resume: Continue a run: true/auto (the latest checkpoint in out_dir; auto starts fresh if none) or the path
             of a step-* directory.
@@ -246,7 +250,7 @@ def main(fabric: L.Fabric, args: TrainArgs, dpo: DPOArgs, lora_config: Optional[
     model = fabric.setup_module(model)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    optimizer = build_optimizer(hparams["optimizer"], trainable, lr=args.learning_rate, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     optimizer = fabric.setup_optimizers(optimizer)
 
     accumulate = gradient_accumulation_iters(args.global_batch_size, args.micro_batch_size, fabric.world_size)

@@ -29,6 +29,8 @@ from model.generate import generate
 from model.gpt import GPT
 from model.lora import count_parameters
 from model.tokenizer import Tokenizer
+from model.training.loss import head_cross_entropy
+from model.training.optim import build_optimizer
 from model.training.run import (
     MetricsLogger,
     Throughput,
@@ -47,7 +49,6 @@ from model.training.run import (
     warmup_cosine,
     with_answers,
 )
-from model.training.loss import head_cross_entropy
 from model.training.strategy import default_precision, fabric_strategy, weights_dtype
 from model.weights.checkpoint import load_state_dict, require_checkpoint
 
@@ -71,6 +72,7 @@ def setup(
     max_seq_length: Optional[int] = None,
     packing: bool = False,
     gradient_checkpointing: Literal["none", "block", "offload"] = "none",
+    optimizer: Literal["adamw", "adamw_fused", "adamw8bit", "paged_adamw8bit"] = "adamw",
     eval_interval: int = 50,
     eval_iters: int = 20,
     save_interval: int = 100,
@@ -104,6 +106,8 @@ def setup(
         gradient_checkpointing: none; block (recompute each Block in the backward pass: activation memory from
             ~150-180 KB to 8 KB per token per layer at 8B width, for about one more forward pass of compute); offload
             (block, and each Block's input waits in pinned CPU memory: activations no longer grow with depth).
+        optimizer: adamw; adamw_fused (one fused kernel per step); adamw8bit (bitsandbytes: 8-bit moments, 2 instead
+            of 8 bytes of state per trained parameter); paged_adamw8bit (adamw8bit paged to host memory on CUDA).
         eval_interval: Validate (loss + a sample generation) every this many optimizer steps.
         eval_iters: Validation batches per evaluation.
         save_interval: Save a resumable checkpoint (the training state only) every this many optimizer steps.
@@ -141,7 +145,7 @@ def main(fabric: L.Fabric, args: TrainArgs, hparams: dict) -> None:
     print_rank0(fabric, f"Trainable parameters: {count_parameters(model):,}")
     model = fabric.setup_module(model)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+    optimizer = build_optimizer(hparams["optimizer"], model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
                                   betas=(0.9, 0.95))
     optimizer = fabric.setup_optimizers(optimizer)
 
