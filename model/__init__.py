@@ -4,7 +4,7 @@
     data/        records (JSON/JSONL/CSV/Parquet rows with file:line errors), prepare (rows -> prepared splits),
                  sft (SFT samples, collate, packing), preference (pairs), classification (labelled texts), curate
     training/    run (batch order, schedule, resumable state, hparams, metrics), preference (DPO-family losses,
-                 sequence log-probs, the reference cache)
+                 sequence log-probs, the reference cache), loss (head + cross-entropy in chunks), optim (--optimizer)
     weights/     checkpoint (our safetensors files), convert (HF <-> Forge weight maps), load (one loader for a
                  checkpoint or any fine-tuning run, detected from its files)
     the model    config, gpt, tokenizer, prompts, generate, lora, adapter, quantize
