@@ -250,7 +250,8 @@ def main(fabric: L.Fabric, args: TrainArgs, dpo: DPOArgs, lora_config: Optional[
     model = fabric.setup_module(model)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(hparams["optimizer"], trainable, lr=args.learning_rate, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    optimizer = build_optimizer(hparams["optimizer"], trainable, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                betas=(0.9, 0.95))
     optimizer = fabric.setup_optimizers(optimizer)
 
     accumulate = gradient_accumulation_iters(args.global_batch_size, args.micro_batch_size, fabric.world_size)

@@ -145,8 +145,8 @@ def main(fabric: L.Fabric, args: TrainArgs, hparams: dict) -> None:
     print_rank0(fabric, f"Trainable parameters: {count_parameters(model):,}")
     model = fabric.setup_module(model)
 
-    optimizer = build_optimizer(hparams["optimizer"], model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
-                                  betas=(0.9, 0.95))
+    optimizer = build_optimizer(hparams["optimizer"], model.parameters(), lr=args.learning_rate,
+                                weight_decay=args.weight_decay, betas=(0.9, 0.95))
     optimizer = fabric.setup_optimizers(optimizer)
 
     accumulate = gradient_accumulation_iters(args.global_batch_size, args.micro_batch_size, fabric.world_size)

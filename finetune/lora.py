@@ -190,7 +190,8 @@ def main(fabric: L.Fabric, args: TrainArgs, lora_config: LoRAConfig, quantize: O
         torch.cuda.reset_peak_memory_stats(fabric.device)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(hparams["optimizer"], trainable, lr=args.learning_rate, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    optimizer = build_optimizer(hparams["optimizer"], trainable, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                betas=(0.9, 0.95))
     optimizer = fabric.setup_optimizers(optimizer)
 
     accumulate = gradient_accumulation_iters(args.global_batch_size, args.micro_batch_size, fabric.world_size)
