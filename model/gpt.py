@@ -78,8 +78,11 @@ class GPT(nn.Module):
         return result
 
     def reset_rope(self, device: torch.device | str | None = None) -> None:
-        """Drop the cached RoPE frequencies; they are recomputed in float32 on the device a forward pass runs on."""
+        """Drop the cached RoPE frequencies (any forward pass recomputes them in float32 on its device) and, given a
+        `device`, compute them there now."""
         self.rope_cache.clear()
+        if device is not None:
+            self.inv_freq(torch.device(device))
 
     def inv_freq(self, device: torch.device, long: bool = False) -> torch.Tensor:
         """The float32 RoPE inverse frequencies on `device` (`long`: LongRoPE's long-context factors)."""

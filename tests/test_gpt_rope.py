@@ -33,3 +33,5 @@ def test_the_frequencies_are_no_buffer_and_follow_the_device_of_the_positions():
     assert model.inv_freq(torch.device("cpu")).dtype == torch.float32
     model.reset_rope()
     assert not model.rope_cache
+    model.reset_rope("cpu")
+    assert list(model.rope_cache) == [(torch.device("cpu"), False)]
