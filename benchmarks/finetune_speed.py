@@ -65,10 +65,14 @@ def run_engine(engine: str, checkpoint_dir: Path, micro_batch_size: int, seq_len
         mark_only_lora_as_trainable(model)
 
         def loss_fn(input_ids, labels):
-            # as finetune/lora.py: the output head only where a label follows
+            # as finetune/lora.py: the output head only where a label follows, and its loss in chunks
+            from functools import partial
+
+            from model.training.loss import head_cross_entropy
+
             targets = labels[:, 1:]
-            logits = model(input_ids, logits_mask=torch.nn.functional.pad(targets != -100, (0, 1)))
-            return torch.nn.functional.cross_entropy(logits.float(), targets[targets != -100])
+            return model(input_ids, logits_mask=torch.nn.functional.pad(targets != -100, (0, 1)),
+                         head_fn=partial(head_cross_entropy, targets=targets[targets != -100])).mean()
     elif engine == "litgpt":
         import yaml
         from litgpt.lora import GPT as LitGPT

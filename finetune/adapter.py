@@ -12,12 +12,12 @@ generate and eval script reads (`--checkpoint_dir out/adapter`). Copy this file 
 
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Literal, Optional, Union
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from model.adapter import (
     ADAPTER_WEIGHTS,
@@ -36,6 +36,8 @@ from model.gpt import GPT
 from model.lora import count_parameters
 from model.quantize import quantize_model, validate_quantize
 from model.tokenizer import Tokenizer
+from model.training.loss import head_cross_entropy
+from model.training.optim import build_optimizer
 from model.training.run import (
     MetricsLogger,
     Throughput,
@@ -76,6 +78,8 @@ def setup(
     epochs: PositiveInt = 1,
     max_seq_length: Optional[PositiveInt] = None,
     packing: bool = False,
+    gradient_checkpointing: Literal["none", "block", "offload"] = "none",
+    optimizer: Literal["adamw", "adamw_fused", "adamw8bit", "paged_adamw8bit"] = "adamw",
     eval_interval: PositiveInt = 50,
     eval_iters: PositiveInt = 20,
     save_interval: PositiveInt = 100,
@@ -110,6 +114,11 @@ def setup(
         packing: Pack several samples into each row of up to max_seq_length tokens, each sample attending only to
             itself with its positions restarting (no padding wasted; the loss is unchanged). micro_batch_size and
             global_batch_size then count rows.
+        gradient_checkpointing: none; block (recompute each Block in the backward pass: activation memory from
+            ~150-180 KB to 8 KB per token per layer at 8B width, for about one more forward pass of compute); offload
+            (block, and each Block's input waits in pinned CPU memory: activations no longer grow with depth).
+        optimizer: adamw; adamw_fused (one fused kernel per step); adamw8bit (bitsandbytes: 8-bit moments, 2 instead
+            of 8 bytes of state per trained parameter); paged_adamw8bit (adamw8bit paged to host memory on CUDA).
         eval_interval: Validate (loss + a sample generation) every this many optimizer steps.
         eval_iters: Validation batches per evaluation.
         save_interval: Save a resumable checkpoint every this many optimizer steps.
@@ -150,6 +159,7 @@ def main(fabric: L.Fabric, args: TrainArgs, adapter_config: AdapterConfig, quant
     check_weights(model, base, args.checkpoint_dir)
     model.load_state_dict(base, assign=True)
     model.reset_rope(fabric.device)
+    model.set_gradient_checkpointing(args.gradient_checkpointing)
     if quantize:
         quantize_model(model.to(fabric.device), quantize, compute_dtype=dtype)
     inject_adapter(model, adapter_config)
@@ -158,7 +168,8 @@ def main(fabric: L.Fabric, args: TrainArgs, adapter_config: AdapterConfig, quant
     model = fabric.setup_module(model)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    optimizer = build_optimizer(args.optimizer, trainable, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                betas=(0.9, 0.95))
     optimizer = fabric.setup_optimizers(optimizer)
 
     accumulate = gradient_accumulation_iters(args.global_batch_size, args.micro_batch_size, fabric.world_size)
@@ -181,7 +192,7 @@ def main(fabric: L.Fabric, args: TrainArgs, adapter_config: AdapterConfig, quant
     # written only now that the data, the model and the batch sizes have passed their checks: a bad input
     # leaves no output directory behind
     check_writable(args.out_dir, checkpoint_bytes(model, trainable_only=True))
-    run = open_run(fabric, args.out_dir, hparams, args.resume, hparams["overwrite"])
+    run = open_run(fabric, args.out_dir, hparams, args.resume, args.overwrite)
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "step": 0, "epoch": 0, "batch_in_epoch": 0,
              "rng": None}
     run.load(fabric, state, trainable_only=True, max_steps=max_steps, warmup_steps=args.warmup_steps)
@@ -221,9 +232,9 @@ def train(fabric: L.Fabric, state: dict, args: TrainArgs, *, train_data: list, v
                 with fabric.no_backward_sync(model, enabled=i < accumulate - 1):
                     loss = next_token_loss(model, input_ids, labels, batch.get("segment_ids"))
                     fabric.backward(loss / accumulate)
-                loss_sum += loss.item()
+                loss_sum += loss.detach()  # read once per step: no host sync per micro-batch
                 throughput.update(int(input_ids.numel()) * fabric.world_size)
-            loss = loss_sum / accumulate
+            loss = (loss_sum / accumulate).item()
             # checked before the optimizer step, so a non-finite value never reaches the weights or a checkpoint;
             # the norm is of the all-reduced gradients, so every rank stops together. With 16-mixed an overflow
             # is routine: the grad scaler skips that step and lowers its scale.
@@ -273,8 +284,10 @@ def next_token_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
     predicting = torch.nn.functional.pad(targets != -100, (0, 1))  # position t predicts label t+1; the last predicts nothing
     if segment_ids is not None:
         segment_ids = segment_ids.to(input_ids.device)
-    logits = model(input_ids, logits_mask=predicting, segment_ids=segment_ids)
-    return F.cross_entropy(logits.float(), targets[targets != -100])
+    # the head and its cross-entropy in chunks: the (N, vocab) float32 logits never exist at once
+    losses = model(input_ids, logits_mask=predicting, segment_ids=segment_ids,
+                   head_fn=partial(head_cross_entropy, targets=targets[targets != -100]))
+    return losses.mean()
 
 
 @torch.no_grad()

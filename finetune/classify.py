@@ -35,6 +35,7 @@ from model.device import peak_memory_gb
 from model.files import atomic_write_text
 from model.gpt import GPT
 from model.lora import LoRAConfig, count_parameters, inject_lora
+from model.training.optim import build_optimizer
 from model.training.run import (
     MetricsLogger,
     Throughput,
@@ -89,6 +90,9 @@ class ClassifyArgs:
     feature_batch_size: int
     seed: int
     resume: bool | str | Path
+    overwrite: bool
+    gradient_checkpointing: str
+    optimizer: str
 
 
 def setup(
@@ -121,6 +125,8 @@ def setup(
     save_interval: PositiveInt = 100,
     logistic_c: float = 1.0,
     feature_batch_size: PositiveInt = 16,
+    gradient_checkpointing: Literal["none", "block", "offload"] = "none",
+    optimizer: Literal["adamw", "adamw_fused", "adamw8bit", "paged_adamw8bit"] = "adamw",
     seed: int = 1337,
     resume: Union[bool, Literal["auto"], Path] = False,
     overwrite: bool = False,
@@ -165,6 +171,11 @@ def setup(
         logistic_c: Inverse L2 regularization strength of the logistic regression (--mode features), on
             standardized features.
         feature_batch_size: Texts per forward pass when extracting features and evaluating.
+        gradient_checkpointing: none; block (recompute each Block in the backward pass: activation memory from
+            ~150-180 KB to 8 KB per token per layer at 8B width, for about one more forward pass of compute); offload
+            (block, and each Block's input waits in pinned CPU memory: activations no longer grow with depth).
+        optimizer: adamw; adamw_fused (one fused kernel per step); adamw8bit (bitsandbytes: 8-bit moments, 2 instead
+            of 8 bytes of state per trained parameter); paged_adamw8bit (adamw8bit paged to host memory on CUDA).
         seed: Random seed (data order, dropout, initialization).
         resume: Continue a run: true/auto (the latest checkpoint in out_dir; auto starts fresh if none) or the path
             of a step-* directory. --mode features has no steps: its cached features make a rerun cheap instead.
@@ -203,7 +214,7 @@ def main(fabric: L.Fabric, args: ClassifyArgs, lora_config: Optional[LoRAConfig]
     hparams = {**hparams, "labels": label_names, **(lora_config.to_hparams() if lora_config else {})}
     if args.mode != "lora":
         hparams = {k: v for k, v in hparams.items() if not k.startswith("lora_")}
-    run = open_run(fabric, args.out_dir, hparams, args.resume, hparams["overwrite"])
+    run = open_run(fabric, args.out_dir, hparams, args.resume, args.overwrite)
 
     dtype = weights_dtype(fabric)
     with fabric.init_module(empty_init=True):
@@ -212,6 +223,7 @@ def main(fabric: L.Fabric, args: ClassifyArgs, lora_config: Optional[LoRAConfig]
     check_weights(gpt, base, args.checkpoint_dir)
     gpt.load_state_dict(base, assign=True)
     gpt.reset_rope(fabric.device)
+    gpt.set_gradient_checkpointing(args.gradient_checkpointing)
     if lora_config is not None:
         inject_lora(gpt, lora_config)
     classifier = Classifier(gpt, len(label_names), args.pooling, bias=args.mode == "features").to(fabric.device)
@@ -317,7 +329,7 @@ def train_classifier(fabric, classifier, train_data, test_data, max_seq_length: 
     groups = [{"params": head, "lr": args.head_learning_rate}] + ([{"params": body, "lr": learning_rate}] if body else [])
     model = fabric.setup_module(classifier)
     check_writable(args.out_dir, checkpoint_bytes(model, trainable_only=True))
-    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    optimizer = build_optimizer(args.optimizer, groups, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     optimizer = fabric.setup_optimizers(optimizer)
 
     accumulate = gradient_accumulation_iters(args.global_batch_size, args.micro_batch_size, 1)

@@ -54,6 +54,7 @@ from model.lora import (
     mark_only_lora_as_trainable,
 )
 from model.quantize import quantize_model, validate_quantize
+from model.training.optim import build_optimizer
 from model.training.preference import (
     compute_reference,
     load_reference,
@@ -138,6 +139,8 @@ def setup(
     eval_interval: PositiveInt = 25,
     eval_iters: PositiveInt = 25,
     save_interval: PositiveInt = 100,
+    gradient_checkpointing: Literal["none", "block", "offload"] = "none",
+    optimizer: Literal["adamw", "adamw_fused", "adamw8bit", "paged_adamw8bit"] = "adamw",
     seed: int = 1337,
     resume: Union[bool, Literal["auto"], Path] = False,
     overwrite: bool = False,
@@ -186,6 +189,11 @@ def setup(
         eval_interval: Validate every this many optimizer steps (and at the first and the last).
         eval_iters: Validation batches per evaluation (the first eval_iters * micro_batch_size pairs of test.pt).
         save_interval: Save a resumable checkpoint every this many optimizer steps.
+        gradient_checkpointing: none; block (recompute each Block in the backward pass: activation memory from
+            ~150-180 KB to 8 KB per token per layer at 8B width, for about one more forward pass of compute); offload
+            (block, and each Block's input waits in pinned CPU memory: activations no longer grow with depth).
+        optimizer: adamw; adamw_fused (one fused kernel per step); adamw8bit (bitsandbytes: 8-bit moments, 2 instead
+            of 8 bytes of state per trained parameter); paged_adamw8bit (adamw8bit paged to host memory on CUDA).
         seed: Random seed (data order, dropout, initialization).
         resume: Continue a run: true/auto (the latest checkpoint in out_dir; auto starts fresh if none) or the path
             of a step-* directory. Only --max_steps, --epochs and the eval/save flags may differ from the run's.
@@ -238,6 +246,7 @@ def main(fabric: L.Fabric, args: TrainArgs, dpo: DPOArgs, lora_config: Optional[
     check_weights(model, base, args.checkpoint_dir)
     model.load_state_dict(base, assign=True)
     model.reset_rope(fabric.device)
+    model.set_gradient_checkpointing(args.gradient_checkpointing)
     if quantize:
         quantize_model(model.to(fabric.device), quantize, compute_dtype=dtype)
     if lora_config is not None:
@@ -247,7 +256,8 @@ def main(fabric: L.Fabric, args: TrainArgs, dpo: DPOArgs, lora_config: Optional[
     model = fabric.setup_module(model)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    optimizer = build_optimizer(args.optimizer, trainable, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                betas=(0.9, 0.95))
     optimizer = fabric.setup_optimizers(optimizer)
 
     accumulate = gradient_accumulation_iters(args.global_batch_size, args.micro_batch_size, fabric.world_size)
@@ -263,7 +273,7 @@ def main(fabric: L.Fabric, args: TrainArgs, dpo: DPOArgs, lora_config: Optional[
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, max_steps))
 
     check_writable(args.out_dir, checkpoint_bytes(model, trainable_only=lora_config is not None))
-    run = open_run(fabric, args.out_dir, hparams, args.resume, hparams["overwrite"])
+    run = open_run(fabric, args.out_dir, hparams, args.resume, args.overwrite)
 
     # The reference, decided before a resumed state is loaded: until then the policy still is the reference.
     module = getattr(model, "module", model)

@@ -11,12 +11,12 @@ edit it: the loop is all here.
 
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Literal, Optional, Union
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from model.cli import NonNegativeInt, PositiveInt, run_cli
 from model.config import Config
@@ -34,8 +34,10 @@ from model.lora import (
     mark_only_lora_as_trainable,
     mark_routers_as_trainable,
 )
-from model.quantize import quantize_model, validate_quantize
+from model.quantize import load_quantized, validate_quantize
 from model.tokenizer import Tokenizer
+from model.training.loss import head_cross_entropy
+from model.training.optim import build_optimizer
 from model.training.run import (
     MetricsLogger,
     Throughput,
@@ -84,6 +86,8 @@ def setup(
     epochs: PositiveInt = 1,
     max_seq_length: Optional[PositiveInt] = None,
     packing: bool = False,
+    gradient_checkpointing: Literal["none", "block", "offload"] = "none",
+    optimizer: Literal["adamw", "adamw_fused", "adamw8bit", "paged_adamw8bit"] = "adamw",
     eval_interval: PositiveInt = 50,
     eval_iters: PositiveInt = 20,
     save_interval: PositiveInt = 100,
@@ -126,6 +130,11 @@ def setup(
         packing: Pack several samples into each row of up to max_seq_length tokens, each sample attending only to
             itself with its positions restarting (no padding wasted; the loss is unchanged). micro_batch_size and
             global_batch_size then count rows.
+        gradient_checkpointing: none; block (recompute each Block in the backward pass: activation memory from
+            ~150-180 KB to 8 KB per token per layer at 8B width, for about one more forward pass of compute); offload
+            (block, and each Block's input waits in pinned CPU memory: activations no longer grow with depth).
+        optimizer: adamw; adamw_fused (one fused kernel per step); adamw8bit (bitsandbytes: 8-bit moments, 2 instead
+            of 8 bytes of state per trained parameter); paged_adamw8bit (adamw8bit paged to host memory on CUDA).
         eval_interval: Validate (loss + a sample generation) every this many optimizer steps.
         eval_iters: Validation batches per evaluation.
         save_interval: Save a resumable checkpoint every this many optimizer steps.
@@ -160,25 +169,32 @@ def main(fabric: L.Fabric, args: TrainArgs, lora_config: LoRAConfig, quantize: O
     train_data = with_answers(fabric, train_data, max_seq_length, args.data_dir / "train.pt")
     val_data = with_answers(fabric, val_data, max_seq_length, args.data_dir / "test.pt")
 
-    # The base model: loaded in the training dtype, optionally quantized, then wrapped with adapters
+    # The base model: loaded in the training dtype, or quantized block by block as it loads (the 4-bit layers compute
+    # in bf16), then wrapped with adapters in the training dtype
     dtype = weights_dtype(fabric)
-    with fabric.init_module(empty_init=True):
-        model = GPT(config)
-    base = load_state_dict(args.checkpoint_dir, dtype=dtype)
-    check_weights(model, base, args.checkpoint_dir)
-    model.load_state_dict(base, assign=True)
-    model.reset_rope(fabric.device)
     if quantize:
-        quantize_model(model.to(fabric.device), quantize, compute_dtype=dtype)
-    inject_lora(model, lora_config)
+        model = load_quantized(args.checkpoint_dir, quantize, fabric.device, dtype=dtype, config=config)
+    else:
+        with fabric.init_module(empty_init=True):
+            model = GPT(config)
+        base = load_state_dict(args.checkpoint_dir, dtype=dtype)
+        check_weights(model, base, args.checkpoint_dir)
+        model.load_state_dict(base, assign=True)
+    model.reset_rope(fabric.device)
+    model.set_gradient_checkpointing(args.gradient_checkpointing)
+    inject_lora(model, lora_config, dtype=dtype)
     mark_only_lora_as_trainable(model)
     if lora_config.router:
         mark_routers_as_trainable(model)
     print_rank0(fabric, f"Trainable parameters: {count_parameters(model):,} of {count_parameters(model, None):,}")
     model = fabric.setup_module(model)
+    print_rank0(fabric, f"Setup peak memory: {peak_memory_gb(fabric.device):.2f} GB")
+    if fabric.device.type == "cuda":  # from here on the peak is the training's own
+        torch.cuda.reset_peak_memory_stats(fabric.device)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    optimizer = build_optimizer(args.optimizer, trainable, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                betas=(0.9, 0.95))
     optimizer = fabric.setup_optimizers(optimizer)
 
     accumulate = gradient_accumulation_iters(args.global_batch_size, args.micro_batch_size, fabric.world_size)
@@ -199,7 +215,7 @@ def main(fabric: L.Fabric, args: TrainArgs, lora_config: LoRAConfig, quantize: O
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, max_steps))
 
     check_writable(args.out_dir, checkpoint_bytes(model, trainable_only=True))
-    run = open_run(fabric, args.out_dir, hparams, args.resume, hparams["overwrite"])
+    run = open_run(fabric, args.out_dir, hparams, args.resume, args.overwrite)
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "step": 0, "epoch": 0, "batch_in_epoch": 0,
              "rng": None}
     run.load(fabric, state, trainable_only=True, max_steps=max_steps, warmup_steps=args.warmup_steps)
@@ -239,9 +255,9 @@ def train(fabric: L.Fabric, state: dict, args: TrainArgs, *, train_data: list, v
                 with fabric.no_backward_sync(model, enabled=i < accumulate - 1):
                     loss = next_token_loss(model, input_ids, labels, batch.get("segment_ids"))
                     fabric.backward(loss / accumulate)
-                loss_sum += loss.item()
+                loss_sum += loss.detach()  # read once per step: no host sync per micro-batch
                 throughput.update(int(input_ids.numel()) * fabric.world_size)
-            loss = loss_sum / accumulate
+            loss = (loss_sum / accumulate).item()
             # checked before the optimizer step, so a non-finite value never reaches the weights or a checkpoint;
             # the norm is of the all-reduced gradients, so every rank stops together. With 16-mixed an overflow
             # is routine: the grad scaler skips that step and lowers its scale.
@@ -286,13 +302,15 @@ def next_token_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
                     segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean cross-entropy of predicting token t+1 at position t, over the positions whose next label is not -100.
 
-    Logits are computed only at those positions: with the prompt masked, that skips most of the output head."""
+    The head is computed only at those positions: with the prompt masked, that skips most of its work."""
     targets = labels[:, 1:]
     predicting = torch.nn.functional.pad(targets != -100, (0, 1))  # position t predicts label t+1; the last predicts nothing
     if segment_ids is not None:
         segment_ids = segment_ids.to(input_ids.device)
-    logits = model(input_ids, logits_mask=predicting, segment_ids=segment_ids)
-    return F.cross_entropy(logits.float(), targets[targets != -100])
+    # the head and its cross-entropy in chunks: the (N, vocab) float32 logits never exist at once
+    losses = model(input_ids, logits_mask=predicting, segment_ids=segment_ids,
+                   head_fn=partial(head_cross_entropy, targets=targets[targets != -100]))
+    return losses.mean()
 
 
 @torch.no_grad()

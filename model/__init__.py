@@ -9,7 +9,8 @@
                  answers), curate
     training/    run (typed TrainArgs, batch order, schedule, resumable state, hparams, metrics), rundir (one run per
                  directory, resume checks, the lock, Ctrl-C), strategy (Fabric strategy, precision, dtype), preference
-                 (DPO-family losses, sequence log-probs, the reference cache), lr_find (the LR range test)
+                 (DPO-family losses, sequence log-probs, the reference cache), lr_find (the LR range test),
+                 loss (head + cross-entropy in chunks), optim (--optimizer)
     weights/     checkpoint (our safetensors files), convert (HF <-> Forge weight maps), gguf (llama.cpp's GGUF in and
                  out), load (one loader for a checkpoint or any fine-tuning run, detected from its files)
     the model    config, gpt, tokenizer, prompts, generate, lora, adapter, quantize

@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 from model.config import Config
+
+# --gradient_checkpointing: "block" recomputes each Block in the backward pass and keeps only its input; "offload" also
+# moves that input to (pinned) CPU memory until the backward pass needs it
+CHECKPOINTING_MODES = ("none", "block", "offload")
 
 
 class GPT(nn.Module):
@@ -36,9 +41,11 @@ class GPT(nn.Module):
         )
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
-        if config.rope_scaling and config.rope_scaling["type"] == "longrope":
-            self.register_buffer("inv_freq_long", rope_inv_freq(config, long=True), persistent=False)
+        # The RoPE frequencies are a plain float32 cache per device, not buffers: Fabric's bf16-true (and FSDP's buffer
+        # dtype) cast every buffer, and bf16 frequencies turn positions into angles off by up to 0.4% (3.7 rad at
+        # position 4096), so a run would train on other angles than it is evaluated on.
+        self.rope_cache: dict[tuple[torch.device, bool], torch.Tensor] = {}
+        self.gradient_checkpointing = "none"
 
     @classmethod
     def from_checkpoint(
@@ -71,10 +78,26 @@ class GPT(nn.Module):
         return result
 
     def reset_rope(self, device: torch.device | str | None = None) -> None:
-        """(Re)compute the RoPE frequencies, e.g. after building the model on the meta device."""
-        self.inv_freq = rope_inv_freq(self.config, device=device)
-        if hasattr(self, "inv_freq_long"):
-            self.inv_freq_long = rope_inv_freq(self.config, long=True, device=device)
+        """Drop the cached RoPE frequencies (any forward pass recomputes them in float32 on its device) and, given a
+        `device`, compute them there now."""
+        self.rope_cache.clear()
+        if device is not None:
+            self.inv_freq(torch.device(device))
+
+    def inv_freq(self, device: torch.device, long: bool = False) -> torch.Tensor:
+        """The float32 RoPE inverse frequencies on `device` (`long`: LongRoPE's long-context factors)."""
+        key = (torch.device(device), long)
+        if key not in self.rope_cache:
+            self.rope_cache[key] = rope_inv_freq(self.config, long=long, device=device)
+        return self.rope_cache[key]
+
+    def set_gradient_checkpointing(self, mode: str) -> "GPT":
+        """`none`, `block` (recompute each Block in the backward pass, keeping only its input) or `offload` (`block`,
+        and that input waits in CPU memory, pinned on CUDA). Applies to forward passes with gradients only."""
+        if mode not in CHECKPOINTING_MODES:
+            raise ValueError(f"Unknown gradient checkpointing {mode!r}; choose one of {', '.join(CHECKPOINTING_MODES)}")
+        self.gradient_checkpointing = mode
+        return self
 
     def forward(
         self,
@@ -83,17 +106,23 @@ class GPT(nn.Module):
         return_hidden: bool = False,
         logits_mask: Optional[torch.Tensor] = None,
         segment_ids: Optional[torch.Tensor] = None,
+        head_fn: Optional[Callable[[torch.Tensor, nn.Module], torch.Tensor]] = None,
     ) -> torch.Tensor:
         """Logits `(B, T, vocab_size)` for token ids `idx` `(B, T)`.
 
         `input_pos` `(T,)` gives the positions of `idx` in the sequence; with a KV cache (`set_kv_cache`) it says
         where to write the new keys and values. Without it, `idx` is a whole sequence starting at position 0.
-        `return_hidden=True` returns the final normalized hidden states `(B, T, n_embd)` instead of logits.
+        `return_hidden=True` returns the final normalized hidden states `(B, T, n_embd)` (`(N, n_embd)` with
+        `logits_mask`) instead of logits: `model.training.loss.head_cross_entropy` turns them into a loss without
+        the full-vocabulary logits.
         `logits_mask` `(B, T)` (bool) returns the logits of the masked positions only, `(N, vocab_size)`: the output
         head is a large matmul, and a loss on the responses or a generation's next token needs few positions.
         `segment_ids` `(B, T)` marks packed samples (model/data.py `pack_samples`): each run of equal ids is one
         sample, whose positions restart at 0 and which attends only to itself, so its logits are the ones it gets
-        alone.
+        alone. Each sample's attention is computed on its own span: no `(T, T)` mask is ever built.
+        `head_fn(hidden, lm_head)` replaces `lm_head(hidden)`, inside the forward pass (under autocast and FSDP's
+        unsharded head): `partial(model.training.loss.head_cross_entropy, targets=...)` returns the per-position
+        loss without ever holding the full-vocabulary logits.
         """
         T = idx.size(1)
         if input_pos is None:
@@ -106,31 +135,45 @@ class GPT(nn.Module):
         if cache is not None and cache.pad_lengths is not None:
             # left-padded batch: each sample's positions start after its padding
             rope_pos = (input_pos.unsqueeze(0) - cache.pad_lengths.unsqueeze(1)).clamp(min=0)
-        mask = None
+        spans = None
         if segment_ids is not None:
             if cache is not None:
                 raise ValueError("segment_ids (packed samples) are for training; generation with a KV cache takes one sample per row")
-            rope_pos, mask = packed_positions_and_mask(segment_ids, self.config.sliding_window)
+            rope_pos = packed_positions(segment_ids)
+            spans = segment_spans(segment_ids)
         cos, sin = (t.to(x.dtype) for t in self.rope(rope_pos))
-        for block in self.transformer.h:
-            x = block(x, cos, sin, input_pos, mask)
-        x = self.transformer.ln_f(x)
-        if return_hidden:
-            return x
+        x = self.transformer.ln_f(self.run_blocks(x, cos, sin, input_pos, spans))
         if logits_mask is not None:
             x = x[logits_mask]
-        return self.lm_head(x)
+        if return_hidden:
+            return x
+        return self.lm_head(x) if head_fn is None else head_fn(x, self.lm_head)
+
+    def run_blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
+                   spans: Optional[list[list[tuple[int, int]]]] = None) -> torch.Tensor:
+        """The hidden states `(B, T, n_embd)` through every Block, checkpointed as `gradient_checkpointing` says
+        when gradients are being recorded (never with a KV cache)."""
+        cache = self.transformer.h[0].attn.kv_cache
+        checkpointing = self.gradient_checkpointing if torch.is_grad_enabled() and cache is None else "none"
+        for block in self.transformer.h:
+            if checkpointing == "block":
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, input_pos, None, spans, use_reentrant=False)
+            elif checkpointing == "offload":
+                x = OffloadedCheckpoint.apply(block, x, torch.empty(0, requires_grad=True), cos, sin, input_pos, spans)
+            else:
+                x = block(x, cos, sin, input_pos, None, spans)
+        return x
 
     def rope(self, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = self.inv_freq
+        """The float32 `cos` and `sin` of the rotation angles at positions `input_pos`."""
+        long = False
         scaling = self.config.rope_scaling
         attention_factor = 1.0
         if scaling and scaling["type"] == "longrope":
             # Phi-3 128k switches to the long factors once the sequence outgrows the pretraining context
-            if int(input_pos.max()) + 1 > scaling["original_max_seq_len"]:
-                inv_freq = self.inv_freq_long
+            long = int(input_pos.max()) + 1 > scaling["original_max_seq_len"]
             attention_factor = longrope_attention_factor(scaling)
-        freqs = input_pos.to(torch.float32).unsqueeze(-1) * inv_freq.to(torch.float32)
+        freqs = input_pos.to(torch.float32).unsqueeze(-1) * self.inv_freq(input_pos.device, long)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos() * attention_factor, emb.sin() * attention_factor
 
@@ -163,9 +206,9 @@ class Block(nn.Module):
         self.mlp = build_mlp(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                mask: Optional[torch.Tensor] = None, spans: Optional[list[list[tuple[int, int]]]] = None) -> torch.Tensor:
         x_normed = self.norm_1(x)
-        attention_output = self.attn(x_normed, cos, sin, input_pos, mask)
+        attention_output = self.attn(x_normed, cos, sin, input_pos, mask, spans)
         if self.config.parallel_residual:
             mlp_input = x_normed if self.norm_2 is None else self.norm_2(x)
             return self.mlp(mlp_input) + attention_output + x
@@ -184,8 +227,9 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """`mask` `(B, 1, T, T)`, True where a query may attend: given for packed samples (see GPT.forward)."""
+                mask: Optional[torch.Tensor] = None, spans: Optional[list[list[tuple[int, int]]]] = None) -> torch.Tensor:
+        """`mask` `(B, 1, T, T)`, True where a query may attend, overrides the causal mask. `spans`: each row's packed
+        samples as `(start, end)` (see `segment_spans`); each attends only within itself."""
         B, T, _ = x.shape
         c = self.config
         q_size, kv_size = c.n_head * c.head_size, c.n_query_groups * c.head_size
@@ -207,6 +251,9 @@ class CausalSelfAttention(nn.Module):
                     # no attending to padding; a padding position attends to itself so no row is empty (NaN)
                     keep = key_pos.view(1, 1, 1, -1) >= pad_lengths.view(-1, 1, 1, 1)
                     mask = (mask & keep) | (input_pos.view(-1, 1) == key_pos.view(1, -1))
+        elif spans is not None:
+            y = self.attend_spans(q, k, v, spans)
+            return self.proj(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_size))
         elif mask is None and c.sliding_window is not None and T > c.sliding_window:
             mask = attention_mask(input_pos, input_pos, c.sliding_window)
         y = self.attend(q, k, v, mask)
@@ -223,6 +270,26 @@ class CausalSelfAttention(nn.Module):
         )
 
 
+    def attend_spans(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     spans: list[list[tuple[int, int]]]) -> torch.Tensor:
+        """Padding-free attention over packed samples: each sample's queries attend causally to its own keys only,
+        one attention call per sample, so the kernel sees no mask (flash attention stays eligible) and the work
+        grows with the sum of the squared sample lengths, not with the squared row length."""
+        window = self.config.sliding_window
+        rows = []
+        for row, row_spans in enumerate(spans):
+            pieces = []
+            for start, end in row_spans:
+                mask = None
+                if window is not None and end - start > window:
+                    positions = torch.arange(end - start, device=q.device)
+                    mask = attention_mask(positions, positions, window)
+                pieces.append(self.attend(q[row:row + 1, :, start:end], k[row:row + 1, :, start:end],
+                                          v[row:row + 1, :, start:end], mask))
+            rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2))
+        return torch.cat(rows)
+
+
 def attention_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_window: Optional[int]) -> torch.Tensor:
     """Boolean `(T_query, T_key)` mask, True where a query may attend: causal, and within the sliding window."""
     distance = query_pos.unsqueeze(-1) - key_pos.unsqueeze(0)
@@ -232,18 +299,76 @@ def attention_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_windo
     return mask
 
 
-def packed_positions_and_mask(segment_ids: torch.Tensor, sliding_window: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """For rows of packed samples `(B, T)`: each token's position within its own sample `(B, T)`, and the
-    block-diagonal causal mask `(B, 1, T, T)` that keeps attention inside each sample (and its sliding window)."""
-    T = segment_ids.size(1)
-    index = torch.arange(T, device=segment_ids.device).expand_as(segment_ids)
+def sample_starts(segment_ids: torch.Tensor) -> torch.Tensor:
+    """True `(B, T)` where a packed sample begins: a row's first token and every change of segment id."""
     starts = torch.ones_like(segment_ids, dtype=torch.bool)
     starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return starts
+
+
+def packed_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """For rows of packed samples `(B, T)`: each token's position within its own sample `(B, T)`."""
+    index = torch.arange(segment_ids.size(1), device=segment_ids.device).expand_as(segment_ids)
     # the index of the latest sample start at or before each token
-    sample_start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
-    positions = index - sample_start
-    mask = attention_mask(index[0], index[0], sliding_window) & (segment_ids.unsqueeze(2) == segment_ids.unsqueeze(1))
-    return positions, mask.unsqueeze(1)
+    sample_start = torch.where(sample_starts(segment_ids), index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - sample_start
+
+
+def segment_spans(segment_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Each row's samples as `(start, end)` index pairs, padding (id -1) included as a sample of its own. One copy
+    to the host per forward pass: the attention calls are shaped by it."""
+    starts = sample_starts(segment_ids).cpu()
+    T = segment_ids.size(1)
+    spans = []
+    for row in starts:
+        bounds = [*row.nonzero().flatten().tolist(), T]
+        spans.append(list(zip(bounds[:-1], bounds[1:])))
+    return spans
+
+
+class OffloadedCheckpoint(torch.autograd.Function):
+    """A Block recomputed in the backward pass whose input waits in CPU memory meanwhile (Unsloth's offloaded
+    gradient checkpointing): device memory for activations stops growing with the number of layers.
+
+    `torch.utils.checkpoint` keeps its inputs on the device, so this is a reentrant checkpoint of its own: it saves
+    the RNG and autocast state, reruns the block under them and backpropagates through it. `trigger` is an empty
+    tensor that requires grad, so the backward pass runs even when the block's input needs no gradient (frozen
+    embeddings under LoRA) and the block's own parameters still get theirs.
+    """
+
+    @staticmethod
+    def forward(ctx, block, x, trigger, cos, sin, input_pos, spans):
+        ctx.block, ctx.spans, ctx.device = block, spans, x.device
+        ctx.x_requires_grad = x.requires_grad
+        ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None
+        with torch.no_grad():
+            out = block(x, cos, sin, input_pos, None, spans)
+        if x.device.type == "cuda":
+            saved = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=True)
+            saved.copy_(x, non_blocking=True)
+        else:
+            saved = x.detach().clone()
+        ctx.offloaded = saved
+        ctx.save_for_backward(cos, sin, input_pos)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        cos, sin, input_pos = ctx.saved_tensors
+        x = ctx.offloaded.to(ctx.device, non_blocking=True).requires_grad_(ctx.x_requires_grad)
+        del ctx.offloaded
+        devices = [ctx.device] if ctx.cuda_rng is not None else []
+        enabled, dtype = ctx.autocast
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
+            with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
+                out = ctx.block(x, cos, sin, input_pos, None, ctx.spans)
+        torch.autograd.backward(out, grad_out)
+        return None, x.grad if ctx.x_requires_grad else None, None, None, None, None, None
 
 
 class KVCache(nn.Module):

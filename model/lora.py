@@ -24,13 +24,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from typing import Optional
 
-import bitsandbytes as bnb
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from model.gpt import GPT
-from model.quantize import dequantize_linear
+from model.quantize import dequantize_linear, weight_numel
 
 LORA_WEIGHTS = "lora.safetensors"
 HPARAMS = "hparams.yaml"
@@ -145,19 +144,33 @@ class LoRALinear(nn.Module):
         out = self.linear(x)
         if not self.adapters_enabled:
             return out
-        x = x.to(next(iter(self.lora.values())).A.dtype)
-        dropped = self.dropout(x)
-        base_weight = dequantize_linear(self.linear).to(x.dtype) if self.dora else None
+        adapters = list(self.lora.values())
+        dropped = self.dropout(x.to(adapters[0].A.dtype))
+        if self.dora:
+            return self._dora_forward(out, dropped)
+        # One GEMM for the A of every slice (q, k and v of a fused qkv), then each slice's B GEMM added into its rows
+        # of the base output in place: no per-slice A GEMMs, no slicing and concatenating of the output. The backward
+        # of nn.Linear does not need its output, so writing into it is safe; bitsandbytes' autograd functions return
+        # views that autograd forbids writing into, so their output is copied once.
+        if type(self.linear) is not nn.Linear:
+            out = out.clone()
+        A = adapters[0].A if len(adapters) == 1 else torch.cat([adapter.A for adapter in adapters])
+        low_rank = F.linear(dropped, A)
+        for i, adapter in enumerate(adapters):
+            update = F.linear(low_rank if len(adapters) == 1 else low_rank[..., i * self.r:(i + 1) * self.r], adapter.B)
+            rows = out if adapter.size == self.out_features else out[..., adapter.rows]
+            rows.add_(update.to(out.dtype), alpha=self.scaling)
+        return out
+
+    def _dora_forward(self, out: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+        base_weight = dequantize_linear(self.linear).to(dropped.dtype)
         pieces, end = [], 0
         for adapter in self.lora.values():
             if adapter.start > end:
                 pieces.append(out[..., end:adapter.start])
             rows = out[..., adapter.rows]
             lora_out = F.linear(F.linear(dropped, adapter.A), adapter.B)
-            if self.dora:
-                update = self._dora_update(adapter, base_weight[adapter.rows], rows, dropped, lora_out)
-            else:
-                update = lora_out * self.scaling
+            update = self._dora_update(adapter, base_weight[adapter.rows], rows, dropped, lora_out)
             pieces.append(rows + update.to(out.dtype))
             end = adapter.start + adapter.size
         if end < self.out_features:
@@ -225,10 +238,11 @@ def lora_targets(model: GPT, lora_config: LoRAConfig) -> dict[str, Optional[dict
     return targets
 
 
-def inject_lora(model: GPT, lora_config: LoRAConfig) -> GPT:
+def inject_lora(model: GPT, lora_config: LoRAConfig, dtype: Optional[torch.dtype] = None) -> GPT:
     """Wrap the linears chosen by `lora_config` in LoRALinear, in place. Quantize the model (if at all) before this.
 
-    With tied embeddings the head's LoRALinear wraps the same nn.Linear, whose weight stays the embedding's."""
+    The adapters take `dtype`, by default the base weight's (a quantized layer's compute dtype). With tied embeddings
+    the head's LoRALinear wraps the same nn.Linear, whose weight stays the embedding's."""
     if any(isinstance(module, LoRALinear) for module in model.modules()):
         raise ValueError("The model already has LoRA layers; inject_lora must be called once, on the base model")
     for path, out_slices in lora_targets(model, lora_config).items():
@@ -236,7 +250,7 @@ def inject_lora(model: GPT, lora_config: LoRAConfig) -> GPT:
         parent = model.get_submodule(parent_path)
         lora_linear = LoRALinear(
             getattr(parent, name), lora_config.r, lora_config.alpha, lora_config.dropout, lora_config.dora,
-            out_slices=out_slices,
+            out_slices=out_slices, dtype=dtype,
         )
         # a new module starts in training mode; keep the model's (dropout must stay off in an eval-mode model)
         setattr(parent, name, lora_linear.train(model.training))
@@ -379,6 +393,5 @@ def count_parameters(model: nn.Module, trainable: Optional[bool] = True) -> int:
     total = 0
     for param in model.parameters():
         if trainable is None or param.requires_grad == trainable:
-            # a 4-bit weight packs two values per byte: count the weights it stands for, not the bytes
-            total += param.quant_state.shape.numel() if isinstance(param, bnb.nn.Params4bit) else param.numel()
+            total += weight_numel(param)
     return total

@@ -10,10 +10,24 @@ Modes (QLoRA, https://arxiv.org/abs/2305.14314; LLM.int8(), https://arxiv.org/ab
   bnb.int8-training        weights kept in their dtype and trainable; the matmul runs in int8
 """
 
+import logging
 from typing import Callable
 
-import bitsandbytes as bnb
 import torch
+
+
+class _NoKernelHubNotice(logging.Filter):
+    """bitsandbytes announces at import that it could not fetch its AVX512-BF16 inference kernel from the Hugging
+    Face hub (the `kernels` package). Forge never takes that path (see `_quantized_linear`): the notice would only
+    alarm users."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelHubNotice())
+
+import bitsandbytes as bnb  # noqa: E402  (after the filter it must not print through)
 
 QUANTIZE_MODES = ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8", "bnb.int8-training")
 
@@ -83,6 +97,10 @@ def _quantized_linear(linear: torch.nn.Linear, mode: str, compute_dtype: torch.d
             linear.in_features, linear.out_features, bias=has_bias, compute_dtype=compute_dtype,
             compress_statistics=double_quant, quant_type=quant_type, device="meta",
         )
+        # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for its inference kernel at the first eval
+        # forward: that asserts on shapes whose out_features is not a multiple of 32, and a repacked layer later
+        # trained backpropagates nothing through its kernel (no autograd). Keep the portable dequantize + matmul.
+        layer.support_avx512bf16_for_cpu = False
         # `Params4bit.to(device)` is where bitsandbytes quantizes, on "cpu" as well as "cuda".
         layer.weight = bnb.nn.Params4bit(
             weight, requires_grad=False, compress_statistics=double_quant, quant_type=quant_type, module=layer
@@ -90,6 +108,11 @@ def _quantized_linear(linear: torch.nn.Linear, mode: str, compute_dtype: torch.d
     if has_bias:
         layer.bias = linear.bias
     return layer
+
+
+def weight_numel(param: torch.nn.Parameter) -> int:
+    """The number of weights a parameter stands for: a 4-bit weight packs two per byte."""
+    return param.quant_state.shape.numel() if isinstance(param, bnb.nn.Params4bit) else param.numel()
 
 
 def dequantize_linear(layer: torch.nn.Module) -> torch.Tensor:
@@ -108,3 +131,57 @@ def dequantize_linear(layer: torch.nn.Module) -> torch.Tensor:
         row_scales = weight.SCB if weight.SCB is not None else layer.state.SCB
         return bnb.functional.int8_vectorwise_dequant(weight.data, row_scales).float()
     return weight.detach().float()
+
+
+def load_quantized(
+    checkpoint_dir, mode: str, device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
+    compute_dtype: torch.dtype = torch.bfloat16, config=None,
+):
+    """A GPT whose Blocks' linears are quantized with `mode`, loaded block by block from the memory-mapped checkpoint.
+
+    The model is built on the meta device; each Block's weights are read from `lit_model.safetensors`, moved to
+    `device` in `dtype` and quantized there before the next Block is read, so loading never holds more than the
+    quantized model plus one 16-bit Block (an 8B model: about 6 GB instead of 16). The embedding, final norm and head
+    stay in `dtype`, unquantized. The 4-bit layers compute in `compute_dtype`, bfloat16 by default whatever the
+    training precision: a float32 dequantize-and-matmul costs twice as much for no accuracy 4-bit weights could use.
+    """
+    from contextlib import ExitStack
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from model.config import Config
+    from model.gpt import GPT
+    from model.weights.checkpoint import lit_weight_files
+
+    validate_quantize(mode)
+    checkpoint_dir = Path(checkpoint_dir)
+    config = config or Config.from_checkpoint(checkpoint_dir)
+    with torch.device("meta"):
+        model = GPT(config)
+    with ExitStack() as stack:
+        files = [stack.enter_context(safe_open(path, framework="pt", device="cpu")) for path in lit_weight_files(checkpoint_dir)]
+        where = {key: f for f in files for key in f.keys()}
+
+        def load(module: torch.nn.Module, prefix: str, names=None) -> None:
+            tensors = {}
+            for name in names or module.state_dict():
+                if prefix + name not in where:
+                    raise ValueError(f"{checkpoint_dir} lacks the weight {prefix + name}; is it a {config.name} checkpoint?")
+                tensor = where[prefix + name].get_tensor(prefix + name)
+                tensors[name] = tensor.to(device, dtype if tensor.is_floating_point() else tensor.dtype)
+            module.load_state_dict(tensors, strict=names is None, assign=True)
+
+        load(model.transformer.wte, "transformer.wte.")
+        load(model.transformer.ln_f, "transformer.ln_f.")
+        if config.tie_embeddings:
+            model.lm_head.weight = model.transformer.wte.weight
+            if model.lm_head.bias is not None:
+                load(model.lm_head, "lm_head.", names=["bias"])
+        else:
+            load(model.lm_head, "lm_head.")
+        for i, block in enumerate(model.transformer.h):
+            load(block, f"transformer.h.{i}.")
+            quantize_model(block, mode, compute_dtype, skip=())
+    model.reset_rope()
+    return model.eval()

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from model import GPT, Config
 from model.data.sft import IGNORE_INDEX, get_collate_fn, get_packed_collate_fn, pack_samples
-from model.gpt import packed_positions_and_mask
+import model.gpt
+from model.gpt import packed_positions, segment_spans
 
 VOCAB = 97
 FAMILIES = {
@@ -53,16 +54,37 @@ def per_sample_losses(model, batch: dict) -> list[torch.Tensor]:
             for row in range(segments.size(0)) for n in range(int(segments[row].max()) + 1)]
 
 
-def test_positions_restart_and_attention_stays_inside_each_sample():
-    segment_ids = torch.tensor([[0, 0, 0, 1, 1, 2, -1, -1]])
-    positions, mask = packed_positions_and_mask(segment_ids, sliding_window=None)
-    assert positions.tolist() == [[0, 1, 2, 0, 1, 0, 0, 1]]
-    expected = torch.zeros(8, 8, dtype=torch.bool)
-    for start, end in ((0, 3), (3, 5), (5, 6), (6, 8)):
-        expected[start:end, start:end] = torch.ones(end - start, end - start).tril().bool()
-    assert torch.equal(mask[0, 0], expected)
-    _, windowed = packed_positions_and_mask(segment_ids, sliding_window=2)
-    assert windowed[0, 0, 2].tolist() == [False, True, True, False, False, False, False, False]
+def test_positions_restart_and_each_sample_is_one_span():
+    segment_ids = torch.tensor([[0, 0, 0, 1, 1, 2, -1, -1], [0, 0, 0, 0, 0, 0, 0, 1]])
+    assert packed_positions(segment_ids).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1], [0, 1, 2, 3, 4, 5, 6, 0]]
+    assert segment_spans(segment_ids) == [[(0, 3), (3, 5), (5, 6), (6, 8)], [(0, 7), (7, 8)]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_row_length_mask_reaches_attention(family, monkeypatch):
+    """Packed rows attend sample by sample: every attention call covers one sample, and a mask appears only where a
+    sample outgrows the sliding window, shaped by that sample's length as it would be alone."""
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, attn_mask=None, **kwargs):
+        calls.append((q.shape, None if attn_mask is None else attn_mask.shape))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(model.gpt.F, "scaled_dot_product_attention", recording_sdpa)
+    gpt = tiny_gpt(**FAMILIES[family])
+    samples = make_samples([7, 5, 9, 3], [2, 1, 4, 0])
+    packed = get_packed_collate_fn()([samples[:3], samples[3:]])
+    T = packed["input_ids"].size(1)
+    gpt(packed["input_ids"], segment_ids=packed["segment_ids"])
+    lengths = {len(sample["input_ids"]) for sample in samples} | {T - 3}  # the second row's padding is a span too
+    assert calls and all(q_shape[0] == 1 and q_shape[2] in lengths for q_shape, _ in calls)
+    window = FAMILIES[family].get("sliding_window")
+    for q_shape, mask_shape in calls:
+        if window is None or q_shape[2] <= window:
+            assert mask_shape is None
+        else:
+            assert mask_shape == (q_shape[2], q_shape[2]) and q_shape[2] < T
 
 
 @pytest.mark.parametrize("family", FAMILIES)

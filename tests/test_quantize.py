@@ -227,3 +227,85 @@ def test_invalid_mode_names_the_valid_ones():
     with pytest.raises(ValueError, match="bnb.nf4-dq") as error:
         quantize_model(make_model(torch.float32), "nf4", torch.float32)
     assert all(mode in str(error.value) for mode in QUANTIZE_MODES)
+
+
+# ------------------------------------------------------------------------------------------------ block-wise QLoRA loading
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes the model's materialized tensors hold (4-bit weights with their statistics; meta tensors hold none)."""
+    seen, total = set(), 0
+    for module in model.modules():
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if tensor.device.type == "meta" or tensor.data_ptr() in seen:
+                continue
+            seen.add(tensor.data_ptr())
+            total += quantized_bytes(module) if isinstance(tensor, bnb.nn.Params4bit) else tensor.nbytes
+    return total
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_load_quantized_holds_the_quantized_model_plus_one_16bit_block(tmp_path, monkeypatch, tied):
+    from safetensors.torch import save_file
+
+    import model.gpt
+    import model.quantize
+    from model import GPT, Config
+    from model.quantize import load_quantized
+
+    config = Config(name="tiny", vocab_size=96, n_layer=4, n_head=4, n_query_groups=2, n_embd=128,
+                    intermediate_size=256, block_size=32, tie_embeddings=tied)
+    torch.manual_seed(0)
+    dense = GPT(config)
+    for name, param in dense.named_parameters():
+        if param.ndim == 2:
+            torch.nn.init.normal_(param, std=0.02)
+    state = {k: v.to(torch.bfloat16) for k, v in dense.state_dict().items() if not (tied and k == "lm_head.weight")}
+    save_file(state, tmp_path / "lit_model.safetensors")
+
+    built, held = [], []
+
+    class RecordedGPT(GPT):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    quantize_block = model.quantize.quantize_model
+
+    def recording_quantize(module, *args, **kwargs):
+        held.append(model_bytes(built[0]))  # the block is loaded in 16 bits, about to be quantized
+        return quantize_block(module, *args, **kwargs)
+
+    monkeypatch.setattr(model.gpt, "GPT", RecordedGPT)
+    monkeypatch.setattr(model.quantize, "quantize_model", recording_quantize)
+    loaded = load_quantized(tmp_path, "bnb.nf4", "cpu", config=config)
+
+    block_16bit = sum(p.numel() * 2 for p in dense.transformer.h[0].parameters())
+    assert len(held) == config.n_layer
+    assert max(held) <= model_bytes(loaded) + block_16bit
+    assert model_bytes(loaded) < 0.6 * sum(t.numel() * 2 for t in state.values())
+    assert all(isinstance(m.linear if hasattr(m, "linear") else m, bnb.nn.Linear4bit)
+               for n, m in loaded.named_modules() if n.endswith(("qkv", "proj", "fc_1", "fc_2")))
+    assert loaded.transformer.h[0].attn.qkv.compute_dtype == torch.bfloat16
+    assert (loaded.lm_head.weight is loaded.transformer.wte.weight) == tied
+
+    # the same model as quantizing the whole loaded 16-bit model at once
+    monkeypatch.undo()
+    reference = quantize_model(dense.to(torch.bfloat16), "bnb.nf4", torch.bfloat16).eval()
+    ids = torch.randint(0, 96, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), reference(ids), atol=0, rtol=0)
+
+
+def test_load_quantized_names_a_missing_weight(tmp_path):
+    from safetensors.torch import save_file
+
+    from model import GPT, Config
+    from model.quantize import load_quantized
+
+    config = Config(name="tiny", vocab_size=96, n_layer=2, n_head=4, n_embd=64, intermediate_size=128, block_size=32)
+    state = GPT(config).state_dict()
+    del state["transformer.h.1.attn.proj.weight"]
+    save_file(state, tmp_path / "lit_model.safetensors")
+    with pytest.raises(ValueError, match=r"transformer\.h\.1\.attn\.proj\.weight"):
+        load_quantized(tmp_path, "bnb.nf4", "cpu", config=config)

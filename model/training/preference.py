@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from model.data.preference import collate_pairs
 from model.data.sft import IGNORE_INDEX
 from model.files import atomic_torch_save
+from model.training.loss import head_cross_entropy
 
 LOSSES = ("sigmoid", "ipo", "hinge", "robust", "orpo")
 
@@ -139,8 +141,8 @@ def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tupl
     targets = labels[:, 1:]
     scored = targets != IGNORE_INDEX
     predicting = F.pad(scored, (0, 1))  # position t predicts label t + 1; the last position predicts nothing
-    logits = model(input_ids, logits_mask=predicting)
-    token_logps = -F.cross_entropy(logits.float(), targets[scored], reduction="none")
+    # the head and its cross-entropy in chunks: the (N, vocab) float32 logits never exist at once
+    token_logps = -model(input_ids, logits_mask=predicting, head_fn=partial(head_cross_entropy, targets=targets[scored]))
     rows = torch.arange(len(input_ids), device=input_ids.device).unsqueeze(1).expand_as(scored)[scored]
     sums = torch.zeros(len(input_ids), device=token_logps.device, dtype=token_logps.dtype).index_add_(0, rows, token_logps)
     return sums, scored.sum(1)

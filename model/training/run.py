@@ -47,7 +47,10 @@ class TrainArgs:
     save_interval: int
     seed: int
     resume: bool | str | Path
+    overwrite: bool = False
     packing: bool = False
+    gradient_checkpointing: str = "none"
+    optimizer: str = "adamw"
 
     @classmethod
     def from_flags(cls, flags: dict[str, Any]) -> "TrainArgs":

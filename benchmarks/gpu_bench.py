@@ -1,0 +1,294 @@
+"""One-GPU fine-tuning speed and memory at Llama-3.1-8B shape: Forge vs HF+PEFT (+Liger, +gradient checkpointing)
+vs litgpt, LoRA in bf16 and QLoRA nf4, each engine in its own process on the same batches.
+
+    # all rows on one GPU, each under `--row_timeout` seconds (about 6 minutes on an H200):
+    python benchmarks/gpu_bench.py --litgpt_python /path/to/litgpt-venv/bin/python
+    # check it works first, on the CPU, at a tiny width:
+    python benchmarks/gpu_bench.py --device cpu --layers 2 --n_embd 256 --intermediate_size 512 --vocab 512 \\
+        --seq_len 64 --batch_size 2 --warmup 1 --steps 2
+
+Model: the Llama-3.1-8B config with `--layers` layers, random weights built on the meta device and materialized one
+layer at a time in bf16 (normal(0, 0.02), norms 1): nothing is downloaded. QLoRA: every linear of the layers in nf4
+(blocksize 64, no double quantization, bf16 compute), quantized layer by layer; the embedding and head stay bf16.
+LoRA: r=16, alpha 32, dropout 0 on q, k, v, o, gate, up, down, adapters in bf16 (PEFT `autocast_adapter_dtype=False`),
+AdamW lr 1e-4. Data: seeded random ids, `batch_size` x `seq_len`, labels = inputs (the full-vocabulary loss).
+Timing: `warmup` steps, then `steps` steps between synchronizations; tokens/s = tokens / time. Memory: the setup
+peak, then the counter is reset after setup and again after the first warm-up step (train peak). MFU counts
+4 N_matmul + 6 N_lora + 6 L T d FLOPs per token (causal attention counted half; a recomputed forward not counted).
+An out-of-memory error is a result ("OOM"), as is a row that outlives its timeout.
+"""
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+# the litgpt engine runs in litgpt's own environment, where Forge is not installed: import `model` from this checkout
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+
+ROWS = (
+    ("forge", "lora"), ("forge", "qlora"), ("hf", "lora"), ("hf", "qlora"), ("hf_liger", "lora"), ("hf_liger", "qlora"),
+    ("litgpt", "lora"), ("litgpt", "qlora"), ("hf_gc", "lora"), ("hf_gc", "qlora"), ("forge_offload", "lora"),
+    ("forge_offload", "qlora"),
+)
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def shape_config(layers: int, vocab: int, n_embd: Optional[int], intermediate_size: Optional[int]):
+    """Forge's Llama-3.1-8B config, cut to `layers` layers (and to a tiny width for a dry run)."""
+    from model import Config
+
+    config = replace(Config.from_name("Llama-3.1-8B"), n_layer=layers, vocab_size=vocab)
+    if n_embd:
+        config = replace(config, n_embd=n_embd, head_size=n_embd // config.n_head, intermediate_size=intermediate_size)
+    return config
+
+
+def init_(module: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for name, param in module.named_parameters(recurse=True):
+            param.normal_(0, 0.02) if param.ndim == 2 else param.fill_(1.0)
+
+
+def materialize(module: torch.nn.Module, device: torch.device) -> None:
+    module.to_empty(device=device)
+    init_(module)
+    module.to(torch.bfloat16)
+
+
+def build_forge(config, mode: str, device: torch.device, checkpointing: str):
+    from functools import partial
+
+    from model import GPT
+    from model.lora import LoRAConfig, inject_lora, mark_only_lora_as_trainable
+    from model.quantize import quantize_model
+    from model.training.loss import head_cross_entropy
+
+    with torch.device("meta"):
+        model = GPT(config)
+    for part in (model.transformer.wte, model.transformer.ln_f, model.lm_head):
+        materialize(part, device)
+    for block in model.transformer.h:
+        materialize(block, device)
+        if mode == "qlora":
+            quantize_model(block, "bnb.nf4", torch.bfloat16, skip=())
+    model.reset_rope()
+    inject_lora(model, LoRAConfig(r=16, alpha=32, dropout=0.0, key=True, projection=True, mlp=True))
+    mark_only_lora_as_trainable(model)
+    model.set_gradient_checkpointing(checkpointing).train()
+
+    def loss_fn(input_ids, labels):
+        targets = labels[:, 1:]
+        predicting = torch.nn.functional.pad(targets != -100, (0, 1))
+        loss = model(input_ids, logits_mask=predicting, head_fn=partial(head_cross_entropy, targets=targets[targets != -100]))
+        return loss.mean()
+
+    return model, loss_fn
+
+
+def build_hf(config, mode: str, device: torch.device, liger: bool, checkpointing: bool):
+    import peft
+    import transformers
+
+    if liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
+    scaling = dict(config.rope_scaling)
+    hf_config = transformers.LlamaConfig(
+        hidden_size=config.n_embd, intermediate_size=config.intermediate_size, num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head, num_key_value_heads=config.n_query_groups, vocab_size=config.vocab_size,
+        head_dim=config.head_size, rms_norm_eps=config.norm_eps, max_position_embeddings=config.block_size,
+        tie_word_embeddings=False, attn_implementation="sdpa",
+        rope_parameters=dict(rope_type="llama3", rope_theta=config.rope_base, factor=scaling["factor"],
+                             low_freq_factor=scaling["low_freq_factor"], high_freq_factor=scaling["high_freq_factor"],
+                             original_max_position_embeddings=scaling["original_max_seq_len"]),
+    )
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16)
+    for part in (model.model.embed_tokens, model.model.norm, model.lm_head):
+        materialize(part, device)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=hf_config).to(device)
+    for layer in model.model.layers:
+        materialize(layer, device)
+        if mode == "qlora":
+            from model.quantize import quantize_model
+
+            quantize_model(layer, "bnb.nf4", torch.bfloat16, skip=())
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(TARGETS),
+                                                       task_type="CAUSAL_LM"), autocast_adapter_dtype=False)
+    if mode == "qlora":
+        import bitsandbytes as bnb
+
+        wrapped = model.base_model.model.model.layers[0].self_attn.q_proj
+        assert isinstance(wrapped.base_layer, bnb.nn.Linear4bit), "PEFT did not wrap the 4-bit layer"
+    model.train()
+
+    def loss_fn(input_ids, labels):
+        return model(input_ids=input_ids, labels=labels).loss
+
+    return model, loss_fn
+
+
+def build_litgpt(config, mode: str, device: torch.device, seq_len: int):
+    from litgpt.lora import GPT as LitGPT
+    from litgpt.lora import Config as LitConfig
+    from litgpt.lora import mark_only_lora_as_trainable
+    from litgpt.utils import chunked_cross_entropy
+
+    lit_config = LitConfig.from_name("Llama-3.1-8B", n_layer=config.n_layer, padded_vocab_size=config.vocab_size,
+                                     vocab_size=config.vocab_size, n_embd=config.n_embd, head_size=config.head_size,
+                                     intermediate_size=config.intermediate_size, lora_r=16, lora_alpha=32,
+                                     lora_dropout=0.0, lora_query=True, lora_key=True, lora_value=True,
+                                     lora_projection=True, lora_mlp=True)
+    with torch.device("meta"):
+        model = LitGPT(lit_config)
+    model.to_empty(device=device)
+    init_(model)
+    model.to(torch.bfloat16)
+    model.max_seq_length = seq_len  # rebuilds the RoPE cache, which to_empty left uninitialized
+    with torch.no_grad():  # LoRA B = 0, as at the start of a fine-tune
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B"):
+                param.zero_()
+    if mode == "qlora":
+        from model.quantize import quantize_model
+
+        for block in model.transformer.h:  # litgpt's LoRA layers subclass nn.Linear: quantize their base weight
+            for layer in [m for m in block.modules() if hasattr(m, "lora_A")]:
+                layer.linear = quantize_model(torch.nn.Sequential(layer.linear), "bnb.nf4", torch.bfloat16, skip=())[0]
+    mark_only_lora_as_trainable(model)
+    model.train()
+
+    def loss_fn(input_ids, labels):
+        logits = model(input_ids, lm_head_chunk_size=128)
+        logits[-1] = logits[-1][..., :-1, :]
+        return chunked_cross_entropy(logits, labels[..., 1:])
+
+    return model, loss_fn
+
+
+def flops_per_token(config, trainable: int, seq_len: int) -> float:
+    per_layer = (config.n_embd * (config.n_head + 2 * config.n_query_groups) * config.head_size
+                 + config.n_head * config.head_size * config.n_embd + 3 * config.n_embd * config.intermediate_size)
+    matmul = config.n_layer * per_layer + config.vocab_size * config.n_embd
+    return 4 * matmul + 6 * trainable + 6 * config.n_layer * seq_len * config.n_embd
+
+
+def run_row(engine: str, mode: str, config, batch_size: int, seq_len: int, warmup: int, steps: int,
+            device: torch.device, peak_tflops: float) -> dict:
+    cuda = device.type == "cuda"
+    memory = (lambda: torch.cuda.max_memory_allocated(device) / 2**30) if cuda else (lambda: float("nan"))
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    if engine.startswith("forge"):
+        model, loss_fn = build_forge(config, mode, device, "offload" if engine == "forge_offload" else "none")
+    elif engine.startswith("hf"):
+        model, loss_fn = build_hf(config, mode, device, liger=engine == "hf_liger", checkpointing=engine == "hf_gc")
+    else:
+        model, loss_fn = build_litgpt(config, mode, device, seq_len)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=generator)
+               for _ in range(warmup + steps)]
+    batches = [b.pin_memory().to(device, non_blocking=True) if cuda else b for b in batches]
+    setup_s, setup_peak = time.perf_counter() - start, memory()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    times, losses = [], []
+    for i, batch in enumerate(batches):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = loss_fn(batch, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        if i == 0 and cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    tokens_per_s = batch_size * seq_len * steps / sum(times)
+    n_trainable = sum(p.numel() for p in trainable)
+    return {
+        "engine": engine, "mode": mode, "tokens_per_s": tokens_per_s, "setup_s": setup_s, "setup_peak_gb": setup_peak,
+        "train_peak_gb": memory(), "reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30 if cuda else float("nan"),
+        "mfu": tokens_per_s * flops_per_token(config, n_trainable, seq_len) / (peak_tflops * 1e12),
+        "first_loss": losses[0], "last_loss": losses[-1], "trainable_params": n_trainable,
+    }
+
+
+def main(
+    engine: Optional[str] = None, mode: str = "lora", rows: Optional[str] = None, layers: int = 32,
+    vocab: int = 128256, n_embd: Optional[int] = None, intermediate_size: Optional[int] = None,
+    batch_size: int = 4, seq_len: int = 2048, warmup: int = 3, steps: int = 8, device: str = "cuda",
+    peak_tflops: float = 989.0, row_timeout: int = 70, litgpt_python: Optional[str] = None,
+) -> None:
+    """Run every row (the default), or one `engine` + `mode` row in this process (printing one JSON line).
+
+    Args:
+        engine: forge, forge_offload, hf, hf_liger, hf_gc (gradient checkpointing) or litgpt: run only this row.
+        mode: lora (bf16 base) or qlora (nf4 base).
+        rows: comma-separated engine:mode rows to run (default: all, litgpt only with `litgpt_python`).
+        layers, vocab, n_embd, intermediate_size: the model's shape (default: Llama-3.1-8B in full).
+        batch_size, seq_len: the micro-batch.
+        warmup, steps: untimed and timed optimizer steps.
+        device: cuda or cpu (a dry run).
+        peak_tflops: the device's dense bf16 peak for MFU (989: H100/H200 SXM).
+        row_timeout: seconds each row may take; a row over it is reported as such.
+        litgpt_python: the Python of a virtual environment with litgpt (and the same torch) for the litgpt rows.
+    """
+    config = shape_config(layers, vocab, n_embd, intermediate_size)
+    if engine is not None:
+        try:
+            result = run_row(engine, mode, config, batch_size, seq_len, warmup, steps, torch.device(device), peak_tflops)
+        except torch.OutOfMemoryError:
+            result = {"engine": engine, "mode": mode, "error": "OOM"}
+        print(json.dumps(result))
+        return
+    selected = [tuple(r.split(":")) for r in rows.split(",")] if rows else [
+        r for r in ROWS if r[0] != "litgpt" or litgpt_python]
+    print(f"Llama-3.1-8B shape, {layers} layers, vocab {vocab}, {batch_size} x {seq_len} tokens, {warmup} + {steps} steps,"
+          f" device {torch.cuda.get_device_name() if device == 'cuda' else device}")
+    print("| engine | mode | tokens/s | setup peak (GB) | train peak (GB) | reserved (GB) | MFU | loss first -> last |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row_engine, row_mode in selected:
+        python = litgpt_python if row_engine == "litgpt" else sys.executable
+        args = [python, __file__, "--engine", row_engine, "--mode", row_mode, "--layers", str(layers), "--vocab", str(vocab),
+                "--batch_size", str(batch_size), "--seq_len", str(seq_len), "--warmup", str(warmup), "--steps", str(steps),
+                "--device", device, "--peak_tflops", str(peak_tflops)]
+        if n_embd:
+            args += ["--n_embd", str(n_embd), "--intermediate_size", str(intermediate_size)]
+        try:
+            out = subprocess.run(args, capture_output=True, text=True, timeout=row_timeout,
+                                 env={**__import__("os").environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
+            lines = out.stdout.strip().splitlines()
+            result = json.loads(lines[-1]) if out.returncode == 0 and lines else {
+                "error": (out.stderr.strip().splitlines() or ["failed"])[-1][:120]}
+        except subprocess.TimeoutExpired:
+            result = {"error": f"over {row_timeout} s"}
+        if "error" in result:
+            print(f"| {row_engine} | {row_mode} | {result['error']} | | | | | |", flush=True)
+            continue
+        r = result
+        print(f"| {row_engine} | {row_mode} | {r['tokens_per_s']:.0f} | {r['setup_peak_gb']:.2f} | {r['train_peak_gb']:.2f} |"
+              f" {r['reserved_gb']:.2f} | {r['mfu']:.1%} | {r['first_loss']:.3f} -> {r['last_loss']:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    CLI(main, as_positional=False)

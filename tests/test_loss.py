@@ -1,0 +1,122 @@
+"""The chunked head + cross-entropy equals F.cross_entropy on the full logits: losses and gradients, with ignored
+targets, a bias, a frozen head, and through GPT's logits_mask."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import GPT, Config
+from model.training.loss import IGNORE_INDEX, head_cross_entropy, linear_cross_entropy
+
+
+def reference(hidden, weight, bias, targets):
+    return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
+
+
+def inputs(n=37, dim=16, vocab=53, bias=True, ignore=True, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, dim, generator=generator, requires_grad=True)
+    weight = torch.randn(vocab, dim, generator=generator, requires_grad=True)
+    b = torch.randn(vocab, generator=generator, requires_grad=True) if bias else None
+    targets = torch.randint(0, vocab, (n,), generator=generator)
+    if ignore:
+        targets[::4] = IGNORE_INDEX
+    return hidden, weight, b, targets
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 37, 100])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("ignore", [False, True])
+def test_chunked_loss_and_gradients_equal_cross_entropy(chunk_size, bias, ignore):
+    hidden, weight, b, targets = inputs(bias=bias, ignore=ignore)
+    params = [t for t in (hidden, weight, b) if t is not None]
+    upstream = torch.randn(hidden.size(0), generator=torch.Generator().manual_seed(3))
+    expected = reference(hidden, weight, b, targets)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), params)
+    loss = linear_cross_entropy(hidden, weight, b, targets, chunk_size=chunk_size)
+    grads = torch.autograd.grad((loss * upstream).sum(), params)
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    assert loss[targets == IGNORE_INDEX].eq(0).all()
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_mean_over_labelled_positions_and_a_frozen_head():
+    hidden, weight, _, targets = inputs(bias=False)
+    weight.requires_grad_(False)
+    valid = targets != IGNORE_INDEX
+    expected = F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=IGNORE_INDEX)
+    (expected_grad,) = torch.autograd.grad(expected, hidden)
+    loss = linear_cross_entropy(hidden, weight, None, targets, chunk_size=8).sum() / valid.sum()
+    (grad,) = torch.autograd.grad(loss, hidden)
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-6)
+
+
+def test_no_gradient_work_without_autograd():
+    hidden, weight, b, targets = inputs()
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, b, targets)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, reference(hidden, weight, b, targets).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_the_full_logits_never_exist_at_once():
+    """Every float32 tensor created in the forward and backward passes is at most one chunk of logits."""
+    hidden, weight, b, targets = inputs(n=64, vocab=101)
+    biggest = []
+
+    class Watch(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                biggest.append(out.numel())
+            return out
+
+    with Watch():
+        loss = linear_cross_entropy(hidden, weight, b, targets, chunk_size=8)
+        loss.sum().backward()
+    assert max(biggest) <= max(8 * 101, weight.numel())
+    assert max(biggest) < 64 * 101
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_gpt_hidden_states_at_the_labels_give_the_models_loss(tied):
+    torch.manual_seed(0)
+    config = Config(name="tiny", vocab_size=97, n_layer=2, n_head=4, n_query_groups=2, n_embd=32,
+                    intermediate_size=48, block_size=32, tie_embeddings=tied)
+    model = GPT(config)
+    ids = torch.randint(0, 97, (2, 12))
+    targets = torch.randint(0, 97, (2, 12))
+    targets[:, :5] = IGNORE_INDEX
+    predicting = targets != IGNORE_INDEX
+    logits = model(ids, logits_mask=predicting)
+    expected = F.cross_entropy(logits.float(), targets[predicting])
+    expected_grads = torch.autograd.grad(expected, list(model.parameters()))
+    hidden = model(ids, logits_mask=predicting, return_hidden=True)
+    loss = head_cross_entropy(hidden, model.lm_head, targets[predicting]).mean()
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-5)
+
+
+def test_a_head_that_is_not_a_plain_linear_computes_its_logits():
+    hidden, weight, _, targets = inputs(bias=False)
+    head = nn.Sequential(nn.Linear(16, 53, bias=False))
+    head[0].weight.data.copy_(weight.detach())
+    torch.testing.assert_close(head_cross_entropy(hidden, head, targets), reference(hidden, weight, None, targets))
+
+
+def test_head_fn_computes_the_loss_inside_the_forward_pass():
+    from functools import partial
+
+    torch.manual_seed(0)
+    config = Config(name="tiny", vocab_size=97, n_layer=1, n_head=4, n_embd=32, intermediate_size=48, block_size=32)
+    model = GPT(config)
+    ids, targets = torch.randint(0, 97, (2, 10)), torch.randint(0, 97, (2, 10))
+    predicting = torch.rand(2, 10) > 0.3
+    expected = F.cross_entropy(model(ids, logits_mask=predicting).float(), targets[predicting], reduction="none")
+    loss = model(ids, logits_mask=predicting, head_fn=partial(head_cross_entropy, targets=targets[predicting]))
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
