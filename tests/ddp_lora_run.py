@@ -33,8 +33,8 @@ def recording_loss(model, input_ids, labels, segment_ids=None):
     return next_token_loss(model, input_ids, labels, segment_ids)
 
 
-def recording_train(fabric, state, *args):
-    train(fabric, state, *args)
+def recording_train(fabric, state, *args, **kwargs):
+    train(fabric, state, *args, **kwargs)
     rank = fabric.global_rank
     save_file(lora_state_dict(state["model"].module), record_dir / f"rank{rank}.safetensors")
     record = {"world_size": fabric.world_size, "trained_on": trained_on}

@@ -10,16 +10,48 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 import yaml
 
-from model.files import atomic_write_text
+from model.files import atomic_save_safetensors, atomic_write_text
 
 STEP_DIR_PREFIX = "step-"
+
+
+@dataclass
+class TrainArgs:
+    """The flags every SFT training script shares, typed (the scripts' signatures document them)."""
+
+    checkpoint_dir: Path
+    data_dir: Path
+    out_dir: Path
+    precision: str
+    devices: int
+    num_nodes: int
+    strategy: str
+    micro_batch_size: int
+    global_batch_size: int
+    learning_rate: float
+    weight_decay: float
+    warmup_steps: int
+    max_steps: Optional[int]
+    epochs: int
+    max_seq_length: Optional[int]
+    packing: bool
+    eval_interval: int
+    eval_iters: int
+    save_interval: int
+    seed: int
+    resume: bool | str | Path
+
+    @classmethod
+    def from_flags(cls, flags: dict[str, Any]) -> "TrainArgs":
+        """The fields of `flags` (a script's `locals()`) that this class holds; the method's own flags stay out."""
+        return cls(**{f.name: flags[f.name] for f in fields(cls)})
 
 
 def epoch_batches(lengths: list[int], micro_batch_size: int, epoch: int, seed: int) -> list[list[int]]:
@@ -140,6 +172,13 @@ def resolve_resume(resume: bool | str | Path, out_dir: Path) -> Optional[Path]:
 
 def load_training_state(fabric, path: Path, state: dict, trainable_only: bool) -> None:
     fabric.load(path / "training_state.pt", state, strict=not trainable_only, weights_only=True)
+
+
+def save_run_weights(run_dir: Path, tensors: dict[str, torch.Tensor], weights_name: str, hparams: dict) -> None:
+    """A run's trained weights and its hparams.yaml, the two files `model.weights.load` reads back."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(tensors, run_dir / weights_name)
+    save_hparams(run_dir, hparams)
 
 
 def save_hparams(out_dir: Path, hparams: dict) -> None:

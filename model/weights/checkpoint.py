@@ -28,6 +28,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 CHECKPOINT_FILES = TOKENIZER_FILES + ("prompt_style.yaml", "chat_template.jinja")
 
 
+def require_checkpoint(checkpoint_dir: Path) -> None:
+    """Raise the one clear error for a directory that is not a converted checkpoint."""
+    if not (Path(checkpoint_dir) / "model_config.yaml").is_file():
+        raise FileNotFoundError(
+            f"{Path(checkpoint_dir) / 'model_config.yaml'} not found. Convert the checkpoint first:"
+            f" `python scripts/convert_hf_checkpoint.py --checkpoint_dir {checkpoint_dir}`"
+        )
+
+
 def lit_weight_files(checkpoint_dir: Path) -> list[Path]:
     checkpoint_dir = Path(checkpoint_dir)
     if (checkpoint_dir / LIT_WEIGHTS).is_file():

@@ -1,0 +1,35 @@
+"""How a training script runs on its devices: the default precision, the Fabric strategy, the weights' dtype."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from model.device import PRECISIONS
+
+
+def default_precision(trains_base_weights: bool) -> str:
+    """`--precision` when not given. On a GPU, methods that train only small adapters on a frozen base run in
+    bf16-true; a method that updates the base weights themselves (full fine-tuning) runs in bf16-mixed, because a
+    bf16 weight cannot hold an update much smaller than 1/256 of itself, and at full fine-tuning learning rates most
+    updates are. On the CPU: 32-true."""
+    if not torch.cuda.is_available():
+        return "32-true"
+    return "bf16-mixed" if trains_base_weights else "bf16-true"
+
+
+def fabric_strategy(strategy: str):
+    """The Fabric strategy for `--strategy` (auto, ddp or fsdp)."""
+    if strategy != "fsdp":
+        return strategy
+    from lightning.fabric.strategies import FSDPStrategy
+
+    from model.gpt import Block
+
+    return FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", sharding_strategy="FULL_SHARD")
+
+
+def weights_dtype(fabric: L.Fabric) -> torch.dtype:
+    """The dtype to load the weights in: the precision's own under the *-true precisions, fp32 under the mixed ones
+    (they keep fp32 master weights and compute in 16 bits)."""
+    return getattr(torch, PRECISIONS.get(fabric.strategy.precision.precision, "float32"))
