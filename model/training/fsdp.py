@@ -34,7 +34,6 @@ from model.gpt import GPT
 from model.lora import LoRAAdapter, LoRALinear
 from model.weights.checkpoint import lit_weight_files
 
-TRAINING_STATE = "training_state.pt"  # a file (one process, DDP) or, under FSDP, a DCP directory of the same name
 SHARDED_METADATA = "meta.pt"  # beside the DCP shards: step, epoch, scheduler, RNG (small, saved by rank 0)
 
 
@@ -120,14 +119,14 @@ def _checkpoint_names(model: GPT) -> dict[str, str]:
     """Model parameter name -> its key in lit_model.safetensors: a LoRALinear keeps the base weight in `.linear`."""
     lora_paths = [path for path, module in model.named_modules() if isinstance(module, LoRALinear)]
     names = {}
-    for name, _ in model.named_parameters():
+    for name, _ in model.named_parameters(remove_duplicate=False):
         key = name
         for path in lora_paths:
             if name.startswith(f"{path}.linear."):
                 key = f"{path}.{name[len(path) + len('.linear.'):]}"
+        if key == "lm_head.weight" and model.config.tie_embeddings:
+            key = "transformer.wte.weight"  # the head is the embedding: saved once, under its name
         names[name] = key
-    if model.config.tie_embeddings:
-        names["lm_head.weight"] = "transformer.wte.weight"  # the head is the embedding: saved once, under its name
     return names
 
 
@@ -246,3 +245,15 @@ def load_sharded_state(fabric, directory: Path, state: dict, trainable_only: boo
             state[key].load_state_dict(value)
         elif key in state:
             state[key] = value
+
+
+def stream_full_weights(fabric, module: nn.Module, write) -> None:
+    """Gather the model's weights one tensor at a time and pass the stream to `write` on rank 0 (e.g. a
+    `write_checkpoint_dir` call); the other ranks run the same gathers and write nothing. Rank 0 so holds one
+    gathered tensor at a time (plus what `write` buffers), never the whole model."""
+    tensors = full_tensors(module.state_dict().items())
+    if fabric.global_rank == 0:
+        write(tensors)
+    else:
+        for _ in tensors:
+            pass
