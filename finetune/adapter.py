@@ -1,13 +1,13 @@
-"""Fine-tune with LLaMA-Adapter (https://arxiv.org/abs/2303.16199).
+"""Fine-tune with LLaMA-Adapter (https://arxiv.org/abs/2303.16199) or LLaMA-Adapter V2 (https://arxiv.org/abs/2304.15010).
 
     python finetune/adapter.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct --data_dir data/tasks
 
 The base model is frozen (and, with `--quantize`, stored in 4 or 8 bits); what trains is a learned prompt of
 `--adapter_prompt_length` vectors in each block from `--adapter_start_layer` on, which every token attends to
-through a zero-initialized gate per head (see model/adapter.py). `finetune/adapter_v2.py` is this script with
-LLaMA-Adapter V2. The run directory gets `hparams.yaml` (every flag), `metrics.csv`, resumable checkpoints
-`step-NNNNNN/` and the adapter in `final/` (`adapter.safetensors` + `hparams.yaml`), which `generate/adapter.py`
-reads. Copy this file and edit it: the loop is all here.
+through a zero-initialized gate per head (see model/adapter.py); `--adapter_version 2` adds V2's scale and bias on
+the output of every linear layer and trains the normalization layers' weights. The run directory gets `hparams.yaml` (every flag), `metrics.csv`, resumable checkpoints
+`step-NNNNNN/` and the adapter in `final/` (`adapter.safetensors` + `hparams.yaml`), which every
+generate and eval script reads (`--checkpoint_dir out/adapter`). Copy this file and edit it: the loop is all here.
 """
 
 import math
@@ -30,7 +30,6 @@ from model.cli import run_cli
 from model.config import Config
 from model.data.sft import get_collate_fn, get_packed_collate_fn, load_dataset, pack_samples
 from model.device import peak_memory_gb
-from model.files import atomic_save_safetensors
 from model.generate import generate
 from model.gpt import GPT
 from model.lora import count_parameters
@@ -39,6 +38,7 @@ from model.tokenizer import Tokenizer
 from model.training.run import (
     MetricsLogger,
     Throughput,
+    TrainArgs,
     epoch_batches,
     gradient_accumulation_iters,
     load_training_state,
@@ -46,12 +46,14 @@ from model.training.run import (
     resolve_resume,
     rng_state,
     save_hparams,
+    save_run_weights,
     save_training_state,
     set_rng_state,
     warmup_cosine,
     with_answers,
 )
-from model.weights.checkpoint import load_state_dict
+from model.training.strategy import default_precision, fabric_strategy, weights_dtype
+from model.weights.checkpoint import load_state_dict, require_checkpoint
 
 
 def setup(
@@ -65,6 +67,7 @@ def setup(
     strategy: Literal["auto", "ddp", "fsdp"] = "auto",
     adapter_prompt_length: int = 10,
     adapter_start_layer: int = 2,
+    adapter_version: Literal[1, 2] = 1,
     micro_batch_size: int = 4,
     global_batch_size: int = 16,
     learning_rate: float = 3e-3,
@@ -80,7 +83,7 @@ def setup(
     seed: int = 1337,
     resume: Union[bool, Literal["auto"], Path] = False,
 ) -> None:
-    """Fine-tune `checkpoint_dir` on the prepared data in `data_dir` with LLaMA-Adapter.
+    """Fine-tune `checkpoint_dir` on the prepared data in `data_dir` with LLaMA-Adapter (V1 or V2).
 
     Args:
         checkpoint_dir: A converted checkpoint directory (the base model).
@@ -94,6 +97,8 @@ def setup(
         strategy: auto, ddp or fsdp.
         adapter_prompt_length: Learned prompt vectors per adapted block.
         adapter_start_layer: The first block (counting from 0) that gets a prompt; every block after it does too.
+        adapter_version: 1 (LLaMA-Adapter) or 2 (LLaMA-Adapter V2: also a scale and bias on the output of every
+            linear layer, and the normalization layers' weights train).
         micro_batch_size: Samples per forward pass per device.
         global_batch_size: Samples per optimizer step (gradient accumulation makes up the difference).
         learning_rate: Peak learning rate (higher than LoRA's: the gates start at zero and the prompts are few).
@@ -113,43 +118,32 @@ def setup(
             of a step-* directory.
     """
     hparams = dict(locals())
+    args = TrainArgs.from_flags(hparams)
+    adapter_config = AdapterConfig.from_hparams(hparams, source="the command line")
     validate_quantize(quantize)
-    adapter_config = AdapterConfig(adapter_prompt_length, adapter_start_layer, version=1)
     if quantize and strategy == "fsdp":
         raise ValueError("--quantize cannot be combined with --strategy fsdp (bitsandbytes weights do not shard); use ddp")
-    if not (checkpoint_dir / "model_config.yaml").is_file():
-        raise FileNotFoundError(f"{checkpoint_dir / 'model_config.yaml'} not found. Convert the checkpoint first:"
-                                f" `python scripts/convert_hf_checkpoint.py --checkpoint_dir {checkpoint_dir}`")
-    if precision is None:
-        precision = "bf16-true" if torch.cuda.is_available() else "32-true"
-    if strategy == "fsdp":
-        from lightning.fabric.strategies import FSDPStrategy
+    require_checkpoint(checkpoint_dir)
+    args.precision = hparams["precision"] = precision or default_precision(trains_base_weights=False)
+    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=fabric_strategy(strategy), precision=args.precision)
+    fabric.launch(main, args, adapter_config, quantize, hparams)
 
-        from model.gpt import Block
-
-        strategy = FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", sharding_strategy="FULL_SHARD")
-    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision)
-    fabric.launch(main, checkpoint_dir, data_dir, out_dir, adapter_config, quantize, hparams)
-
-
-def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, adapter_config: AdapterConfig,
-         quantize: Optional[str], hparams: dict) -> None:
-    h = hparams
-    fabric.seed_everything(h["seed"])
-    config = Config.from_checkpoint(checkpoint_dir)
-    tokenizer = Tokenizer(checkpoint_dir)
-    train_data = load_dataset(data_dir / "train.pt", vocab_size=config.vocab_size)
-    val_data = load_dataset(data_dir / "test.pt", vocab_size=config.vocab_size)
-    max_seq_length = min(h["max_seq_length"] or config.block_size, config.block_size)
-    train_data = with_answers(fabric, train_data, max_seq_length, data_dir / "train.pt")
-    val_data = with_answers(fabric, val_data, max_seq_length, data_dir / "test.pt")
-    h = {**h, **adapter_config.to_hparams()}
+def main(fabric: L.Fabric, args: TrainArgs, adapter_config: AdapterConfig, quantize: Optional[str],
+         hparams: dict) -> None:
+    fabric.seed_everything(args.seed)
+    config = Config.from_checkpoint(args.checkpoint_dir)
+    tokenizer = Tokenizer(args.checkpoint_dir)
+    train_data = load_dataset(args.data_dir / "train.pt", vocab_size=config.vocab_size)
+    val_data = load_dataset(args.data_dir / "test.pt", vocab_size=config.vocab_size)
+    max_seq_length = min(args.max_seq_length or config.block_size, config.block_size)
+    train_data = with_answers(fabric, train_data, max_seq_length, args.data_dir / "train.pt")
+    val_data = with_answers(fabric, val_data, max_seq_length, args.data_dir / "test.pt")
 
     # The base model: loaded in the training dtype, optionally quantized, then wrapped with adapters
-    dtype = {"32-true": torch.float32, "bf16-true": torch.bfloat16}.get(fabric.strategy.precision.precision, torch.float32)
+    dtype = weights_dtype(fabric)
     with fabric.init_module(empty_init=True):
         model = GPT(config)
-    model.load_state_dict(load_state_dict(checkpoint_dir, dtype=dtype), assign=True)
+    model.load_state_dict(load_state_dict(args.checkpoint_dir, dtype=dtype), assign=True)
     model.reset_rope(fabric.device)
     if quantize:
         quantize_model(model.to(fabric.device), quantize, compute_dtype=dtype)
@@ -159,58 +153,60 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, 
     model = fabric.setup_module(model)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=h["learning_rate"], weight_decay=h["weight_decay"], betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     optimizer = fabric.setup_optimizers(optimizer)
 
-    accumulate = gradient_accumulation_iters(h["global_batch_size"], h["micro_batch_size"], fabric.world_size)
+    accumulate = gradient_accumulation_iters(args.global_batch_size, args.micro_batch_size, fabric.world_size)
     lengths = [min(len(s["input_ids"]), max_seq_length) for s in train_data]
-    if h["packing"]:
+    if args.packing:
         packs = pack_samples(lengths, max_seq_length)
         print_rank0(fabric, f"Packed {len(train_data)} samples into {len(packs)} rows of up to {max_seq_length} tokens")
         train_data = [[train_data[i] for i in pack] for pack in packs]
         lengths = [sum(lengths[i] for i in pack) for pack in packs]
-    batches_per_epoch = len(epoch_batches(lengths, h["micro_batch_size"], 0, h["seed"])) // fabric.world_size
+    batches_per_epoch = len(epoch_batches(lengths, args.micro_batch_size, 0, args.seed)) // fabric.world_size
     if batches_per_epoch < accumulate:  # an epoch would end before the first optimizer step, forever
         raise ValueError(
-            f"{data_dir / 'train.pt'} has {len(train_data)} samples: too few for one optimizer step of"
-            f" --global_batch_size {h['global_batch_size']} on {fabric.world_size} device(s). Lower"
+            f"{args.data_dir / 'train.pt'} has {len(train_data)} samples: too few for one optimizer step of"
+            f" --global_batch_size {args.global_batch_size} on {fabric.world_size} device(s). Lower"
             " --global_batch_size or prepare more samples."
         )
-    max_steps = h["max_steps"] or max(1, h["epochs"] * batches_per_epoch // accumulate)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(h["warmup_steps"], max_steps))
+    max_steps = args.max_steps or max(1, args.epochs * batches_per_epoch // accumulate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, max_steps))
 
     # written only now that the data, the model and the batch sizes have passed their checks: a bad input
     # leaves no output directory behind
     if fabric.global_rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_hparams(out_dir, h)
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        save_hparams(args.out_dir, hparams)
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "step": 0, "epoch": 0, "batch_in_epoch": 0,
              "rng": None}
-    resume_from = resolve_resume(h["resume"], out_dir)
+    resume_from = resolve_resume(args.resume, args.out_dir)
     if resume_from is not None:
         load_training_state(fabric, resume_from, state, trainable_only=True)
         set_rng_state(state["rng"])
         print_rank0(fabric, f"Resumed from {resume_from} at step {state['step']}")
 
-    train(fabric, state, train_data, val_data, tokenizer, max_steps, accumulate, lengths, max_seq_length, out_dir, h)
+    train(fabric, state, args, train_data=train_data, val_data=val_data, lengths=lengths, tokenizer=tokenizer,
+          max_steps=max_steps, accumulate=accumulate, max_seq_length=max_seq_length, hparams=hparams)
     if fabric.global_rank == 0:
-        save_adapter(model, out_dir / "final", h)
-        print_rank0(fabric, f"Saved the adapter to {out_dir / 'final'}")
+        save_adapter(model, args.out_dir / "final", hparams)
+        print_rank0(fabric, f"Saved the adapter to {args.out_dir / 'final'}")
 
 
-def train(fabric, state, train_data, val_data, tokenizer, max_steps, accumulate, lengths, max_seq_length, out_dir, h):
+def train(fabric: L.Fabric, state: dict, args: TrainArgs, *, train_data: list, val_data: list[dict], lengths: list[int],
+          tokenizer: Tokenizer, max_steps: int, accumulate: int, max_seq_length: int, hparams: dict) -> None:
     model, optimizer, scheduler = state["model"], state["optimizer"], state["scheduler"]
     collate = get_collate_fn(pad_id=0, max_seq_length=max_seq_length)
-    train_collate = get_packed_collate_fn(pad_id=0, max_seq_length=max_seq_length) if h["packing"] else collate
-    metrics = MetricsLogger(out_dir, ["step", "epoch", "loss", "lr", "tokens_per_s", "val_loss", "memory_gb"],
-                            resume_step=state["step"] if h["resume"] else None, enabled=fabric.global_rank == 0)
+    train_collate = get_packed_collate_fn(pad_id=0, max_seq_length=max_seq_length) if args.packing else collate
+    metrics = MetricsLogger(args.out_dir, ["step", "epoch", "loss", "lr", "tokens_per_s", "val_loss", "memory_gb"],
+                            resume_step=state["step"] if args.resume else None, enabled=fabric.global_rank == 0)
     throughput = Throughput(start_step=state["step"], max_steps=max_steps)
     model.train()
 
     if state["step"] == 0:
-        validate(fabric, model, val_data, collate, tokenizer, h, metrics, step=0)
+        validate(fabric, model, val_data, collate, tokenizer, args, metrics, step=0)
     while state["step"] < max_steps:
-        batches = epoch_batches(lengths, h["micro_batch_size"], state["epoch"], h["seed"])
+        batches = epoch_batches(lengths, args.micro_batch_size, state["epoch"], args.seed)
         batches = batches[fabric.global_rank::fabric.world_size][: len(batches) // fabric.world_size]
         while state["batch_in_epoch"] + accumulate <= len(batches) and state["step"] < max_steps:
             loss_sum = 0.0
@@ -234,7 +230,7 @@ def train(fabric, state, train_data, val_data, tokenizer, max_steps, accumulate,
                 what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {grad_norm}"
                 raise ValueError(
                     f"The {what} at step {state['step'] + 1}; nothing was saved after the last good checkpoint in"
-                    f" {out_dir}. Lower --learning_rate, or use --precision 32-true or bf16-true."
+                    f" {args.out_dir}. Lower --learning_rate, or use --precision 32-true or bf16-true."
                 )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -248,13 +244,13 @@ def train(fabric, state, train_data, val_data, tokenizer, max_steps, accumulate,
             print_rank0(fabric, throughput.line(step, loss, lr, memory))
             metrics.log({"step": step, "epoch": state["epoch"], "loss": loss, "lr": lr,
                          "tokens_per_s": throughput.tokens_per_s(), "memory_gb": memory})
-            if step % h["eval_interval"] == 0 or step == max_steps:
-                validate(fabric, model, val_data, collate, tokenizer, h, metrics, step)
-            if step % h["save_interval"] == 0 or step == max_steps:
+            if step % args.eval_interval == 0 or step == max_steps:
+                validate(fabric, model, val_data, collate, tokenizer, args, metrics, step)
+            if step % args.save_interval == 0 or step == max_steps:
                 state["rng"] = rng_state()
                 # the adapter alone too, for generate/adapter.py
-                path = save_training_state(fabric, out_dir, step, state, trainable_only=True,
-                                           extra=lambda directory: save_adapter(model, directory, h))
+                path = save_training_state(fabric, args.out_dir, step, state, trainable_only=True,
+                                           extra=lambda directory: save_adapter(model, directory, hparams))
                 print_rank0(fabric, f"Saved a checkpoint to {path}")
         if state["step"] < max_steps:
             state["epoch"] += 1
@@ -275,11 +271,11 @@ def next_token_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
 
 
 @torch.no_grad()
-def validate(fabric, model, val_data, collate, tokenizer, h, metrics, step) -> None:
+def validate(fabric, model, val_data, collate, tokenizer, args, metrics, step) -> None:
     model.eval()
     losses = []
-    for i in range(0, min(len(val_data), h["eval_iters"] * h["micro_batch_size"]), h["micro_batch_size"]):
-        batch = collate(val_data[i:i + h["micro_batch_size"]])
+    for i in range(0, min(len(val_data), args.eval_iters * args.micro_batch_size), args.micro_batch_size):
+        batch = collate(val_data[i:i + args.micro_batch_size])
         losses.append(next_token_loss(model, batch["input_ids"].to(fabric.device), batch["labels"].to(fabric.device)))
     val_loss = fabric.all_reduce(torch.stack(losses).mean(), reduce_op="mean").item()
     # a sample generation shows what the numbers mean
@@ -296,9 +292,7 @@ def validate(fabric, model, val_data, collate, tokenizer, h, metrics, step) -> N
 
 
 def save_adapter(model, run_dir: Path, hparams: dict) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(adapter_state_dict(getattr(model, "module", model)), run_dir / ADAPTER_WEIGHTS)
-    save_hparams(run_dir, hparams)
+    save_run_weights(run_dir, adapter_state_dict(getattr(model, "module", model)), ADAPTER_WEIGHTS, hparams)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ checkpoints and final/, which generate/lora.py, eval/tasks.py and scripts/merge_
 """
 
 import math
-import shutil
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -78,11 +77,9 @@ from model.training.run import (
     step_dir,
     warmup_cosine,
 )
-from model.weights.checkpoint import load_state_dict, save_sharded
+from model.weights.checkpoint import load_state_dict
 
 # what a full run's final/ takes from the base checkpoint besides the weights and config (as finetune/full.py)
-COPIED_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                "generation_config.json", "prompt_style.yaml", "chat_template.jinja")
 METRICS = ["step", "epoch", "loss", "lr", "tokens_per_s", "reward_chosen", "reward_rejected", "reward_margin",
            "accuracy", "val_loss", "val_reward_chosen", "val_reward_rejected", "val_reward_margin", "val_accuracy",
            "val_logp_margin", "val_logp_accuracy", "memory_gb"]
@@ -279,7 +276,7 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, 
         if lora_config is not None:
             save_adapter(model, out_dir / "final", h)
         else:
-            save_checkpoint_dir(step_dir(out_dir, state["step"]), checkpoint_dir, config, out_dir / "final", h)
+            save_final_checkpoint(step_dir(out_dir, state["step"]), config, checkpoint_dir, out_dir / "final", h)
         log(f"Saved the {'adapter' if lora_config is not None else 'aligned checkpoint'} to {out_dir / 'final'}")
 
 
@@ -454,23 +451,6 @@ def save_adapter(model, run_dir: Path, hparams: dict) -> None:
     save_hparams(run_dir, hparams)
 
 
-def save_checkpoint_dir(step_path: Path, checkpoint_dir: Path, config: Config, final_dir: Path, hparams: dict) -> None:
-    """A full run's final/: the weights of the checkpoint in `step_path` as a complete checkpoint directory, assembled
-    beside `final_dir` and renamed into place (as finetune/full.py writes it)."""
-    weights = torch.load(step_path / "training_state.pt", weights_only=True, mmap=True)["model"]
-    if config.tie_embeddings:  # one tensor, saved once, as the converter does; loading re-ties the head
-        weights.pop("lm_head.weight")
-    tmp = final_dir.with_name(f".{final_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_sharded(iter(weights.items()), tmp)
-    config.save(tmp)
-    for name in COPIED_FILES:
-        if (checkpoint_dir / name).is_file():
-            shutil.copy2(checkpoint_dir / name, tmp / name)
-    save_hparams(tmp, hparams)
-    shutil.rmtree(final_dir, ignore_errors=True)
-    tmp.rename(final_dir)
 
 
 if __name__ == "__main__":

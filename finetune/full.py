@@ -13,7 +13,6 @@ checkpoint directory. Copy this file and edit it: the loop is all here.
 """
 
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -33,12 +32,14 @@ from model.tokenizer import Tokenizer
 from model.training.run import (
     MetricsLogger,
     Throughput,
+    TrainArgs,
     epoch_batches,
     gradient_accumulation_iters,
     load_training_state,
     print_rank0,
     resolve_resume,
     rng_state,
+    save_final_checkpoint,
     save_hparams,
     save_training_state,
     set_rng_state,
@@ -46,11 +47,8 @@ from model.training.run import (
     warmup_cosine,
     with_answers,
 )
-from model.weights.checkpoint import load_state_dict, save_sharded
-
-# what final/ takes from the base checkpoint besides the weights and config, so that it is a checkpoint directory
-COPIED_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                "generation_config.json", "prompt_style.yaml", "chat_template.jinja")
+from model.training.strategy import default_precision, fabric_strategy, weights_dtype
+from model.weights.checkpoint import load_state_dict, require_checkpoint
 
 
 def setup(
@@ -109,97 +107,90 @@ def setup(
             of a step-* directory.
     """
     hparams = dict(locals())
+    args = TrainArgs.from_flags(hparams)
     if quantize:
         raise ValueError("quantization freezes the base; use finetune/lora.py --quantize for QLoRA")
-    if not (checkpoint_dir / "model_config.yaml").is_file():
-        raise FileNotFoundError(f"{checkpoint_dir / 'model_config.yaml'} not found. Convert the checkpoint first:"
-                                f" `python scripts/convert_hf_checkpoint.py --checkpoint_dir {checkpoint_dir}`")
-    if precision is None:
-        precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
-    if strategy == "fsdp":
-        from lightning.fabric.strategies import FSDPStrategy
+    require_checkpoint(checkpoint_dir)
+    args.precision = hparams["precision"] = precision or default_precision(trains_base_weights=True)
+    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=fabric_strategy(strategy), precision=args.precision)
+    fabric.launch(main, args, hparams)
 
-        from model.gpt import Block
-
-        strategy = FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", sharding_strategy="FULL_SHARD")
-    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision)
-    fabric.launch(main, checkpoint_dir, data_dir, out_dir, hparams)
-
-
-def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, hparams: dict) -> None:
-    h = hparams
-    fabric.seed_everything(h["seed"])
-    config = Config.from_checkpoint(checkpoint_dir)
-    tokenizer = Tokenizer(checkpoint_dir)
-    train_data = load_dataset(data_dir / "train.pt", vocab_size=config.vocab_size)
-    val_data = load_dataset(data_dir / "test.pt", vocab_size=config.vocab_size)
-    max_seq_length = min(h["max_seq_length"] or config.block_size, config.block_size)
-    train_data = with_answers(fabric, train_data, max_seq_length, data_dir / "train.pt")
-    val_data = with_answers(fabric, val_data, max_seq_length, data_dir / "test.pt")
+def main(fabric: L.Fabric, args: TrainArgs, hparams: dict) -> None:
+    fabric.seed_everything(args.seed)
+    config = Config.from_checkpoint(args.checkpoint_dir)
+    tokenizer = Tokenizer(args.checkpoint_dir)
+    train_data = load_dataset(args.data_dir / "train.pt", vocab_size=config.vocab_size)
+    val_data = load_dataset(args.data_dir / "test.pt", vocab_size=config.vocab_size)
+    max_seq_length = min(args.max_seq_length or config.block_size, config.block_size)
+    train_data = with_answers(fabric, train_data, max_seq_length, args.data_dir / "train.pt")
+    val_data = with_answers(fabric, val_data, max_seq_length, args.data_dir / "test.pt")
 
     # The model in the training dtype (fp32 under the mixed precisions: those keep fp32 master weights). With tied
     # embeddings, loading re-ties the head to the embedding, so the one shared weight trains once.
-    dtype = {"32-true": torch.float32, "bf16-true": torch.bfloat16}.get(fabric.strategy.precision.precision, torch.float32)
+    dtype = weights_dtype(fabric)
     with fabric.init_module(empty_init=True):
         model = GPT(config)
-    model.load_state_dict(load_state_dict(checkpoint_dir, dtype=dtype), assign=True)
+    model.load_state_dict(load_state_dict(args.checkpoint_dir, dtype=dtype), assign=True)
     model.reset_rope(fabric.device)
     print_rank0(fabric, f"Trainable parameters: {count_parameters(model):,}")
     model = fabric.setup_module(model)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=h["learning_rate"], weight_decay=h["weight_decay"],
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
                                   betas=(0.9, 0.95))
     optimizer = fabric.setup_optimizers(optimizer)
 
-    accumulate = gradient_accumulation_iters(h["global_batch_size"], h["micro_batch_size"], fabric.world_size)
+    accumulate = gradient_accumulation_iters(args.global_batch_size, args.micro_batch_size, fabric.world_size)
     lengths = [min(len(s["input_ids"]), max_seq_length) for s in train_data]
-    if h["packing"]:
+    if args.packing:
         packs = pack_samples(lengths, max_seq_length)
         print_rank0(fabric, f"Packed {len(train_data)} samples into {len(packs)} rows of up to {max_seq_length} tokens")
         train_data = [[train_data[i] for i in pack] for pack in packs]
         lengths = [sum(lengths[i] for i in pack) for pack in packs]
-    batches_per_epoch = len(epoch_batches(lengths, h["micro_batch_size"], 0, h["seed"])) // fabric.world_size
+    batches_per_epoch = len(epoch_batches(lengths, args.micro_batch_size, 0, args.seed)) // fabric.world_size
     if batches_per_epoch < accumulate:  # an epoch would end before the first optimizer step, forever
         raise ValueError(
-            f"{data_dir / 'train.pt'} has {len(train_data)} samples: too few for one optimizer step of"
-            f" --global_batch_size {h['global_batch_size']} on {fabric.world_size} device(s). Lower"
+            f"{args.data_dir / 'train.pt'} has {len(train_data)} samples: too few for one optimizer step of"
+            f" --global_batch_size {args.global_batch_size} on {fabric.world_size} device(s). Lower"
             " --global_batch_size or prepare more samples."
         )
-    max_steps = h["max_steps"] or max(1, h["epochs"] * batches_per_epoch // accumulate)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(h["warmup_steps"], max_steps))
+    max_steps = args.max_steps or max(1, args.epochs * batches_per_epoch // accumulate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, max_steps))
 
     # written only now that the data, the model and the batch sizes have passed their checks: a bad input
     # leaves no output directory behind
     if fabric.global_rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_hparams(out_dir, h)
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        save_hparams(args.out_dir, hparams)
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "step": 0, "epoch": 0, "batch_in_epoch": 0,
              "rng": None}
-    resume_from = resolve_resume(h["resume"], out_dir)
+    resume_from = resolve_resume(args.resume, args.out_dir)
     if resume_from is not None:
         load_training_state(fabric, resume_from, state, trainable_only=False)
         set_rng_state(state["rng"])
         print_rank0(fabric, f"Resumed from {resume_from} at step {state['step']}")
 
-    train(fabric, state, train_data, val_data, tokenizer, max_steps, accumulate, lengths, max_seq_length, out_dir, h)
+    train(fabric, state, args, train_data=train_data, val_data=val_data, lengths=lengths, tokenizer=tokenizer,
+          max_steps=max_steps, accumulate=accumulate, max_seq_length=max_seq_length, hparams=hparams)
     if fabric.global_rank == 0:
-        save_checkpoint_dir(step_dir(out_dir, state["step"]), checkpoint_dir, config, out_dir / "final", h)
-        print_rank0(fabric, f"Saved the fine-tuned checkpoint to {out_dir / 'final'}")
+        save_final_checkpoint(step_dir(args.out_dir, state["step"]), config, args.checkpoint_dir, args.out_dir / "final",
+                              hparams)
+        print_rank0(fabric, f"Saved the fine-tuned checkpoint to {args.out_dir / 'final'}")
 
 
-def train(fabric, state, train_data, val_data, tokenizer, max_steps, accumulate, lengths, max_seq_length, out_dir, h):
+def train(fabric: L.Fabric, state: dict, args: TrainArgs, *, train_data: list, val_data: list[dict], lengths: list[int],
+          tokenizer: Tokenizer, max_steps: int, accumulate: int, max_seq_length: int, hparams: dict) -> None:
     model, optimizer, scheduler = state["model"], state["optimizer"], state["scheduler"]
     collate = get_collate_fn(pad_id=0, max_seq_length=max_seq_length)
-    train_collate = get_packed_collate_fn(pad_id=0, max_seq_length=max_seq_length) if h["packing"] else collate
-    metrics = MetricsLogger(out_dir, ["step", "epoch", "loss", "lr", "tokens_per_s", "val_loss", "memory_gb"],
-                            resume_step=state["step"] if h["resume"] else None, enabled=fabric.global_rank == 0)
+    train_collate = get_packed_collate_fn(pad_id=0, max_seq_length=max_seq_length) if args.packing else collate
+    metrics = MetricsLogger(args.out_dir, ["step", "epoch", "loss", "lr", "tokens_per_s", "val_loss", "memory_gb"],
+                            resume_step=state["step"] if args.resume else None, enabled=fabric.global_rank == 0)
     throughput = Throughput(start_step=state["step"], max_steps=max_steps)
     model.train()
 
     if state["step"] == 0:
-        validate(fabric, model, val_data, collate, tokenizer, h, metrics, step=0)
+        validate(fabric, model, val_data, collate, tokenizer, args, metrics, step=0)
     while state["step"] < max_steps:
-        batches = epoch_batches(lengths, h["micro_batch_size"], state["epoch"], h["seed"])
+        batches = epoch_batches(lengths, args.micro_batch_size, state["epoch"], args.seed)
         batches = batches[fabric.global_rank::fabric.world_size][: len(batches) // fabric.world_size]
         while state["batch_in_epoch"] + accumulate <= len(batches) and state["step"] < max_steps:
             loss_sum = 0.0
@@ -223,7 +214,7 @@ def train(fabric, state, train_data, val_data, tokenizer, max_steps, accumulate,
                 what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {grad_norm}"
                 raise ValueError(
                     f"The {what} at step {state['step'] + 1}; nothing was saved after the last good checkpoint in"
-                    f" {out_dir}. Lower --learning_rate, or use --precision 32-true or bf16-mixed."
+                    f" {args.out_dir}. Lower --learning_rate, or use --precision 32-true or bf16-mixed."
                 )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -237,12 +228,12 @@ def train(fabric, state, train_data, val_data, tokenizer, max_steps, accumulate,
             print_rank0(fabric, throughput.line(step, loss, lr, memory))
             metrics.log({"step": step, "epoch": state["epoch"], "loss": loss, "lr": lr,
                          "tokens_per_s": throughput.tokens_per_s(), "memory_gb": memory})
-            if step % h["eval_interval"] == 0 or step == max_steps:
-                validate(fabric, model, val_data, collate, tokenizer, h, metrics, step)
-            if step % h["save_interval"] == 0 or step == max_steps:
+            if step % args.eval_interval == 0 or step == max_steps:
+                validate(fabric, model, val_data, collate, tokenizer, args, metrics, step)
+            if step % args.save_interval == 0 or step == max_steps:
                 state["rng"] = rng_state()
-                path = save_training_state(fabric, out_dir, step, state, trainable_only=False,
-                                           extra=lambda directory: save_hparams(directory, h))
+                path = save_training_state(fabric, args.out_dir, step, state, trainable_only=False,
+                                           extra=lambda directory: save_hparams(directory, hparams))
                 print_rank0(fabric, f"Saved a checkpoint to {path}")
         if state["step"] < max_steps:
             state["epoch"] += 1
@@ -263,11 +254,11 @@ def next_token_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
 
 
 @torch.no_grad()
-def validate(fabric, model, val_data, collate, tokenizer, h, metrics, step) -> None:
+def validate(fabric, model, val_data, collate, tokenizer, args, metrics, step) -> None:
     model.eval()
     losses = []
-    for i in range(0, min(len(val_data), h["eval_iters"] * h["micro_batch_size"]), h["micro_batch_size"]):
-        batch = collate(val_data[i:i + h["micro_batch_size"]])
+    for i in range(0, min(len(val_data), args.eval_iters * args.micro_batch_size), args.micro_batch_size):
+        batch = collate(val_data[i:i + args.micro_batch_size])
         losses.append(next_token_loss(model, batch["input_ids"].to(fabric.device), batch["labels"].to(fabric.device)))
     val_loss = fabric.all_reduce(torch.stack(losses).mean(), reduce_op="mean").item()
     # a sample generation shows what the numbers mean
@@ -283,26 +274,6 @@ def validate(fabric, model, val_data, collate, tokenizer, h, metrics, step) -> N
     model.train()
 
 
-def save_checkpoint_dir(step_path: Path, checkpoint_dir: Path, config: Config, final_dir: Path, hparams: dict) -> None:
-    """Write the weights of the checkpoint in `step_path` as a complete checkpoint directory `final_dir`.
-
-    The weights come from the training state rather than the model in memory: Fabric saved them there whole,
-    gathered from every device even when FSDP shards them. They keep the training dtype. The directory is
-    assembled beside `final_dir` and renamed into place, so a killed run never leaves half a checkpoint."""
-    weights = torch.load(step_path / "training_state.pt", weights_only=True, mmap=True)["model"]
-    if config.tie_embeddings:  # one tensor, saved once, as the converter does; loading re-ties the head
-        weights.pop("lm_head.weight")
-    tmp = final_dir.with_name(f".{final_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_sharded(iter(weights.items()), tmp)
-    config.save(tmp)
-    for name in COPIED_FILES:
-        if (checkpoint_dir / name).is_file():
-            shutil.copy2(checkpoint_dir / name, tmp / name)
-    save_hparams(tmp, hparams)
-    shutil.rmtree(final_dir, ignore_errors=True)
-    tmp.rename(final_dir)
 
 
 if __name__ == "__main__":

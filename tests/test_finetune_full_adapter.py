@@ -204,11 +204,19 @@ def tiny_dir(tmp_path_factory, smollm2_dir):
     return checkpoint_dir
 
 
+# "adapter_v2" is finetune/adapter.py with --adapter_version 2
+SCRIPT_FLAGS = {"adapter_v2": ["--adapter_version", "2"]}
+
+
+def load_finetune_script(script: str):
+    return load_script(f"finetune/{'adapter' if script == 'adapter_v2' else script}.py")
+
+
 def finetune(script: str, checkpoint_dir, out_dir, *args: str, data_dir=None, module=None) -> list[float]:
     """Run a fine-tuning script in-process through its CLI (one optimizer step = one epoch of the 8 samples);
     the training losses from metrics.csv. `module`: the script already loaded (and patched)."""
-    module = module or load_script(f"finetune/{script}.py")
-    run_cli(module.setup, [
+    module = module or load_finetune_script(script)
+    run_cli(module.setup, [*SCRIPT_FLAGS.get(script, []),
         "--checkpoint_dir", str(checkpoint_dir), "--data_dir", str(data_dir or checkpoint_dir.parent.parent / "data"),
         "--out_dir", str(out_dir), "--micro_batch_size", "4", "--global_batch_size", "8", "--eval_interval", "1000",
         "--eval_iters", "1", "--warmup_steps", "2", *args,
@@ -379,7 +387,7 @@ class InfiniteGradient(torch.autograd.Function):
 def test_infinite_gradient_stops_and_keeps_the_last_good_checkpoint(script, tiny_dir, tmp_path, capsys):
     """A finite loss whose gradients are infinite at step 3: the run stops before the optimizer step, with the
     checkpoints of steps 1 and 2 whole and finite."""
-    module = load_script(f"finetune/{script}.py")
+    module = load_finetune_script(script)
     next_token_loss, calls = module.next_token_loss, []
 
     def breaks_at_step_3(model, input_ids, labels, segment_ids=None):
@@ -411,7 +419,7 @@ def test_infinite_gradient_stops_and_keeps_the_last_good_checkpoint(script, tiny
 def test_a_crash_while_saving_leaves_no_incomplete_step_dir(script, function, crash_at, tiny_dir, tmp_path):
     """Killed between the training state and the file saved beside it (full: hparams.yaml, whose first save is the
     run's own; adapters: the adapter): the step directory is not there, and the previous one is the latest."""
-    module = load_script(f"finetune/{script}.py")
+    module = load_finetune_script(script)
     save, saves = getattr(module, function), []
 
     def crash(*args):

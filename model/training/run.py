@@ -160,6 +160,19 @@ def save_training_state(
     return final
 
 
+def save_final_checkpoint(step_path: Path, config, source_dir: Path, final_dir: Path, hparams: dict) -> None:
+    """A full run's final/: the weights of the checkpoint in `step_path` as a complete checkpoint directory (with the
+    tokenizer and prompt style of `source_dir` and the run's hparams.yaml), written all at once.
+
+    The weights come from the training state rather than the model in memory: Fabric saved them there whole,
+    gathered from every device even when FSDP shards them. They keep the training dtype."""
+    from model.weights.checkpoint import write_checkpoint_dir
+
+    weights = torch.load(step_path / "training_state.pt", weights_only=True, mmap=True)["model"]
+    write_checkpoint_dir(iter(weights.items()), config, source_dir, final_dir,
+                         extra=lambda directory: save_hparams(directory, hparams))
+
+
 def latest_checkpoint(out_dir: Path) -> Optional[Path]:
     steps = sorted(p for p in Path(out_dir).glob(f"{STEP_DIR_PREFIX}*") if (p / TRAINING_STATE).exists())
     return steps[-1] if steps else None
