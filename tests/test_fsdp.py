@@ -160,6 +160,46 @@ def test_fsdp_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_adapter
     assert losses(out_dir) == losses(fsdp_run[0])
 
 
+def test_fsdp_resumes_a_two_process_checkpoint_on_one_process(tiny_dir, data_dir, fsdp_run, tmp_path):
+    """DCP reshards on load: the step-2 shards of two ranks continue on one FSDP process to the same adapter."""
+    out_dir = tmp_path / "run"
+    shutil.copytree(fsdp_run[0] / "step-000002", out_dir / "step-000002")
+    shutil.copy(fsdp_run[0] / "metrics.csv", out_dir / "metrics.csv")
+    result = run_lora(tiny_dir, data_dir, out_dir, tmp_path / "ranks", 1, "fsdp", resume="auto", **LORA_FLAGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed, uninterrupted = load_file(out_dir / "final" / LORA_WEIGHTS), load_file(fsdp_run[0] / "final" / LORA_WEIGHTS)
+    for key in uninterrupted:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], atol=1e-6, rtol=1e-5)
+    assert losses(out_dir) == pytest.approx(losses(fsdp_run[0]), abs=1e-6)
+
+
+def test_fsdp_full_finetuning_equals_one_process_and_saves_a_plain_checkpoint(tiny_dir, data_dir, tmp_path):
+    flags = dict(checkpoint_dir=tiny_dir, data_dir=data_dir, global_batch_size=4, micro_batch_size=2,
+                 learning_rate=1e-3, max_steps=2, save_interval=1, eval_interval=1000, eval_iters=1)
+    full = load_script("finetune/full.py")
+    full.setup(out_dir=tmp_path / "one", **flags)
+    result = subprocess.run([sys.executable, str(ROOT / "finetune/full.py"),
+                             *as_cli(out_dir=tmp_path / "fsdp", devices=2, strategy="fsdp", **flags)],
+                            cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+    # the resumable state is sharded; final/ is a plain checkpoint directory with the true shapes
+    assert sorted(p.name for p in (tmp_path / "fsdp" / "step-000001" / "training_state.pt").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    expected, saved = (load_file(tmp_path / run / "final" / "lit_model.safetensors") for run in ("one", "fsdp"))
+    assert saved.keys() == expected.keys()
+    for key in expected:
+        assert saved[key].shape == expected[key].shape, key
+        torch.testing.assert_close(saved[key], expected[key], atol=1e-5, rtol=1e-4)
+    assert any(not torch.equal(saved[key], value) for key, value in load_file(tiny_dir / "lit_model.safetensors").items()
+               if key in saved), "the weights trained"
+    loaded = load_any(tmp_path / "fsdp" / "final")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(torch.tensor([[1, 2, 3]])),
+                                   load_any(tmp_path / "one" / "final").model(torch.tensor([[1, 2, 3]])),
+                                   atol=1e-4, rtol=1e-4)
+
+
 def cli_error(capsys, function, args: list[str]) -> str:
     with pytest.raises(SystemExit) as exit_info:
         run_cli(function, args)

@@ -160,17 +160,24 @@ def save_training_state(
     return final
 
 
-def save_final_checkpoint(step_path: Path, config, source_dir: Path, final_dir: Path, hparams: dict) -> None:
+def save_final_checkpoint(step_path: Path, config, source_dir: Path, final_dir: Path, hparams: dict, fabric=None,
+                          model=None) -> None:
     """A full run's final/: the weights of the checkpoint in `step_path` as a complete checkpoint directory (with the
     tokenizer and prompt style of `source_dir` and the run's hparams.yaml), written all at once.
 
-    The weights come from the training state rather than the model in memory: Fabric saved them there whole,
-    gathered from every device even when FSDP shards them. They keep the training dtype."""
+    The weights come from the training state, which Fabric saved whole, in the training dtype. With `fabric` and
+    `model`, call it on every rank: under FSDP the training state is sharded, so the weights are gathered from the
+    model one tensor at a time instead (every rank takes part, rank 0 writes); otherwise rank 0 writes."""
+    from model.training.fsdp import is_fsdp, stream_full_weights
     from model.weights.checkpoint import write_checkpoint_dir
 
-    weights = torch.load(step_path / "training_state.pt", weights_only=True, mmap=True)["model"]
-    write_checkpoint_dir(iter(weights.items()), config, source_dir, final_dir,
-                         extra=lambda directory: save_hparams(directory, hparams))
+    def write(tensors):
+        write_checkpoint_dir(tensors, config, source_dir, final_dir, extra=lambda directory: save_hparams(directory, hparams))
+
+    if fabric is not None and is_fsdp(fabric):
+        stream_full_weights(fabric, getattr(model, "module", model), write)
+    elif fabric is None or fabric.global_rank == 0:
+        write(iter(torch.load(step_path / TRAINING_STATE, weights_only=True, mmap=True)["model"].items()))
 
 
 def latest_checkpoint(out_dir: Path) -> Optional[Path]:
