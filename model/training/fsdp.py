@@ -35,6 +35,7 @@ from model.lora import LoRAAdapter, LoRALinear
 from model.weights.checkpoint import lit_weight_files
 
 SHARDED_METADATA = "meta.pt"  # beside the DCP shards: step, epoch, scheduler, RNG (small, saved by rank 0)
+WORLD_SIZE = "world_size"  # in meta.pt: the processes that saved it, to resume on another number of them
 
 
 def validate_devices(devices: int, num_nodes: int, strategy: str, precision: Optional[str]) -> None:
@@ -212,6 +213,7 @@ def save_sharded_state(fabric, directory: Path, state: dict, trainable_only: boo
     if fabric.global_rank == 0:
         metadata = {key: (value.state_dict() if hasattr(value, "state_dict") else value)
                     for key, value in state.items() if key not in ("model", "optimizer")}
+        metadata[WORLD_SIZE] = fabric.world_size
         torch.save(metadata, directory / SHARDED_METADATA)
 
 
@@ -240,6 +242,16 @@ def load_sharded_state(fabric, directory: Path, state: dict, trainable_only: boo
     if "optimizer" in state:
         set_optimizer_state_dict(module, optimizer, sharded["optimizer"])
     metadata = torch.load(directory / SHARDED_METADATA, weights_only=True)
+    saved_world_size = metadata.pop(WORLD_SIZE)
+    if "batch_in_epoch" in metadata and saved_world_size != fabric.world_size:
+        # Each rank takes every world_size-th micro-batch of the epoch, so after k micro-batches per rank the first
+        # k x world_size of the epoch are done: the same position in another world size's count.
+        done = metadata["batch_in_epoch"] * saved_world_size
+        if done % fabric.world_size:
+            raise ValueError(f"--resume {directory.parent}: the checkpoint is {done} micro-batches into its epoch,"
+                             f" which {fabric.world_size} processes cannot split evenly; resume on a number of"
+                             f" processes that divides {done}")
+        metadata["batch_in_epoch"] = done // fabric.world_size
     for key, value in metadata.items():
         if key in state and hasattr(state[key], "load_state_dict"):
             state[key].load_state_dict(value)
