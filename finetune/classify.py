@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -47,7 +48,8 @@ from model.training.run import (
     set_rng_state,
     warmup_cosine,
 )
-from model.weights.checkpoint import lit_weight_files, load_state_dict
+from model.training.strategy import default_precision, weights_dtype
+from model.weights.checkpoint import lit_weight_files, load_state_dict, require_checkpoint
 from model.workflows.classify import (
     Classifier,
     classification_metrics,
@@ -59,6 +61,35 @@ from model.workflows.classify import (
 
 # AdamW learning rate of the GPT's trainable weights per mode: the more of a pretrained model trains, the gentler
 DEFAULT_LEARNING_RATES = {"last_layers": 1e-4, "full": 2e-5, "lora": 5e-4}
+
+
+@dataclass
+class ClassifyArgs:
+    """The run's flags, typed (`setup`'s docstring documents them)."""
+
+    checkpoint_dir: Path
+    data_dir: Path
+    out_dir: Path
+    mode: str
+    n_layers: int
+    pooling: str
+    precision: str
+    micro_batch_size: int
+    global_batch_size: int
+    learning_rate: Optional[float]
+    head_learning_rate: float
+    weight_decay: float
+    warmup_steps: int
+    max_steps: Optional[int]
+    epochs: int
+    max_seq_length: Optional[int]
+    eval_interval: int
+    eval_iters: int
+    save_interval: int
+    logistic_c: float
+    feature_batch_size: int
+    seed: int
+    resume: bool | str | Path
 
 
 def setup(
@@ -108,7 +139,8 @@ def setup(
         n_layers: How many of the last transformer blocks train in --mode last_layers.
         pooling: The text's vector: the final hidden state of its last token (last) or the mean over its tokens.
             Only `last` exports to transformers' *ForSequenceClassification.
-        precision: 32-true, bf16-true, bf16-mixed or 16-mixed. Default: bf16-true on GPU, 32-true on CPU.
+        precision: 32-true, bf16-true, bf16-mixed or 16-mixed. Default on GPU: bf16-mixed for the modes that train
+            GPT weights (last_layers, full), bf16-true for the others; 32-true on CPU.
         lora_r: LoRA rank (--mode lora).
         lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
         lora_dropout: Dropout on the LoRA input.
@@ -146,92 +178,88 @@ def setup(
         raise ValueError("--mode features fits a logistic regression: tune --logistic_c, not --learning_rate")
     if mode == "features" and resume not in (False, "false", "False"):
         raise ValueError("--mode features has no training steps to resume; rerun it (the features are cached)")
-    if not (checkpoint_dir / "model_config.yaml").is_file():
-        raise FileNotFoundError(f"{checkpoint_dir / 'model_config.yaml'} not found. Convert the checkpoint first:"
-                                f" `python scripts/convert_hf_checkpoint.py --checkpoint_dir {checkpoint_dir}`")
-    lora_config = LoRAConfig(lora_r, lora_alpha, lora_dropout, lora_query, lora_key, lora_value, lora_projection,
-                             lora_mlp) if mode == "lora" else None
-    if precision is None:
-        precision = "bf16-true" if torch.cuda.is_available() else "32-true"
+    require_checkpoint(checkpoint_dir)
+    lora_config = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, query=lora_query, key=lora_key,
+                             value=lora_value, projection=lora_projection, mlp=lora_mlp) if mode == "lora" else None
+    precision = hparams["precision"] = precision or default_precision(trains_base_weights=mode in ("last_layers", "full"))
     fabric = L.Fabric(devices=1, precision=precision)
-    fabric.launch(main, checkpoint_dir, data_dir, out_dir, lora_config, hparams)
+    args = ClassifyArgs(**{name: hparams[name] for name in ClassifyArgs.__dataclass_fields__})
+    fabric.launch(main, args, lora_config, hparams)
 
 
-def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, lora_config: Optional[LoRAConfig],
-         hparams: dict) -> None:
-    h = hparams
-    fabric.seed_everything(h["seed"])
-    config = Config.from_checkpoint(checkpoint_dir)
-    train_data, label_names = load_classification_data(data_dir, "train", vocab_size=config.vocab_size)
-    test_data, _ = load_classification_data(data_dir, "test", vocab_size=config.vocab_size)
+def main(fabric: L.Fabric, args: ClassifyArgs, lora_config: Optional[LoRAConfig], hparams: dict) -> None:
+    fabric.seed_everything(args.seed)
+    config = Config.from_checkpoint(args.checkpoint_dir)
+    train_data, label_names = load_classification_data(args.data_dir, "train", vocab_size=config.vocab_size)
+    test_data, _ = load_classification_data(args.data_dir, "test", vocab_size=config.vocab_size)
     if len({s["label"] for s in train_data}) < 2:
-        raise ValueError(f"{data_dir / 'train.pt'} has only one class: a classifier needs examples of at least two")
-    max_seq_length = min(h["max_seq_length"] or config.block_size, config.block_size)
-    h = {**h, "labels": label_names, **(lora_config.to_hparams() if lora_config else {})}
-    if h["mode"] != "lora":
-        h = {k: v for k, v in h.items() if not k.startswith("lora_")}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_hparams(out_dir, h)
+        raise ValueError(f"{args.data_dir / 'train.pt'} has only one class: a classifier needs examples of at least two")
+    max_seq_length = min(args.max_seq_length or config.block_size, config.block_size)
+    hparams = {**hparams, "labels": label_names, **(lora_config.to_hparams() if lora_config else {})}
+    if args.mode != "lora":
+        hparams = {k: v for k, v in hparams.items() if not k.startswith("lora_")}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    save_hparams(args.out_dir, hparams)
 
-    dtype = {"32-true": torch.float32, "bf16-true": torch.bfloat16}.get(fabric.strategy.precision.precision, torch.float32)
+    dtype = weights_dtype(fabric)
     with fabric.init_module(empty_init=True):
         gpt = GPT(config)
-    gpt.load_state_dict(load_state_dict(checkpoint_dir, dtype=dtype), assign=True)
+    gpt.load_state_dict(load_state_dict(args.checkpoint_dir, dtype=dtype), assign=True)
     gpt.reset_rope(fabric.device)
     if lora_config is not None:
         inject_lora(gpt, lora_config)
-    classifier = Classifier(gpt, len(label_names), h["pooling"], bias=h["mode"] == "features").to(fabric.device)
-    mark_trainable(classifier, h["mode"], h["n_layers"])
+    classifier = Classifier(gpt, len(label_names), args.pooling, bias=args.mode == "features").to(fabric.device)
+    mark_trainable(classifier, args.mode, args.n_layers)
     trainable_params = count_parameters(classifier)
-    print_rank0(fabric, f"Mode {h['mode']}: {trainable_params:,} trainable parameters of"
+    print_rank0(fabric, f"Mode {args.mode}: {trainable_params:,} trainable parameters of"
                         f" {count_parameters(classifier, None):,}; labels {label_names}")
 
-    if h["mode"] == "features":
+    if args.mode == "features":
         classifier.eval()
-        timing = fit_logistic_regression(fabric, classifier, train_data, checkpoint_dir, data_dir, out_dir, max_seq_length, h)
-        test_logits = classifier.score(features_of(fabric, classifier, test_data, "test", checkpoint_dir, data_dir,
-                                                   out_dir, max_seq_length, h)[0].to(fabric.device)).float().cpu()
+        timing = fit_logistic_regression(fabric, classifier, train_data, args, max_seq_length)
+        test_logits = classifier.score(features_of(fabric, classifier, test_data, "test", args,
+                                                   max_seq_length)[0].to(fabric.device)).float().cpu()
     else:
-        timing = train_classifier(fabric, classifier, train_data, test_data, max_seq_length, out_dir, h)
+        timing = train_classifier(fabric, classifier, train_data, test_data, max_seq_length, args, hparams)
         classifier = timing.pop("model").eval()
-        test_logits = predict(classifier, test_data, h["feature_batch_size"], max_seq_length, fabric.device)
-    save_classifier(classifier, out_dir / "final", h)
-    print_rank0(fabric, f"Saved the classifier to {out_dir / 'final'}")
+        test_logits = predict(classifier, test_data, args.feature_batch_size, max_seq_length, fabric.device)
+    save_classifier(classifier, args.out_dir / "final", hparams)
+    print_rank0(fabric, f"Saved the classifier to {args.out_dir / 'final'}")
 
     test_labels = [s["label"] for s in test_data]
     result = classification_metrics(test_labels, test_logits.argmax(dim=-1), len(label_names))
-    result = {"mode": h["mode"], "n_layers": h["n_layers"] if h["mode"] == "last_layers" else None,
-              "pooling": h["pooling"], "labels": label_names, "train_samples": len(train_data),
+    result = {"mode": args.mode, "n_layers": args.n_layers if args.mode == "last_layers" else None,
+              "pooling": args.pooling, "labels": label_names, "train_samples": len(train_data),
               "test_samples": len(test_data), "trainable_parameters": trainable_params, **timing,
               "peak_memory_gb": round(peak_memory_gb(fabric.device), 3), **result}
-    atomic_write_text(out_dir / "results.json", json.dumps(result, indent=1) + "\n")
-    title = (f"{h['mode']}{' ' + str(h['n_layers']) if h['mode'] == 'last_layers' else ''} on {checkpoint_dir.name}\n"
+    atomic_write_text(args.out_dir / "results.json", json.dumps(result, indent=1) + "\n")
+    title = (f"{args.mode}{' ' + str(args.n_layers) if args.mode == 'last_layers' else ''} on {args.checkpoint_dir.name}\n"
              f"accuracy {result['accuracy']:.1%}, macro-F1 {result['macro_f1']:.3f}")
-    plot_confusion_matrix(result["confusion_matrix"], label_names, out_dir / "confusion_matrix.png", title)
+    plot_confusion_matrix(result["confusion_matrix"], label_names, args.out_dir / "confusion_matrix.png", title)
     print_rank0(fabric, f"Test ({len(test_data)} texts): accuracy {result['accuracy']:.4f} | macro-F1"
                         f" {result['macro_f1']:.4f} | train time {result['train_time_s']:.1f}s | peak memory"
                         f" {result['peak_memory_gb']:.2f} GB\nConfusion matrix (rows: true {label_names}):"
-                        f" {result['confusion_matrix']}\nWrote {out_dir / 'results.json'} and"
-                        f" {out_dir / 'confusion_matrix.png'}")
+                        f" {result['confusion_matrix']}\nWrote {args.out_dir / 'results.json'} and"
+                        f" {args.out_dir / 'confusion_matrix.png'}")
 
 
 # ----------------------------------------------------------------------------------------------- features + logistic regression
 
 
-def features_of(fabric, classifier, samples, split, checkpoint_dir, data_dir, out_dir, max_seq_length, h):
-    """The pooled hidden states of `samples` and the seconds it took, cached under out_dir/features/ by everything
+def features_of(fabric, classifier, samples, split: str, args: ClassifyArgs, max_seq_length: int):
+    """The pooled hidden states of `samples` and the seconds it took, cached under args.out_dir/features/ by everything
     that determines them: the weights file, the prepared data, the pooling, the length limit and the precision."""
     key = hashlib.sha256()
-    for path in [*lit_weight_files(checkpoint_dir), data_dir / f"{split}.pt"]:
+    for path in [*lit_weight_files(args.checkpoint_dir), args.data_dir / f"{split}.pt"]:
         stat = path.stat()
         key.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-    key.update(f"{h['pooling']}:{max_seq_length}:{h['precision']}".encode())
-    cache = out_dir / "features" / f"{split}-{key.hexdigest()[:16]}.pt"
+    key.update(f"{args.pooling}:{max_seq_length}:{args.precision}".encode())
+    cache = args.out_dir / "features" / f"{split}-{key.hexdigest()[:16]}.pt"
     if cache.is_file():
         print_rank0(fabric, f"Using the cached {split} features {cache}")
         return torch.load(cache, weights_only=True), 0.0
     t0 = time.perf_counter()
-    features = predict(classifier, samples, h["feature_batch_size"], max_seq_length, fabric.device, features=True,
+    features = predict(classifier, samples, args.feature_batch_size, max_seq_length, fabric.device, features=True,
                        progress=True)
     seconds = time.perf_counter() - t0
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -239,18 +267,17 @@ def features_of(fabric, classifier, samples, split, checkpoint_dir, data_dir, ou
     return features, seconds
 
 
-def fit_logistic_regression(fabric, classifier, train_data, checkpoint_dir, data_dir, out_dir, max_seq_length, h) -> dict:
+def fit_logistic_regression(fabric, classifier, train_data, args: ClassifyArgs, max_seq_length: int) -> dict:
     """Fit scikit-learn's logistic regression on the standardized training features, then fold the standardization
     into the classifier's linear head, so the saved classifier is one GPT + one linear layer like every mode's."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    features, extract_s = features_of(fabric, classifier, train_data, "train", checkpoint_dir, data_dir, out_dir,
-                                      max_seq_length, h)
+    features, extract_s = features_of(fabric, classifier, train_data, "train", args, max_seq_length)
     labels = [s["label"] for s in train_data]
     t0 = time.perf_counter()
     scaler = StandardScaler().fit(features.numpy())
-    regression = LogisticRegression(C=h["logistic_c"], max_iter=5000).fit(scaler.transform(features.numpy()), labels)
+    regression = LogisticRegression(C=args.logistic_c, max_iter=5000).fit(scaler.transform(features.numpy()), labels)
     fit_s = time.perf_counter() - t0
     coef = torch.tensor(regression.coef_, dtype=torch.float32)
     intercept = torch.tensor(regression.intercept_, dtype=torch.float32)
@@ -263,7 +290,7 @@ def fit_logistic_regression(fabric, classifier, train_data, checkpoint_dir, data
         classifier.score.bias.copy_(intercept - (coef * (mean / scale)).sum(dim=1))
     train_accuracy = float((torch.tensor(regression.predict(scaler.transform(features.numpy()))) ==
                             torch.tensor(labels)).float().mean())
-    print_rank0(fabric, f"Logistic regression (C={h['logistic_c']}) fitted in {fit_s:.1f}s, {regression.n_iter_.max()}"
+    print_rank0(fabric, f"Logistic regression (C={args.logistic_c}) fitted in {fit_s:.1f}s, {regression.n_iter_.max()}"
                         f" iterations | train accuracy {train_accuracy:.4f}")
     return {"train_time_s": round(extract_s + fit_s, 2), "feature_extraction_s": round(extract_s, 2),
             "fit_s": round(fit_s, 2), "steps": None}
@@ -272,41 +299,42 @@ def fit_logistic_regression(fabric, classifier, train_data, checkpoint_dir, data
 # ----------------------------------------------------------------------------------------------- training
 
 
-def train_classifier(fabric, classifier, train_data, test_data, max_seq_length, out_dir, h) -> dict:
+def train_classifier(fabric, classifier, train_data, test_data, max_seq_length: int, args: ClassifyArgs,
+                     hparams: dict) -> dict:
     head = list(classifier.score.parameters())
     body = [p for p in classifier.gpt.parameters() if p.requires_grad]
-    learning_rate = h["learning_rate"] or DEFAULT_LEARNING_RATES.get(h["mode"], 0.0)
-    groups = [{"params": head, "lr": h["head_learning_rate"]}] + ([{"params": body, "lr": learning_rate}] if body else [])
+    learning_rate = args.learning_rate or DEFAULT_LEARNING_RATES.get(args.mode, 0.0)
+    groups = [{"params": head, "lr": args.head_learning_rate}] + ([{"params": body, "lr": learning_rate}] if body else [])
     model = fabric.setup_module(classifier)
-    optimizer = torch.optim.AdamW(groups, weight_decay=h["weight_decay"], betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     optimizer = fabric.setup_optimizers(optimizer)
 
-    accumulate = gradient_accumulation_iters(h["global_batch_size"], h["micro_batch_size"], 1)
+    accumulate = gradient_accumulation_iters(args.global_batch_size, args.micro_batch_size, 1)
     lengths = [min(len(s["input_ids"]), max_seq_length) for s in train_data]
-    batches_per_epoch = len(epoch_batches(lengths, h["micro_batch_size"], 0, h["seed"]))
+    batches_per_epoch = len(epoch_batches(lengths, args.micro_batch_size, 0, args.seed))
     if batches_per_epoch < accumulate:
         raise ValueError(f"{len(train_data)} training texts are too few for one optimizer step of --global_batch_size"
-                         f" {h['global_batch_size']}; lower it or prepare more texts")
-    max_steps = h["max_steps"] or max(1, h["epochs"] * batches_per_epoch // accumulate)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(h["warmup_steps"], max_steps))
+                         f" {args.global_batch_size}; lower it or prepare more texts")
+    max_steps = args.max_steps or max(1, args.epochs * batches_per_epoch // accumulate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, max_steps))
 
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "step": 0, "epoch": 0, "batch_in_epoch": 0,
              "rng": None}
-    resume_from = resolve_resume(h["resume"], out_dir)
+    resume_from = resolve_resume(args.resume, args.out_dir)
     if resume_from is not None:
         load_training_state(fabric, resume_from, state, trainable_only=True)
         set_rng_state(state["rng"])
         print_rank0(fabric, f"Resumed from {resume_from} at step {state['step']}")
 
-    metrics = MetricsLogger(out_dir, ["step", "epoch", "loss", "lr", "tokens_per_s", "val_loss", "val_accuracy",
+    metrics = MetricsLogger(args.out_dir, ["step", "epoch", "loss", "lr", "tokens_per_s", "val_loss", "val_accuracy",
                                       "memory_gb"], resume_step=state["step"] if resume_from else None)
     throughput = Throughput(start_step=state["step"], max_steps=max_steps)
     started = time.perf_counter()
     model.train()
     if state["step"] == 0:
-        validate(fabric, model, test_data, max_seq_length, h, metrics, step=0)
+        validate(fabric, model, test_data, max_seq_length, args, metrics, step=0)
     while state["step"] < max_steps:
-        batches = epoch_batches(lengths, h["micro_batch_size"], state["epoch"], h["seed"])
+        batches = epoch_batches(lengths, args.micro_batch_size, state["epoch"], args.seed)
         while state["batch_in_epoch"] + accumulate <= len(batches) and state["step"] < max_steps:
             loss_sum = 0.0
             for i in range(accumulate):
@@ -323,7 +351,7 @@ def train_classifier(fabric, classifier, train_data, test_data, max_seq_length, 
             skips_overflow = getattr(fabric.strategy.precision, "scaler", None) is not None
             if not math.isfinite(loss) or not (math.isfinite(grad_norm) or skips_overflow):
                 raise ValueError(f"The loss or gradient norm became non-finite at step {state['step'] + 1}; nothing was"
-                                 f" saved after the last good checkpoint in {out_dir}. Lower --learning_rate /"
+                                 f" saved after the last good checkpoint in {args.out_dir}. Lower --learning_rate /"
                                  " --head_learning_rate, or use --precision 32-true or bf16-true.")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -337,12 +365,12 @@ def train_classifier(fabric, classifier, train_data, test_data, max_seq_length, 
             print_rank0(fabric, throughput.line(step, loss, lr, memory))
             metrics.log({"step": step, "epoch": state["epoch"], "loss": loss, "lr": lr,
                          "tokens_per_s": throughput.tokens_per_s(), "memory_gb": memory})
-            if step % h["eval_interval"] == 0 or step == max_steps:
-                validate(fabric, model, test_data, max_seq_length, h, metrics, step)
-            if step % h["save_interval"] == 0 or step == max_steps:
+            if step % args.eval_interval == 0 or step == max_steps:
+                validate(fabric, model, test_data, max_seq_length, args, metrics, step)
+            if step % args.save_interval == 0 or step == max_steps:
                 state["rng"] = rng_state()
-                path = save_training_state(fabric, out_dir, step, state, trainable_only=True,
-                                           extra=lambda directory: save_classifier(model, directory, h))
+                path = save_training_state(fabric, args.out_dir, step, state, trainable_only=True,
+                                           extra=lambda directory: save_classifier(model, directory, hparams))
                 print_rank0(fabric, f"Saved a checkpoint to {path}")
         if state["step"] < max_steps:
             state["epoch"] += 1
@@ -353,16 +381,16 @@ def train_classifier(fabric, classifier, train_data, test_data, max_seq_length, 
 
 
 @torch.no_grad()
-def validate(fabric, model, test_data, max_seq_length, h, metrics, step) -> None:
+def validate(fabric, model, test_data, max_seq_length: int, args: ClassifyArgs, metrics, step: int) -> None:
     """Loss and accuracy on the first eval_iters x micro_batch_size test texts: a trend to watch, cheaper than the
     full evaluation at the end."""
     model.eval()
-    samples = test_data[: h["eval_iters"] * h["micro_batch_size"]]
+    samples = test_data[: args.eval_iters * args.micro_batch_size]
     batch = collate(samples, max_seq_length=max_seq_length)
     logits = torch.cat([
-        model(batch["input_ids"][i:i + h["micro_batch_size"]].to(fabric.device),
-              batch["attention_mask"][i:i + h["micro_batch_size"]].to(fabric.device)).float()
-        for i in range(0, len(samples), h["micro_batch_size"])
+        model(batch["input_ids"][i:i + args.micro_batch_size].to(fabric.device),
+              batch["attention_mask"][i:i + args.micro_batch_size].to(fabric.device)).float()
+        for i in range(0, len(samples), args.micro_batch_size)
     ])
     labels = batch["labels"].to(fabric.device)
     val_loss = F.cross_entropy(logits, labels).item()

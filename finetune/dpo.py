@@ -31,6 +31,7 @@ checkpoints and final/, which generate/lora.py, eval/tasks.py and scripts/merge_
 
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -41,7 +42,6 @@ from model.cli import run_cli
 from model.config import Config
 from model.data.preference import collate_pairs, load_pairs, pair_lengths, with_answers
 from model.device import peak_memory_gb
-from model.files import atomic_save_safetensors
 from model.gpt import GPT
 from model.lora import (
     LORA_WEIGHTS,
@@ -65,24 +65,41 @@ from model.training.preference import (
 from model.training.run import (
     MetricsLogger,
     Throughput,
+    TrainArgs,
     epoch_batches,
     gradient_accumulation_iters,
     load_training_state,
     print_rank0,
     resolve_resume,
     rng_state,
+    save_final_checkpoint,
     save_hparams,
+    save_run_weights,
     save_training_state,
     set_rng_state,
     step_dir,
     warmup_cosine,
 )
-from model.weights.checkpoint import load_state_dict
+from model.training.strategy import default_precision, fabric_strategy, weights_dtype
+from model.weights.checkpoint import load_state_dict, require_checkpoint
 
 # what a full run's final/ takes from the base checkpoint besides the weights and config (as finetune/full.py)
 METRICS = ["step", "epoch", "loss", "lr", "tokens_per_s", "reward_chosen", "reward_rejected", "reward_margin",
            "accuracy", "val_loss", "val_reward_chosen", "val_reward_rejected", "val_reward_margin", "val_accuracy",
            "val_logp_margin", "val_logp_accuracy", "memory_gb"]
+
+
+
+@dataclass
+class DPOArgs:
+    """The preference-specific flags (the shared ones are in TrainArgs)."""
+
+    method: str
+    loss: str
+    beta: float
+    label_smoothing: float
+    sft_weight: float
+    precompute_ref: bool
 
 
 def setup(
@@ -139,7 +156,8 @@ def setup(
         sft_weight: Adds this times the NLL of the chosen answers to a DPO-family loss (0: off; orpo has its own).
         precompute_ref: Compute the reference log-probs once, cache them under data_dir/reference/, and train
             without a reference model in memory.
-        precision: 32-true, bf16-true, bf16-mixed or 16-mixed. Default: bf16-true on GPU, 32-true on CPU.
+        precision: 32-true, bf16-true, bf16-mixed or 16-mixed. Default: 32-true on CPU; on GPU bf16-true, and
+            bf16-mixed with --method full (a bf16 weight cannot hold most full fine-tuning updates).
         quantize: With --method lora/qlora, store the frozen base in 4 or 8 bits (bnb.nf4, bnb.nf4-dq, bnb.fp4,
             bnb.fp4-dq, bnb.int8, bnb.int8-training).
         devices: Devices per node (GPUs, or CPU processes with --strategy ddp).
@@ -172,6 +190,9 @@ def setup(
             of a step-* directory.
     """
     hparams = dict(locals())
+    args = TrainArgs.from_flags(hparams)
+    dpo = DPOArgs(method=method, loss=loss, beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight,
+                  precompute_ref=precompute_ref)
     if method == "qlora":
         quantize = hparams["quantize"] = quantize or "bnb.nf4"
     validate_quantize(quantize)
@@ -189,37 +210,27 @@ def setup(
         raise ValueError("--loss orpo includes the NLL of the chosen answers already; leave --sft_weight at 0")
     if precompute_ref and loss == "orpo":
         raise ValueError("--loss orpo uses no reference model; --precompute_ref does not apply")
-    lora_config = None
-    if method != "full":
-        lora_config = LoRAConfig(lora_r, lora_alpha, lora_dropout, lora_query, lora_key, lora_value, lora_projection,
-                                 lora_mlp, lora_head, dora)
-    if not (checkpoint_dir / "model_config.yaml").is_file():
-        raise FileNotFoundError(f"{checkpoint_dir / 'model_config.yaml'} not found. Convert the checkpoint first:"
-                                f" `python scripts/convert_hf_checkpoint.py --checkpoint_dir {checkpoint_dir}`")
-    if precision is None:
-        precision = "bf16-true" if torch.cuda.is_available() else "32-true"
-    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision)
-    fabric.launch(main, checkpoint_dir, data_dir, out_dir, lora_config, quantize, hparams)
+    lora_config = None if method == "full" else LoRAConfig.from_hparams(hparams, source="the command line")
+    require_checkpoint(checkpoint_dir)
+    args.precision = hparams["precision"] = precision or default_precision(trains_base_weights=method == "full")
+    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=fabric_strategy(strategy), precision=args.precision)
+    fabric.launch(main, args, dpo, lora_config, quantize, hparams)
 
-
-def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, lora_config: Optional[LoRAConfig],
-         quantize: Optional[str], hparams: dict) -> None:
-    h = hparams
-    fabric.seed_everything(h["seed"])
-    config = Config.from_checkpoint(checkpoint_dir)
+def main(fabric: L.Fabric, args: TrainArgs, dpo: DPOArgs, lora_config: Optional[LoRAConfig], quantize: Optional[str],
+         hparams: dict) -> None:
+    fabric.seed_everything(args.seed)
+    config = Config.from_checkpoint(args.checkpoint_dir)
     log = lambda message: print_rank0(fabric, message)  # noqa: E731
-    train_data = load_pairs(data_dir / "train.pt", vocab_size=config.vocab_size)
-    val_data = load_pairs(data_dir / "test.pt", vocab_size=config.vocab_size)
-    max_seq_length = min(h["max_seq_length"] or config.block_size, config.block_size)
-    train_data = with_answers(train_data, max_seq_length, data_dir / "train.pt", log)
-    val_data = with_answers(val_data, max_seq_length, data_dir / "test.pt", log)
-    if lora_config is not None:
-        h = {**h, **lora_config.to_hparams()}
+    train_data = load_pairs(args.data_dir / "train.pt", vocab_size=config.vocab_size)
+    val_data = load_pairs(args.data_dir / "test.pt", vocab_size=config.vocab_size)
+    max_seq_length = min(args.max_seq_length or config.block_size, config.block_size)
+    train_data = with_answers(train_data, max_seq_length, args.data_dir / "train.pt", log)
+    val_data = with_answers(val_data, max_seq_length, args.data_dir / "test.pt", log)
 
-    dtype = {"32-true": torch.float32, "bf16-true": torch.bfloat16}.get(fabric.strategy.precision.precision, torch.float32)
+    dtype = weights_dtype(fabric)
     with fabric.init_module(empty_init=True):
         model = GPT(config)
-    model.load_state_dict(load_state_dict(checkpoint_dir, dtype=dtype), assign=True)
+    model.load_state_dict(load_state_dict(args.checkpoint_dir, dtype=dtype), assign=True)
     model.reset_rope(fabric.device)
     if quantize:
         quantize_model(model.to(fabric.device), quantize, compute_dtype=dtype)
@@ -230,54 +241,55 @@ def main(fabric: L.Fabric, checkpoint_dir: Path, data_dir: Path, out_dir: Path, 
     model = fabric.setup_module(model)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=h["learning_rate"], weight_decay=h["weight_decay"], betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     optimizer = fabric.setup_optimizers(optimizer)
 
-    accumulate = gradient_accumulation_iters(h["global_batch_size"], h["micro_batch_size"], fabric.world_size)
+    accumulate = gradient_accumulation_iters(args.global_batch_size, args.micro_batch_size, fabric.world_size)
     lengths = pair_lengths(train_data, max_seq_length)
-    batches_per_epoch = len(epoch_batches(lengths, h["micro_batch_size"], 0, h["seed"])) // fabric.world_size
+    batches_per_epoch = len(epoch_batches(lengths, args.micro_batch_size, 0, args.seed)) // fabric.world_size
     if batches_per_epoch < accumulate:  # an epoch would end before the first optimizer step, forever
         raise ValueError(
-            f"{data_dir / 'train.pt'} has {len(train_data)} pairs: too few for one optimizer step of"
-            f" --global_batch_size {h['global_batch_size']} on {fabric.world_size} device(s). Lower"
+            f"{args.data_dir / 'train.pt'} has {len(train_data)} pairs: too few for one optimizer step of"
+            f" --global_batch_size {args.global_batch_size} on {fabric.world_size} device(s). Lower"
             " --global_batch_size or prepare more pairs."
         )
-    max_steps = h["max_steps"] or max(1, h["epochs"] * batches_per_epoch // accumulate)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(h["warmup_steps"], max_steps))
+    max_steps = args.max_steps or max(1, args.epochs * batches_per_epoch // accumulate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, max_steps))
 
     if fabric.global_rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_hparams(out_dir, h)
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        save_hparams(args.out_dir, hparams)
 
     # The reference, decided before a resumed state is loaded: until then the policy still is the reference.
     module = getattr(model, "module", model)
-    reference = Reference(fabric, h["loss"], module, max_seq_length)
-    if h["precompute_ref"]:
+    reference = Reference(fabric, dpo.loss, module, max_seq_length)
+    if dpo.precompute_ref:
         for split, data in (("train", train_data), ("test", val_data)):
-            reference.cached[split] = cached_reference(fabric, module, data, data_dir / f"{split}.pt", checkpoint_dir,
-                                                       max_seq_length, dtype, quantize, h)
-    elif h["loss"] != "orpo" and lora_config is None:
+            reference.cached[split] = cached_reference(fabric, module, data, args, split=split,
+                                                       max_seq_length=max_seq_length, dtype=dtype, quantize=quantize)
+    elif dpo.loss != "orpo" and lora_config is None:
         log("Loading a frozen copy of the model as the reference")
         reference.model = GPT(config).to(dtype)
-        reference.model.load_state_dict(load_state_dict(checkpoint_dir, dtype=dtype))
+        reference.model.load_state_dict(load_state_dict(args.checkpoint_dir, dtype=dtype))
         reference.model = reference.model.to(fabric.device).eval().requires_grad_(False)
         reference.model.reset_rope(fabric.device)
 
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "step": 0, "epoch": 0, "batch_in_epoch": 0,
              "rng": None}
-    resume_from = resolve_resume(h["resume"], out_dir)
+    resume_from = resolve_resume(args.resume, args.out_dir)
     if resume_from is not None:
         load_training_state(fabric, resume_from, state, trainable_only=lora_config is not None)
         set_rng_state(state["rng"])
         log(f"Resumed from {resume_from} at step {state['step']}")
 
-    train(fabric, state, reference, train_data, val_data, max_steps, accumulate, lengths, max_seq_length, out_dir, h)
+    train(fabric, state, args, dpo, reference=reference, train_data=train_data, val_data=val_data, lengths=lengths,
+          max_steps=max_steps, accumulate=accumulate, max_seq_length=max_seq_length, hparams=hparams)
     if fabric.global_rank == 0:
         if lora_config is not None:
-            save_adapter(model, out_dir / "final", h)
+            save_adapter(model, args.out_dir / "final", hparams)
         else:
-            save_final_checkpoint(step_dir(out_dir, state["step"]), config, checkpoint_dir, out_dir / "final", h)
-        log(f"Saved the {'adapter' if lora_config is not None else 'aligned checkpoint'} to {out_dir / 'final'}")
+            save_final_checkpoint(step_dir(args.out_dir, state["step"]), config, args.checkpoint_dir, args.out_dir / "final", hparams)
+        log(f"Saved the {'adapter' if lora_config is not None else 'aligned checkpoint'} to {args.out_dir / 'final'}")
 
 
 class Reference:
@@ -304,9 +316,11 @@ class Reference:
         return logps[:half], logps[half:]
 
 
-def cached_reference(fabric, module, data, data_file, checkpoint_dir, max_seq_length, dtype, quantize, h):
+def cached_reference(fabric, module, data: list[dict], args: TrainArgs, *, split: str, max_seq_length: int,
+                     dtype: torch.dtype, quantize: Optional[str]):
     """The reference log-probs of `data` from the cache next to `data_file`, computed and saved first if missing."""
-    key = reference_key(data_file, checkpoint_dir, max_seq_length, dtype, quantize)
+    data_file = args.data_dir / f"{split}.pt"
+    key = reference_key(data_file, args.checkpoint_dir, max_seq_length, dtype, quantize)
     path = reference_cache_path(data_file, key)
     if path.is_file():
         print_rank0(fabric, f"Using the reference log-probs cached in {path}")
@@ -320,7 +334,7 @@ def cached_reference(fabric, module, data, data_file, checkpoint_dir, max_seq_le
             with lora_disabled(module), fabric.autocast():
                 return sequence_logps(module, input_ids, labels)
 
-        chosen, rejected = compute_reference(forward, data, h["micro_batch_size"], max_seq_length, fabric.device,
+        chosen, rejected = compute_reference(forward, data, args.micro_batch_size, max_seq_length, fabric.device,
                                              lambda message: print_rank0(fabric, message))
         module.train(was_training)
         save_reference(path, chosen, rejected, key)
@@ -329,17 +343,19 @@ def cached_reference(fabric, module, data, data_file, checkpoint_dir, max_seq_le
     return load_reference(path, len(data))
 
 
-def train(fabric, state, reference, train_data, val_data, max_steps, accumulate, lengths, max_seq_length, out_dir, h):
+def train(fabric: L.Fabric, state: dict, args: TrainArgs, dpo: DPOArgs, *, reference: "Reference", train_data: list[dict],
+          val_data: list[dict], lengths: list[int], max_steps: int, accumulate: int, max_seq_length: int,
+          hparams: dict) -> None:
     model, optimizer, scheduler = state["model"], state["optimizer"], state["scheduler"]
-    metrics = MetricsLogger(out_dir, METRICS, resume_step=state["step"] if h["resume"] else None,
+    metrics = MetricsLogger(args.out_dir, METRICS, resume_step=state["step"] if args.resume else None,
                             enabled=fabric.global_rank == 0)
     throughput = Throughput(start_step=state["step"], max_steps=max_steps)
     model.train()
 
     if state["step"] == 0:
-        validate(fabric, model, reference, val_data, max_seq_length, h, metrics, step=0)
+        validate(fabric, model, reference, val_data, max_seq_length, args, dpo, metrics, step=0)
     while state["step"] < max_steps:
-        batches = epoch_batches(lengths, h["micro_batch_size"], state["epoch"], h["seed"])
+        batches = epoch_batches(lengths, args.micro_batch_size, state["epoch"], args.seed)
         batches = batches[fabric.global_rank::fabric.world_size][: len(batches) // fabric.world_size]
         while state["batch_in_epoch"] + accumulate <= len(batches) and state["step"] < max_steps:
             totals = torch.zeros(5)  # loss, reward_chosen, reward_rejected, accuracy, pairs
@@ -350,7 +366,7 @@ def train(fabric, state, reference, train_data, val_data, max_steps, accumulate,
                 # no gradient all-reduce until the last micro-batch of the step
                 with fabric.no_backward_sync(model, enabled=i < accumulate - 1):
                     loss, chosen_rewards, rejected_rewards = pair_loss(model, reference, "train", indices, input_ids,
-                                                                       labels, h)
+                                                                       labels, dpo)
                     fabric.backward(loss / accumulate)
                 totals += torch.tensor([loss.item() * len(indices), chosen_rewards.sum().item(),
                                         rejected_rewards.sum().item(),
@@ -365,7 +381,7 @@ def train(fabric, state, reference, train_data, val_data, max_steps, accumulate,
                 what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {grad_norm}"
                 raise ValueError(
                     f"The {what} at step {state['step'] + 1}; nothing was saved after the last good checkpoint in"
-                    f" {out_dir}. Lower --learning_rate or --beta, or use --precision 32-true or bf16-true."
+                    f" {args.out_dir}. Lower --learning_rate or --beta, or use --precision 32-true or bf16-true."
                 )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -382,14 +398,14 @@ def train(fabric, state, reference, train_data, val_data, max_steps, accumulate,
                          "tokens_per_s": throughput.tokens_per_s(), "reward_chosen": reward_chosen,
                          "reward_rejected": reward_rejected, "reward_margin": reward_chosen - reward_rejected,
                          "accuracy": accuracy, "memory_gb": memory})
-            if step % h["eval_interval"] == 0 or step == max_steps:
-                validate(fabric, model, reference, val_data, max_seq_length, h, metrics, step)
-            if step % h["save_interval"] == 0 or step == max_steps:
+            if step % args.eval_interval == 0 or step == max_steps:
+                validate(fabric, model, reference, val_data, max_seq_length, args, dpo, metrics, step)
+            if step % args.save_interval == 0 or step == max_steps:
                 state["rng"] = rng_state()
                 path = save_training_state(
-                    fabric, out_dir, step, state, trainable_only=h["method"] != "full",
-                    extra=lambda directory: (save_adapter(model, directory, h) if h["method"] != "full"
-                                             else save_hparams(directory, h)),
+                    fabric, args.out_dir, step, state, trainable_only=dpo.method != "full",
+                    extra=lambda directory: (save_adapter(model, directory, hparams) if dpo.method != "full"
+                                             else save_hparams(directory, hparams)),
                 )
                 print_rank0(fabric, f"Saved a checkpoint to {path}")
         if state["step"] < max_steps:
@@ -397,36 +413,36 @@ def train(fabric, state, reference, train_data, val_data, max_steps, accumulate,
             state["batch_in_epoch"] = 0
 
 
-def pair_loss(model, reference, split, indices, input_ids, labels, h, policy_logps=None):
+def pair_loss(model, reference, split, indices, input_ids, labels, dpo: DPOArgs, policy_logps=None):
     """The batch's loss and its pairs' chosen and rejected rewards: the preference loss of `--loss`, plus the NLL of
     the chosen answers (ORPO's L_SFT, or `--sft_weight` times it)."""
     logps, tokens = policy_logps if policy_logps is not None else sequence_logps(model, input_ids, labels)
     half = len(indices)
     ref_chosen, ref_rejected = reference.logps(split, indices, input_ids, labels)
     losses, chosen_rewards, rejected_rewards = preference_losses(
-        h["loss"], h["beta"], h["label_smoothing"], logps[:half], logps[half:], ref_chosen, ref_rejected,
+        dpo.loss, dpo.beta, dpo.label_smoothing, logps[:half], logps[half:], ref_chosen, ref_rejected,
         tokens[:half], tokens[half:])
     chosen_nll = -logps[:half].sum() / tokens[:half].sum()  # token-mean, as an SFT loss
-    if h["loss"] == "orpo":
-        loss = chosen_nll + h["beta"] * losses.mean()
+    if dpo.loss == "orpo":
+        loss = chosen_nll + dpo.beta * losses.mean()
     else:
-        loss = losses.mean() + h["sft_weight"] * chosen_nll
+        loss = losses.mean() + dpo.sft_weight * chosen_nll
     return loss, chosen_rewards, rejected_rewards
 
 
 @torch.no_grad()
-def validate(fabric, model, reference, val_data, max_seq_length, h, metrics, step) -> dict:
+def validate(fabric, model, reference, val_data, max_seq_length, args, dpo, metrics, step) -> dict:
     """Loss, rewards and preference accuracy on the held-out pairs; also the policy's own preference, log pi(y_w)
     > log pi(y_l), which (unlike the implicit reward, zero for every pair at step 0) says something before training."""
     model.eval()
-    val_data = val_data[: h["eval_iters"] * h["micro_batch_size"]]  # the first pairs: their indices match the cache
+    val_data = val_data[: args.eval_iters * args.micro_batch_size]  # the first pairs: their indices match the cache
     totals = torch.zeros(7)  # loss, reward_chosen, reward_rejected, accuracy, logp_margin, logp_accuracy, pairs
-    for start in range(0, len(val_data), h["micro_batch_size"]):
-        indices = list(range(start, min(start + h["micro_batch_size"], len(val_data))))
+    for start in range(0, len(val_data), args.micro_batch_size):
+        indices = list(range(start, min(start + args.micro_batch_size, len(val_data))))
         batch = collate_pairs([val_data[j] for j in indices], max_seq_length)
         input_ids, labels = batch["input_ids"].to(fabric.device), batch["labels"].to(fabric.device)
         logps, tokens = sequence_logps(model, input_ids, labels)
-        loss, chosen_rewards, rejected_rewards = pair_loss(model, reference, "test", indices, input_ids, labels, h,
+        loss, chosen_rewards, rejected_rewards = pair_loss(model, reference, "test", indices, input_ids, labels, dpo,
                                                            policy_logps=(logps, tokens))
         logp_margin = logps[:len(indices)] - logps[len(indices):]
         totals += torch.tensor([loss.item() * len(indices), chosen_rewards.sum().item(), rejected_rewards.sum().item(),
@@ -446,9 +462,7 @@ def validate(fabric, model, reference, val_data, max_seq_length, h, metrics, ste
 
 
 def save_adapter(model, run_dir: Path, hparams: dict) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(lora_state_dict(getattr(model, "module", model)), run_dir / LORA_WEIGHTS)
-    save_hparams(run_dir, hparams)
+    save_run_weights(run_dir, lora_state_dict(getattr(model, "module", model)), LORA_WEIGHTS, hparams)
 
 
 

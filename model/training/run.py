@@ -42,17 +42,17 @@ class TrainArgs:
     max_steps: Optional[int]
     epochs: int
     max_seq_length: Optional[int]
-    packing: bool
     eval_interval: int
     eval_iters: int
     save_interval: int
     seed: int
     resume: bool | str | Path
+    packing: bool = False
 
     @classmethod
     def from_flags(cls, flags: dict[str, Any]) -> "TrainArgs":
         """The fields of `flags` (a script's `locals()`) that this class holds; the method's own flags stay out."""
-        return cls(**{f.name: flags[f.name] for f in fields(cls)})
+        return cls(**{f.name: flags[f.name] for f in fields(cls) if f.name in flags})
 
 
 def epoch_batches(lengths: list[int], micro_batch_size: int, epoch: int, seed: int) -> list[list[int]]:
