@@ -200,6 +200,28 @@ def test_fsdp_full_finetuning_equals_one_process_and_saves_a_plain_checkpoint(ti
                                    atol=1e-4, rtol=1e-4)
 
 
+def test_fsdp_dpo_lora_equals_one_process(tiny_dir, tmp_path):
+    """DPO's reference under FSDP is the sharded policy with its adapters off: no second model, no gather."""
+    data_dir = tmp_path / "pref"
+    load_script("scripts/prepare_preferences.py").prepare_preferences(
+        checkpoint_dir=tiny_dir, out_dir=data_dir, num_train=8, num_test=4, max_seq_length=96,
+        tasks="count_words,uppercase")
+    flags = dict(checkpoint_dir=tiny_dir, data_dir=data_dir, global_batch_size=4, micro_batch_size=2,
+                 learning_rate=1e-2, max_steps=2, save_interval=2, eval_interval=1000, eval_iters=1, lora_dropout=0.0)
+    load_script("finetune/dpo.py").setup(out_dir=tmp_path / "one", **flags)
+    result = subprocess.run([sys.executable, str(ROOT / "finetune/dpo.py"),
+                             *as_cli(out_dir=tmp_path / "fsdp", devices=2, strategy="fsdp", **flags)],
+                            cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+    expected, saved = (load_file(tmp_path / run / "final" / LORA_WEIGHTS) for run in ("one", "fsdp"))
+    assert saved.keys() == expected.keys()
+    for key in expected:
+        assert saved[key].shape == expected[key].shape, key
+        torch.testing.assert_close(saved[key], expected[key], atol=1e-5, rtol=1e-4)
+    assert (tmp_path / "fsdp" / "step-000002" / "training_state.pt").is_dir()
+
+
 def cli_error(capsys, function, args: list[str]) -> str:
     with pytest.raises(SystemExit) as exit_info:
         run_cli(function, args)
