@@ -82,25 +82,28 @@ def mixed_precision_policy(precision: str):
     return MixedPrecisionPolicy()
 
 
-def shard_and_load(model: nn.Module, device_mesh, checkpoint_dir: Optional[Path], precision: str) -> nn.Module:
-    """`fully_shard` each transformer Block, then the root (embedding, final norm, head: a tied head and embedding
-    share one parameter, so they must be sharded together). A model on the meta device is then allocated shard by
+def shard_and_load(model: GPT, device_mesh, checkpoint_dir: Optional[Path], precision: str) -> GPT:
+    """`fully_shard` each transformer Block, the embedding and the head, then the root (the final norm; a tied head
+    and embedding share one parameter, so they stay together in the root). A model on the meta device is then allocated shard by
     shard and filled from `checkpoint_dir`."""
     from torch.distributed.fsdp import fully_shard
 
     mesh = device_mesh["data_parallel"]
-    gpt = model.gpt if not isinstance(model, GPT) and isinstance(getattr(model, "gpt", None), GPT) else model
     policy = mixed_precision_policy(precision)
-    for block in gpt.transformer.h:
+    for block in model.transformer.h:
         fully_shard(block, mesh=mesh, mp_policy=policy)
+    if not model.config.tie_embeddings:
+        # each as large as a few blocks at a 128k vocabulary: gathered only while it computes, not the whole step
+        fully_shard(model.transformer.wte, mesh=mesh, mp_policy=policy)
+        fully_shard(model.lm_head, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     if any(t.is_meta for t in model.parameters()):
-        device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else "cpu"
-        model.to_empty(device=device)
         if checkpoint_dir is None:
             raise ValueError("The model is on the meta device and no checkpoint_dir was given to load it from")
-        load_sharded_weights(gpt, checkpoint_dir)
-        gpt.reset_rope(device)
+        device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else "cpu"
+        model.to_empty(device=device)
+        load_sharded_weights(model, checkpoint_dir)
+        model.reset_rope(device)
     return model
 
 
