@@ -3,9 +3,10 @@ its gradients and its optimizer state are split across the processes, so each ho
 
 How a run uses it (`fsdp_strategy` builds the strategy that `L.Fabric(strategy=...)` takes):
 - The model is built on the meta device (`fabric.init_module(empty_init=True)`), LoRA is injected there, and
-  `fabric.setup_module` calls `shard_and_load`: `fully_shard` per Block and then the root, `to_empty` allocates only
-  this rank's shards, and every shard is read from the memory-mapped safetensors (rows `[offset, offset + n)`
-  through `safe_open(...).get_slice`), so no process ever holds the whole model. Parameters the checkpoint lacks
+  `fabric.setup_module` calls `shard_and_load`: `fully_shard` per Block (and on an untied embedding and head), then
+  the root; `to_empty` allocates only this rank's shards, and each shard is read from the memory-mapped
+  safetensors (rows `[offset, offset + n)` through `safe_open(...).get_slice`), so no process ever holds the whole
+  model. Parameters the checkpoint lacks
   (LoRA's A, B and DoRA's magnitudes) are initialised exactly as `model.lora` initialises them in one process,
   from the same random stream, and sharded the same way.
 - FSDP2 keeps every parameter a DTensor of its own: a frozen weight is all-gathered for the forward like any
