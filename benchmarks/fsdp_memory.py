@@ -72,6 +72,9 @@ def record_run(record_dir: Path, flags: list[str]) -> None:
             "peak_memory_gb": peak_memory_gb(fabric.device),
             "cpu_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "weights_gb": sum(t.numel() * t.element_size() for t in local) / 2**30,
+            # now, not peak: anonymous memory vs pages of memory-mapped files (a one-process run maps the weights)
+            **{key: int(line.split()[1]) / 2**20 for line in Path("/proc/self/status").read_text().splitlines()
+               for key in ("RssAnon", "RssFile") if line.startswith(key + ":")},
         }
         (record_dir / f"rank{fabric.global_rank}.json").write_text(json.dumps(record))
 

@@ -142,9 +142,16 @@ def load_sharded_weights(model: GPT, checkpoint_dir: Path) -> None:
     from safetensors import safe_open
 
     files = {}
-    handles = [safe_open(path, framework="pt", device="cpu") for path in lit_weight_files(checkpoint_dir)]
-    for handle in handles:
-        files.update({key: handle for key in handle.keys()})
+    for path in lit_weight_files(checkpoint_dir):
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            files.update({key: path for key in handle.keys()})
+
+    def read_rows(key: str, start: int, stop: Optional[int]) -> torch.Tensor:
+        # opened per tensor: the file's pages read so far are unmapped again, so they never add up to the model
+        with safe_open(files[key], framework="pt", device="cpu") as handle:
+            rows = handle.get_slice(key)
+            return rows[start:stop] if stop is not None else rows[:]
+
     names = _checkpoint_names(model)
     adapter_params = {id(p) for m in model.modules() if isinstance(m, LoRAAdapter) for p in m.parameters()}
     for name, param in model.named_parameters():
@@ -155,9 +162,8 @@ def load_sharded_weights(model: GPT, checkpoint_dir: Path) -> None:
             raise ValueError(f"{checkpoint_dir}: no weight {key} for the model's parameter {name}; --strategy fsdp"
                              " loads base weights and LoRA adapters only")
         local, start = _local_rows(param)
-        rows = files[key].get_slice(key)
-        local.copy_(rows[start:start + local.shape[0]] if local.dim() else rows[:])
-    init_adapters(model, lambda key, start, stop: files[key].get_slice(key)[start:stop].float(), names)
+        local.copy_(read_rows(key, start, start + local.shape[0] if local.dim() else None))
+    init_adapters(model, lambda key, start, stop: read_rows(key, start, stop).float(), names)
 
 
 @torch.no_grad()
