@@ -3,8 +3,8 @@
     python benchmarks/fsdp_memory.py --tokenizer_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct \
         --data_dir data/tasks --work_dir /tmp/fsdp_memory
 
-The model has Llama-3-8B's width (n_embd 4096, 32 heads, 8 KV groups, MLP 14336, vocab 128256) with `--n_layer`
-random blocks, written in bf16 as a converted checkpoint in `work_dir` (the tokenizer files come from
+The model has the shape of `--model_name` (default Llama-3-8B's width: n_embd 4096, 32 heads, 8 KV groups, MLP
+14336, vocab 128256) with `--n_layer` random blocks, written in bf16 as a converted checkpoint in `work_dir` (the tokenizer files come from
 `tokenizer_dir`; the data prepared with that tokenizer fits the larger vocabulary). finetune/lora.py then trains
 `--max_steps` steps with `--precision`, once on one process and once with `--strategy fsdp --devices N` (CPU
 processes on a machine without a GPU), each rank recording its peak resident memory (CPU) or peak allocated GPU
@@ -17,13 +17,14 @@ import resource
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def build_checkpoint(tokenizer_dir: Path, checkpoint_dir: Path, n_layer: int) -> None:
+def build_checkpoint(tokenizer_dir: Path, checkpoint_dir: Path, model_name: str, n_layer: Optional[int]) -> None:
     from model.config import Config
     from model.gpt import GPT
     from model.weights.checkpoint import copy_checkpoint_files, save_sharded
@@ -31,7 +32,7 @@ def build_checkpoint(tokenizer_dir: Path, checkpoint_dir: Path, n_layer: int) ->
     if (checkpoint_dir / "model_config.yaml").is_file():
         return
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    config = Config.from_name("Meta-Llama-3-8B", n_layer=n_layer)
+    config = Config.from_name(model_name, **({"n_layer": n_layer} if n_layer else {}))
     with torch.device("meta"):
         model = GPT(config)
     generator = torch.Generator().manual_seed(0)
@@ -82,7 +83,8 @@ def record_run(record_dir: Path, flags: list[str]) -> None:
     run_cli(lora.setup, flags)
 
 
-def main(tokenizer_dir: Path, data_dir: Path, work_dir: Path, n_layer: int = 2, devices: int = 2,
+def main(tokenizer_dir: Path, data_dir: Path, work_dir: Path, model_name: str = "Meta-Llama-3-8B",
+         n_layer: Optional[int] = 2, devices: int = 2,
          precision: str = "bf16-true", max_steps: int = 2, max_seq_length: int = 128) -> None:
     """Build the checkpoint, run one process and FSDP on `devices` processes, print the table.
 
@@ -90,14 +92,15 @@ def main(tokenizer_dir: Path, data_dir: Path, work_dir: Path, n_layer: int = 2, 
         tokenizer_dir: A checkpoint whose tokenizer prepared `data_dir`.
         data_dir: Prepared SFT data (train.pt, test.pt).
         work_dir: Where the checkpoint, the runs and fsdp_memory.json go.
-        n_layer: Transformer blocks at Llama-3-8B width (each ~218M parameters).
+        model_name: The configuration (model/config.py) whose shape the random checkpoint takes.
+        n_layer: Transformer blocks (Llama-3-8B: ~218M parameters each); default: the configuration's.
         devices: FSDP processes.
         precision: The runs' --precision.
         max_steps: Optimizer steps per run.
         max_seq_length: Longest sample, in tokens.
     """
     checkpoint_dir = work_dir / "checkpoint"
-    build_checkpoint(tokenizer_dir, checkpoint_dir, n_layer)
+    build_checkpoint(tokenizer_dir, checkpoint_dir, model_name, n_layer)
     results = {}
     for name, strategy, n in (("1 process", "auto", 1), (f"FSDP, {devices} processes", "fsdp", devices)):
         record_dir, out_dir = work_dir / f"record-{n}", work_dir / f"run-{n}"
