@@ -1,4 +1,5 @@
-"""Peak memory per rank of a LoRA run: one process vs `--strategy fsdp` on N processes, same model, same global batch.
+"""Peak memory per rank of a LoRA run: one process vs `--strategy fsdp` on N processes, same model, one sample per
+rank per step.
 
     python benchmarks/fsdp_memory.py --tokenizer_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct \
         --data_dir data/tasks --work_dir /tmp/fsdp_memory
