@@ -15,6 +15,7 @@ the adapter weights in float32, Forge in the base weights' dtype).
 """
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -24,8 +25,9 @@ from typing import Literal, Optional
 
 import torch
 
-# the litgpt engine runs in litgpt's own environment, where Forge is not installed: import `model` from this checkout
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+# the litgpt engine runs in litgpt's own environment, where Forge is not installed: its subprocess imports `model`
+# from this checkout through PYTHONPATH
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -160,7 +162,9 @@ def main(
                    "--micro_batch_size", str(micro_batch_size), "--seq_len", str(seq_len), "--steps", str(steps),
                    "--warmup", str(warmup), "--dtype", dtype, "--device", device, "--data", data,
                    "--data_dir", str(data_dir)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
+                                                                           os.environ.get("PYTHONPATH")]))}
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode != 0:
                 raise SystemExit(f"{name} failed:\n{out.stderr}")
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -4,7 +4,8 @@
         --metrics exact_match,perplexity,multiple_choice --data_dir data/tasks --limit 40 --mc_csv my_questions.csv
 
 Each entry of `--models` is `name=path` (or just a path, named after its directory): a checkpoint (a base, a merged
-or a full fine-tune, a DPO run's output ...) or a LoRA/adapter run directory, loaded once and scored on every metric:
+or a full fine-tune, a DPO run's output ...) or any fine-tuning run directory (LoRA/DoRA, adapter), loaded once and
+scored on every metric:
   exact_match      greedy answers on `--data_dir`'s prepared `--split` (eval/tasks.py)
   perplexity       per-token perplexity of the answers of that split, or of `--ppl_file` (eval/perplexity.py)
   multiple_choice  accuracy on the MMLU-format `--mc_csv` (eval/multiple_choice.py)
@@ -18,18 +19,14 @@ import time
 from pathlib import Path
 from typing import Literal, Optional
 
-sys.path.insert(0, str(Path(__file__).parent))
-import lm_eval_harness  # noqa: E402
-import multiple_choice  # noqa: E402
-import perplexity  # noqa: E402
-import tasks  # noqa: E402
-from scoring import model_flags, write_result  # noqa: E402
-
 from model.cli import run_cli
 from model.data.sft import load_dataset
 from model.files import atomic_save_figure, atomic_write_text
-from model.tokenizer import Tokenizer  # noqa: E402
-from model.weights.load import load_model_run
+from model.tokenizer import Tokenizer
+from model.weights.load import detect, load_any
+from model.workflows.evaluate import exact_match_of, perplexity_of, read_documents, read_questions, score_questions, \
+    write_result
+from model.workflows.harness import evaluate_model, headline
 
 METRICS = ("exact_match", "perplexity", "multiple_choice", "lm_eval")
 LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
@@ -43,7 +40,7 @@ def parse_models(models: list[str]) -> dict[str, Path]:
         name = name.strip() or (path.parent.name if path.name == "final" else path.name)
         if name in parsed:
             raise ValueError(f"Two models are named {name!r} in --models; name them: --models '[base=..., lora=...]'")
-        model_flags(path)  # a wrong path fails now, not after the first model's evaluation
+        detect(path)  # a wrong path fails now, not after the first model's evaluation
         parsed[name] = path
     if not parsed:
         raise ValueError("--models is empty; give one or more name=path entries")
@@ -106,7 +103,7 @@ def main(
     """Score several checkpoints and runs on the same metrics.
 
     Args:
-        models: `name=path` entries (a checkpoint, or a LoRA/adapter run directory), e.g. '[base=DIR, lora=out/lora]'.
+        models: `name=path` entries (a checkpoint or any fine-tuning run directory), e.g. '[base=DIR, lora=out/lora]'.
         metrics: Comma-separated, from exact_match, perplexity, multiple_choice, lm_eval.
         data_dir: Prepared data for exact_match (and perplexity without --ppl_file), made with the models' tokenizer.
         split: The prepared split to score.
@@ -131,41 +128,40 @@ def main(
         raise ValueError("--metrics multiple_choice needs --mc_csv (an MMLU-format CSV file)")
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be at least 1, got {limit}")
-    questions = multiple_choice.read_questions(mc_csv)[:limit] if "multiple_choice" in chosen else None
-    shots = multiple_choice.read_questions(mc_fewshot_csv) if mc_fewshot_csv is not None else None
-    documents = perplexity.read_documents(ppl_file) if ppl_file is not None and "perplexity" in chosen else None
+    questions = read_questions(mc_csv)[:limit] if "multiple_choice" in chosen else None
+    shots = read_questions(mc_fewshot_csv) if mc_fewshot_csv is not None else None
+    documents = read_documents(ppl_file) if ppl_file is not None and "perplexity" in chosen else None
 
     rows: dict[str, dict[str, float]] = {}
     details: dict[str, dict] = {}
     t0 = time.perf_counter()
     for name, path in runs.items():
         print(f"=== {name} ({path})", file=sys.stderr)
-        model, checkpoint_dir, run_dir = load_model_run(**model_flags(path), device=device, precision=precision,
-                                                        quantize=quantize)
+        loaded = load_any(path, device=device, precision=precision, quantize=quantize)
+        model, checkpoint_dir = loaded.model, loaded.checkpoint_dir
         tokenizer = Tokenizer(checkpoint_dir)
         rows[name], details[name] = {}, {"path": str(path), "checkpoint_dir": str(checkpoint_dir)}
         needs_split = "exact_match" in chosen or ("perplexity" in chosen and documents is None)
         samples = load_dataset(Path(data_dir) / f"{split}.pt", tokenizer.vocab_size)[:limit] if needs_split else None
         for metric in chosen:
             if metric == "exact_match":
-                result = tasks.exact_match_of(model, tokenizer, samples, max_new_tokens, batch_size)
+                result = exact_match_of(model, tokenizer, samples, max_new_tokens, batch_size)
                 rows[name]["exact_match"] = result["exact_match"]
             elif metric == "perplexity":
-                result = perplexity.perplexity_of(model, tokenizer, documents, None if documents else samples,
-                                                  batch_size=batch_size)
+                result = perplexity_of(model, tokenizer, documents, None if documents else samples,
+                                       batch_size=batch_size)
                 rows[name]["perplexity"] = result["perplexity"]
             elif metric == "multiple_choice":
-                result = multiple_choice.score_questions(model, tokenizer, questions, shots, mc_num_fewshot,
-                                                         batch_size=batch_size)
+                result = score_questions(model, tokenizer, questions, shots, mc_num_fewshot, batch_size=batch_size)
                 rows[name]["multiple_choice"] = result["accuracy"]
             else:
-                result = lm_eval_harness.evaluate_model(model, tokenizer, lm_eval_tasks, lm_eval_num_fewshot,
-                                                        batch_size, lm_eval_limit)
+                result = evaluate_model(model, tokenizer, lm_eval_tasks, lm_eval_num_fewshot, batch_size,
+                                        lm_eval_limit)
                 for task in result["results"]:
-                    column, value = lm_eval_harness.headline(result["results"], task)
+                    column, value = headline(result["results"], task)
                     rows[name][column] = value
             details[name][metric] = result
-        del model
+        del model, loaded
 
     columns = list(dict.fromkeys(column for row in rows.values() for column in row))
     header = "| model | " + " | ".join(f"{c} {'↓' if lower_is_better(c) else '↑'}" for c in columns) + " |"

@@ -5,7 +5,7 @@
     python eval/judge.py --mode single --prompts_file prompts.jsonl --judge_dir checkpoints/org/judge --model_a out/lora
 
 Both models answer every prompt (greedy, batched, each in its own prompt style); `--model_a/--model_b` are a
-checkpoint or a LoRA/adapter run directory. Pairwise, the judge sees each pair twice, A first and then B first, and a
+checkpoint or any fine-tuning run directory. Pairwise, the judge sees each pair twice, A first and then B first, and a
 model wins a prompt only when the judge prefers it in both orders; a verdict that flips with the order is a tie (this
 cancels the judge's position bias, which small judges have a lot of). The win rate of B counts ties as half, with a
 bootstrap 95% confidence interval over the prompts. Single grading asks for a 1-10 rating of each answer alone.
@@ -17,18 +17,16 @@ file (one prompt per line). Writes `judge.json` with every answer and judgement;
 import json
 import random
 import re
-import sys
 import time
 from pathlib import Path
-from typing import Literal, Optional
-
-sys.path.insert(0, str(Path(__file__).parent))
-from scoring import greedy_answers, model_flags, write_result  # noqa: E402
+from functools import partial
+from typing import Callable, Literal, Optional
 
 from model.cli import run_cli
-from model.prompts import load_prompt_style  # noqa: E402
-from model.tokenizer import Tokenizer  # noqa: E402
-from model.weights.load import load_model_run
+from model.prompts import load_prompt_style
+from model.tokenizer import Tokenizer
+from model.weights.load import detect, load_any
+from model.workflows.evaluate import greedy_answers, write_result
 from model.workflows.judge import parse_score
 
 # MT-Bench's judge prompts (Zheng et al. 2023, "Judging LLM-as-a-Judge"), with the reference answer optional
@@ -139,21 +137,20 @@ def read_prompts(path: Path) -> list[dict]:
 
 def answer_prompts(path: Path, prompts: list[dict], max_new_tokens: int, batch_size: int, **load) -> list[str]:
     """Greedy answers of the model at `path` (a checkpoint or a run), each prompt in that model's prompt style."""
-    model, checkpoint_dir, _ = load_model_run(**model_flags(path), **load)
-    tokenizer, style = Tokenizer(checkpoint_dir), load_prompt_style(checkpoint_dir)
+    loaded = load_any(path, **load)
+    tokenizer, style = Tokenizer(loaded.checkpoint_dir), load_prompt_style(loaded.checkpoint_dir)
     rendered = [style.apply(item["prompt"]) for item in prompts]
-    answers = greedy_answers(model, tokenizer, rendered, max_new_tokens, batch_size, style, desc=f"Answering ({path})")
-    del model
-    return answers
+    return greedy_answers(loaded.model, tokenizer, rendered, max_new_tokens, batch_size, style,
+                          desc=f"Answering ({path})")
 
 
 def judge_texts(judge_dir: Path, texts: list[str], max_new_tokens: int, batch_size: int, prefill: str = "",
                 **load) -> list[str]:
     """The judge's replies; `prefill` starts each reply (e.g. "[[") so that a small judge only has to choose."""
-    model, checkpoint_dir, _ = load_model_run(**model_flags(judge_dir), **load)
-    tokenizer, style = Tokenizer(checkpoint_dir), load_prompt_style(checkpoint_dir)
+    loaded = load_any(judge_dir, **load)
+    tokenizer, style = Tokenizer(loaded.checkpoint_dir), load_prompt_style(loaded.checkpoint_dir)
     rendered = [style.apply(text) + prefill for text in texts]
-    replies = greedy_answers(model, tokenizer, rendered, max_new_tokens, batch_size, style, desc="Judging")
+    replies = greedy_answers(loaded.model, tokenizer, rendered, max_new_tokens, batch_size, style, desc="Judging")
     return [prefill + reply for reply in replies]
 
 
@@ -164,6 +161,85 @@ def fill(template: str, item: dict, **answers: str) -> str:
         reference=f"[The Start of Reference Answer]\n{reference}\n[The End of Reference Answer]\n\n" if reference else "",
         **answers,
     )
+
+
+def judge_pairwise(prompts: list[dict], records: list[dict], answers_a: list[str], answers_b: list[str],
+                   judge: Callable[[list[str]], list[str]], bootstrap_iters: int,
+                   seed: int) -> tuple[dict, list[str], str, float]:
+    """Pairwise mode: the judge sees each pair in both orders; B's win rate (ties count half) with its 95% CI.
+    Fills each record's judgements and verdicts; returns the summary entries, the lines to print and the headline
+    metric with its value."""
+    texts = [fill(PAIRWISE_PROMPT, item, answer_a=a, answer_b=b) for item, a, b in zip(prompts, answers_a, answers_b)]
+    texts += [fill(PAIRWISE_PROMPT, item, answer_a=b, answer_b=a) for item, a, b in zip(prompts, answers_a, answers_b)]
+    judgements = judge(texts)
+    n = len(prompts)
+    outcomes = []
+    for i, record in enumerate(records):
+        first, second = parse_verdict(judgements[i]), swap(parse_verdict(judgements[n + i]))
+        outcome = combine_orders(first, second)
+        record.update(judgement_a_first=judgements[i], judgement_b_first=judgements[n + i],
+                      verdict_a_first=first, verdict_b_first=second, outcome=outcome)
+        outcomes.append(outcome)
+    decided = [o for o in outcomes if o is not None]
+    if not decided:
+        raise ValueError(f"The judge gave no verdict that could be read for any of the {n} prompts (its first"
+                         f" reply: {judgements[0][:160]!r}); use a larger or instruction-tuned judge, or"
+                         " --prefill '[['")
+    scores = [1.0 if o == "B" else 0.5 if o == "tie" else 0.0 for o in decided]
+    both = [(r["verdict_a_first"], r["verdict_b_first"]) for r in records
+            if r["verdict_a_first"] is not None and r["verdict_b_first"] is not None]
+    summary = dict(
+        win_rate=sum(scores) / len(scores), win_rate_ci95=bootstrap_interval(scores, bootstrap_iters, seed),
+        wins_b=decided.count("B"), wins_a=decided.count("A"), ties=decided.count("tie"),
+        no_verdict=outcomes.count(None),
+        verdicts_read=sum(r[k] is not None for r in records for k in ("verdict_a_first", "verdict_b_first")),
+        position_consistency=sum(a == b for a, b in both) / len(both) if both else None,
+    )
+    lines = [f"B wins {summary['wins_b']}, A wins {summary['wins_a']}, ties {summary['ties']}, no verdict"
+             f" {summary['no_verdict']} (of {n} prompts, judged in both orders)",
+             f"win rate of B over A: {summary['win_rate']:.3f} (95% CI {summary['win_rate_ci95'][0]:.3f}-"
+             f"{summary['win_rate_ci95'][1]:.3f}); verdicts read {summary['verdicts_read']}/{2 * n}; same verdict"
+             f" in both orders: " + (f"{summary['position_consistency']:.2f}" if both else "n/a")]
+    return summary, lines, "win_rate", summary["win_rate"]
+
+
+def grade_single(prompts: list[dict], records: list[dict], answers_a: list[str], answers_b: Optional[list[str]],
+                 judge: Callable[[list[str]], list[str]], bootstrap_iters: int,
+                 seed: int) -> tuple[dict, list[str], str, float]:
+    """Single mode: a 1-10 rating of each answer alone; each model's mean score and, with B, the paired difference
+    B minus A, with 95% CIs. Fills each record's judgements and scores; returns the summary entries, the lines to
+    print and the headline metric with its value."""
+    graded = [("a", answers_a)] + ([("b", answers_b)] if answers_b is not None else [])
+    texts = [fill(SINGLE_PROMPT, item, answer=answer) for _, answers in graded for item, answer in
+             zip(prompts, answers)]
+    judgements = judge(texts)
+    summary: dict = {}
+    lines = []
+    for k, (name, _) in enumerate(graded):
+        ratings = [parse_rating(j) for j in judgements[k * len(prompts):(k + 1) * len(prompts)]]
+        for record, judgement, rating in zip(records, judgements[k * len(prompts):], ratings):
+            record[f"judgement_{name}"], record[f"score_{name}"] = judgement, rating
+        read = [r for r in ratings if r is not None]
+        if not read:
+            raise ValueError(f"The judge gave no readable 1-10 rating for model {name.upper()}'s answers (its"
+                             f" first reply: {judgements[k * len(prompts)][:160]!r}); use a larger or"
+                             " instruction-tuned judge, or --prefill 'Rating: [['")
+        summary[f"mean_score_{name}"] = sum(read) / len(read)
+        summary[f"mean_score_{name}_ci95"] = bootstrap_interval(read, bootstrap_iters, seed)
+        summary[f"scores_read_{name}"] = len(read)
+        lines.append(f"model {name.upper()}: mean score {summary[f'mean_score_{name}']:.2f} (95% CI"
+                     f" {summary[f'mean_score_{name}_ci95'][0]:.2f}-{summary[f'mean_score_{name}_ci95'][1]:.2f}),"
+                     f" {len(read)} of {len(prompts)} ratings read")
+    if answers_b is not None:
+        paired = [r["score_b"] - r["score_a"] for r in records if r["score_a"] is not None and r["score_b"] is not None]
+        if not paired:
+            raise ValueError("No prompt has a readable rating for both answers; use a larger judge")
+        summary["score_difference"] = sum(paired) / len(paired)
+        summary["score_difference_ci95"] = bootstrap_interval(paired, bootstrap_iters, seed)
+        lines.append(f"B minus A: {summary['score_difference']:+.2f} (95% CI {summary['score_difference_ci95'][0]:+.2f}"
+                     f" to {summary['score_difference_ci95'][1]:+.2f}) over {len(paired)} prompts")
+        return summary, lines, "score_difference", summary["score_difference"]
+    return summary, lines, "mean_score", summary["mean_score_a"]
 
 
 def main(
@@ -212,7 +288,7 @@ def main(
     prompts = read_prompts(prompts_file)[:limit]
     for path in [model_a, model_b, judge_dir]:
         if path is not None:
-            model_flags(path)  # fail on a wrong path before any model is loaded
+            detect(path)  # fail on a wrong path before any model is loaded
     load = dict(device=device, precision=precision, quantize=quantize)
     t0 = time.perf_counter()
     answers_a = answer_prompts(model_a, prompts, max_new_tokens, batch_size, **load)
@@ -222,74 +298,13 @@ def main(
     if answers_b is not None:
         for record, b in zip(records, answers_b):
             record["answer_b"] = b
-
+    judge = partial(judge_texts, judge_dir, max_new_tokens=judge_max_new_tokens, batch_size=batch_size,
+                    prefill=prefill, **load)
     summary = {"mode": mode, "judge": str(judge_dir), "model_a": str(model_a),
                "model_b": str(model_b) if model_b else None, "prompts_file": str(prompts_file), "prompts": len(prompts)}
-    if mode == "pairwise":
-        texts = [fill(PAIRWISE_PROMPT, item, answer_a=a, answer_b=b) for item, a, b in zip(prompts, answers_a, answers_b)]
-        texts += [fill(PAIRWISE_PROMPT, item, answer_a=b, answer_b=a) for item, a, b in zip(prompts, answers_a, answers_b)]
-        judgements = judge_texts(judge_dir, texts, judge_max_new_tokens, batch_size, prefill, **load)
-        n = len(prompts)
-        outcomes = []
-        for i, record in enumerate(records):
-            first, second = parse_verdict(judgements[i]), swap(parse_verdict(judgements[n + i]))
-            outcome = combine_orders(first, second)
-            record.update(judgement_a_first=judgements[i], judgement_b_first=judgements[n + i],
-                          verdict_a_first=first, verdict_b_first=second, outcome=outcome)
-            outcomes.append(outcome)
-        decided = [o for o in outcomes if o is not None]
-        if not decided:
-            raise ValueError(f"The judge gave no verdict that could be read for any of the {n} prompts (its first"
-                             f" reply: {judgements[0][:160]!r}); use a larger or instruction-tuned judge, or"
-                             " --prefill '[['")
-        scores = [1.0 if o == "B" else 0.5 if o == "tie" else 0.0 for o in decided]
-        both = [(r["verdict_a_first"], r["verdict_b_first"]) for r in records
-                if r["verdict_a_first"] is not None and r["verdict_b_first"] is not None]
-        summary.update(
-            win_rate=sum(scores) / len(scores), win_rate_ci95=bootstrap_interval(scores, bootstrap_iters, seed),
-            wins_b=decided.count("B"), wins_a=decided.count("A"), ties=decided.count("tie"),
-            no_verdict=outcomes.count(None),
-            verdicts_read=sum(r[k] is not None for r in records for k in ("verdict_a_first", "verdict_b_first")),
-            position_consistency=sum(a == b for a, b in both) / len(both) if both else None,
-        )
-        headline, value = "win_rate", summary["win_rate"]
-        lines = [f"B wins {summary['wins_b']}, A wins {summary['wins_a']}, ties {summary['ties']}, no verdict"
-                 f" {summary['no_verdict']} (of {n} prompts, judged in both orders)",
-                 f"win rate of B over A: {value:.3f} (95% CI {summary['win_rate_ci95'][0]:.3f}-"
-                 f"{summary['win_rate_ci95'][1]:.3f}); verdicts read {summary['verdicts_read']}/{2 * n}; same verdict"
-                 f" in both orders: " + (f"{summary['position_consistency']:.2f}" if both else "n/a")]
-    else:
-        graded = [("a", answers_a)] + ([("b", answers_b)] if answers_b is not None else [])
-        texts = [fill(SINGLE_PROMPT, item, answer=answer) for _, answers in graded for item, answer in
-                 zip(prompts, answers)]
-        judgements = judge_texts(judge_dir, texts, judge_max_new_tokens, batch_size, prefill, **load)
-        lines = []
-        for k, (name, _) in enumerate(graded):
-            ratings = [parse_rating(j) for j in judgements[k * len(prompts):(k + 1) * len(prompts)]]
-            for record, judgement, rating in zip(records, judgements[k * len(prompts):], ratings):
-                record[f"judgement_{name}"], record[f"score_{name}"] = judgement, rating
-            read = [r for r in ratings if r is not None]
-            if not read:
-                raise ValueError(f"The judge gave no readable 1-10 rating for model {name.upper()}'s answers (its"
-                                 f" first reply: {judgements[k * len(prompts)][:160]!r}); use a larger or"
-                                 " instruction-tuned judge, or --prefill 'Rating: [['")
-            summary[f"mean_score_{name}"] = sum(read) / len(read)
-            summary[f"mean_score_{name}_ci95"] = bootstrap_interval(read, bootstrap_iters, seed)
-            summary[f"scores_read_{name}"] = len(read)
-            lines.append(f"model {name.upper()}: mean score {summary[f'mean_score_{name}']:.2f} (95% CI"
-                         f" {summary[f'mean_score_{name}_ci95'][0]:.2f}-{summary[f'mean_score_{name}_ci95'][1]:.2f}),"
-                         f" {len(read)} of {len(prompts)} ratings read")
-        if answers_b is not None:
-            paired = [r["score_b"] - r["score_a"] for r in records if r["score_a"] is not None and r["score_b"] is not None]
-            if not paired:
-                raise ValueError("No prompt has a readable rating for both answers; use a larger judge")
-            summary["score_difference"] = sum(paired) / len(paired)
-            summary["score_difference_ci95"] = bootstrap_interval(paired, bootstrap_iters, seed)
-            headline, value = "score_difference", summary["score_difference"]
-            lines.append(f"B minus A: {value:+.2f} (95% CI {summary['score_difference_ci95'][0]:+.2f} to"
-                         f" {summary['score_difference_ci95'][1]:+.2f}) over {len(paired)} prompts")
-        else:
-            headline, value = "mean_score", summary["mean_score_a"]
+    run_mode = judge_pairwise if mode == "pairwise" else grade_single
+    results, lines, headline, value = run_mode(prompts, records, answers_a, answers_b, judge, bootstrap_iters, seed)
+    summary.update(results)
     summary.update(seconds=time.perf_counter() - t0, records=records)
     path = write_result(out_dir, "judge.json", summary)
     print("\n".join(lines))

@@ -26,8 +26,9 @@ from model.adapter import (
     inject_adapter,
     mark_only_adapter_as_trainable,
 )
-from model.cli import run_cli
+from model.cli import NonNegativeInt, PositiveInt, run_cli
 from model.config import Config
+from model.data.prepare import check_prepared_data
 from model.data.sft import get_collate_fn, get_packed_collate_fn, load_dataset, pack_samples
 from model.device import peak_memory_gb
 from model.generate import generate
@@ -39,19 +40,17 @@ from model.training.run import (
     MetricsLogger,
     Throughput,
     TrainArgs,
+    check_weights,
     epoch_batches,
     gradient_accumulation_iters,
-    load_training_state,
     print_rank0,
-    resolve_resume,
     rng_state,
-    save_hparams,
     save_run_weights,
     save_training_state,
-    set_rng_state,
     warmup_cosine,
     with_answers,
 )
+from model.training.rundir import StopOnSignal, check_writable, checkpoint_bytes, disk_errors, open_run
 from model.training.strategy import default_precision, fabric_strategy, weights_dtype
 from model.weights.checkpoint import load_state_dict, require_checkpoint
 
@@ -62,26 +61,27 @@ def setup(
     out_dir: Path = Path("out/adapter"),
     precision: Optional[Literal["32-true", "bf16-true", "bf16-mixed", "16-mixed"]] = None,
     quantize: Optional[str] = None,
-    devices: int = 1,
-    num_nodes: int = 1,
+    devices: PositiveInt = 1,
+    num_nodes: PositiveInt = 1,
     strategy: Literal["auto", "ddp"] = "auto",
     adapter_prompt_length: int = 10,
     adapter_start_layer: int = 2,
     adapter_version: Literal[1, 2] = 1,
-    micro_batch_size: int = 4,
-    global_batch_size: int = 16,
+    micro_batch_size: PositiveInt = 4,
+    global_batch_size: PositiveInt = 16,
     learning_rate: float = 3e-3,
     weight_decay: float = 0.0,
-    warmup_steps: int = 10,
-    max_steps: Optional[int] = None,
-    epochs: int = 1,
-    max_seq_length: Optional[int] = None,
+    warmup_steps: NonNegativeInt = 10,
+    max_steps: Optional[PositiveInt] = None,
+    epochs: PositiveInt = 1,
+    max_seq_length: Optional[PositiveInt] = None,
     packing: bool = False,
-    eval_interval: int = 50,
-    eval_iters: int = 20,
-    save_interval: int = 100,
+    eval_interval: PositiveInt = 50,
+    eval_iters: PositiveInt = 20,
+    save_interval: PositiveInt = 100,
     seed: int = 1337,
     resume: Union[bool, Literal["auto"], Path] = False,
+    overwrite: bool = False,
 ) -> None:
     """Fine-tune `checkpoint_dir` on the prepared data in `data_dir` with LLaMA-Adapter (V1 or V2).
 
@@ -115,7 +115,9 @@ def setup(
         save_interval: Save a resumable checkpoint every this many optimizer steps.
         seed: Random seed (data order, dropout, initialization).
         resume: Continue a run: true/auto (the latest checkpoint in out_dir; auto starts fresh if none) or the path
-            of a step-* directory.
+            of a step-* directory. Only --max_steps, --epochs and the eval/save flags may differ from the run's.
+        overwrite: Replace the run already in out_dir (its hparams.yaml, metrics.csv, step-*/, final/) instead of
+            refusing to start.
     """
     hparams = dict(locals())
     args = TrainArgs.from_flags(hparams)
@@ -123,7 +125,8 @@ def setup(
     validate_quantize(quantize)
     require_checkpoint(checkpoint_dir)
     args.precision = hparams["precision"] = precision or default_precision(trains_base_weights=False)
-    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=fabric_strategy(strategy, devices, num_nodes), precision=args.precision)
+    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=fabric_strategy(strategy, devices, num_nodes),
+                      precision=args.precision)
     fabric.launch(main, args, adapter_config, quantize, hparams)
 
 def main(fabric: L.Fabric, args: TrainArgs, adapter_config: AdapterConfig, quantize: Optional[str],
@@ -131,6 +134,7 @@ def main(fabric: L.Fabric, args: TrainArgs, adapter_config: AdapterConfig, quant
     fabric.seed_everything(args.seed)
     config = Config.from_checkpoint(args.checkpoint_dir)
     tokenizer = Tokenizer(args.checkpoint_dir)
+    check_prepared_data(args.data_dir, args.checkpoint_dir)
     train_data = load_dataset(args.data_dir / "train.pt", vocab_size=config.vocab_size)
     val_data = load_dataset(args.data_dir / "test.pt", vocab_size=config.vocab_size)
     max_seq_length = min(args.max_seq_length or config.block_size, config.block_size)
@@ -141,7 +145,9 @@ def main(fabric: L.Fabric, args: TrainArgs, adapter_config: AdapterConfig, quant
     dtype = weights_dtype(fabric)
     with fabric.init_module(empty_init=True):
         model = GPT(config)
-    model.load_state_dict(load_state_dict(args.checkpoint_dir, dtype=dtype), assign=True)
+    base = load_state_dict(args.checkpoint_dir, dtype=dtype)
+    check_weights(model, base, args.checkpoint_dir)
+    model.load_state_dict(base, assign=True)
     model.reset_rope(fabric.device)
     if quantize:
         quantize_model(model.to(fabric.device), quantize, compute_dtype=dtype)
@@ -173,26 +179,24 @@ def main(fabric: L.Fabric, args: TrainArgs, adapter_config: AdapterConfig, quant
 
     # written only now that the data, the model and the batch sizes have passed their checks: a bad input
     # leaves no output directory behind
-    if fabric.global_rank == 0:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        save_hparams(args.out_dir, hparams)
+    check_writable(args.out_dir, checkpoint_bytes(model, trainable_only=True))
+    run = open_run(fabric, args.out_dir, hparams, args.resume, hparams["overwrite"])
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "step": 0, "epoch": 0, "batch_in_epoch": 0,
              "rng": None}
-    resume_from = resolve_resume(args.resume, args.out_dir)
-    if resume_from is not None:
-        load_training_state(fabric, resume_from, state, trainable_only=True)
-        set_rng_state(state["rng"])
-        print_rank0(fabric, f"Resumed from {resume_from} at step {state['step']}")
+    run.load(fabric, state, trainable_only=True, max_steps=max_steps, warmup_steps=args.warmup_steps)
 
-    train(fabric, state, args, train_data=train_data, val_data=val_data, lengths=lengths, tokenizer=tokenizer,
-          max_steps=max_steps, accumulate=accumulate, max_seq_length=max_seq_length, hparams=hparams)
+    with StopOnSignal() as stop:
+        train(fabric, state, args, train_data=train_data, val_data=val_data, lengths=lengths, tokenizer=tokenizer,
+              max_steps=max_steps, accumulate=accumulate, max_seq_length=max_seq_length, hparams=hparams, stop=stop)
     if fabric.global_rank == 0:
         save_adapter(model, args.out_dir / "final", hparams)
         print_rank0(fabric, f"Saved the adapter to {args.out_dir / 'final'}")
+    run.close()
 
 
 def train(fabric: L.Fabric, state: dict, args: TrainArgs, *, train_data: list, val_data: list[dict], lengths: list[int],
-          tokenizer: Tokenizer, max_steps: int, accumulate: int, max_seq_length: int, hparams: dict) -> None:
+          tokenizer: Tokenizer, max_steps: int, accumulate: int, max_seq_length: int, hparams: dict,
+          stop: StopOnSignal) -> None:
     model, optimizer, scheduler = state["model"], state["optimizer"], state["scheduler"]
     collate = get_collate_fn(pad_id=0, max_seq_length=max_seq_length)
     train_collate = get_packed_collate_fn(pad_id=0, max_seq_length=max_seq_length) if args.packing else collate
@@ -244,12 +248,16 @@ def train(fabric: L.Fabric, state: dict, args: TrainArgs, *, train_data: list, v
                          "tokens_per_s": throughput.tokens_per_s(), "memory_gb": memory})
             if step % args.eval_interval == 0 or step == max_steps:
                 validate(fabric, model, val_data, collate, tokenizer, args, metrics, step)
-            if step % args.save_interval == 0 or step == max_steps:
+            stopping = stop.requested(fabric)
+            if step % args.save_interval == 0 or step == max_steps or stopping:
                 state["rng"] = rng_state()
-                # the adapter alone too, for generate/adapter.py
-                path = save_training_state(fabric, args.out_dir, step, state, trainable_only=True,
-                                           extra=lambda directory: save_adapter(model, directory, hparams))
+                # the adapter alone too, so generate/ and eval/ read a step directory as a run
+                with disk_errors(args.out_dir):
+                    path = save_training_state(fabric, args.out_dir, step, state, trainable_only=True,
+                                               extra=lambda directory: save_adapter(model, directory, hparams))
                 print_rank0(fabric, f"Saved a checkpoint to {path}")
+                if stopping:
+                    raise stop.interrupted(step, path)
         if state["step"] < max_steps:
             state["epoch"] += 1
             state["batch_in_epoch"] = 0

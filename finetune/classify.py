@@ -26,9 +26,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from model.cli import run_cli
+from model.cli import NonNegativeInt, PositiveInt, run_cli
 from model.config import Config
 from model.data.classification import collate, load_classification_data
+from model.data.prepare import check_prepared_data
 from model.data.sft import save_dataset
 from model.device import peak_memory_gb
 from model.files import atomic_write_text
@@ -37,17 +38,15 @@ from model.lora import LoRAConfig, count_parameters, inject_lora
 from model.training.run import (
     MetricsLogger,
     Throughput,
+    check_weights,
     epoch_batches,
     gradient_accumulation_iters,
-    load_training_state,
     print_rank0,
-    resolve_resume,
     rng_state,
-    save_hparams,
     save_training_state,
-    set_rng_state,
     warmup_cosine,
 )
+from model.training.rundir import Run, StopOnSignal, check_writable, checkpoint_bytes, disk_errors, open_run
 from model.training.strategy import default_precision, weights_dtype
 from model.weights.checkpoint import lit_weight_files, load_state_dict, require_checkpoint
 from model.workflows.classify import (
@@ -97,10 +96,10 @@ def setup(
     data_dir: Path = Path("data/movie_reviews"),
     out_dir: Optional[Path] = None,
     mode: Literal["features", "head", "last_layers", "full", "lora"] = "lora",
-    n_layers: int = 2,
+    n_layers: PositiveInt = 2,
     pooling: Literal["last", "mean"] = "last",
     precision: Optional[Literal["32-true", "bf16-true", "bf16-mixed", "16-mixed"]] = None,
-    lora_r: int = 8,
+    lora_r: PositiveInt = 8,
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
     lora_query: bool = True,
@@ -108,22 +107,23 @@ def setup(
     lora_value: bool = True,
     lora_projection: bool = False,
     lora_mlp: bool = False,
-    micro_batch_size: int = 8,
-    global_batch_size: int = 16,
+    micro_batch_size: PositiveInt = 8,
+    global_batch_size: PositiveInt = 16,
     learning_rate: Optional[float] = None,
     head_learning_rate: float = 1e-3,
     weight_decay: float = 0.0,
-    warmup_steps: int = 10,
-    max_steps: Optional[int] = None,
-    epochs: int = 1,
-    max_seq_length: Optional[int] = None,
-    eval_interval: int = 50,
-    eval_iters: int = 8,
-    save_interval: int = 100,
+    warmup_steps: NonNegativeInt = 10,
+    max_steps: Optional[PositiveInt] = None,
+    epochs: PositiveInt = 1,
+    max_seq_length: Optional[PositiveInt] = None,
+    eval_interval: PositiveInt = 50,
+    eval_iters: PositiveInt = 8,
+    save_interval: PositiveInt = 100,
     logistic_c: float = 1.0,
-    feature_batch_size: int = 16,
+    feature_batch_size: PositiveInt = 16,
     seed: int = 1337,
     resume: Union[bool, Literal["auto"], Path] = False,
+    overwrite: bool = False,
 ) -> None:
     """Train a classifier on `checkpoint_dir` with the prepared labelled data in `data_dir`, and score it on the test
     split.
@@ -168,6 +168,9 @@ def setup(
         seed: Random seed (data order, dropout, initialization).
         resume: Continue a run: true/auto (the latest checkpoint in out_dir; auto starts fresh if none) or the path
             of a step-* directory. --mode features has no steps: its cached features make a rerun cheap instead.
+            Only --max_steps, --epochs and the eval/save flags may differ from the run's.
+        overwrite: Replace the run already in out_dir (its hparams.yaml, metrics.csv, step-*/, final/; the cached
+            features stay) instead of refusing to start.
     """
     if out_dir is None:
         out_dir = Path("out/classify") / mode
@@ -177,7 +180,8 @@ def setup(
     if mode == "features" and learning_rate is not None:
         raise ValueError("--mode features fits a logistic regression: tune --logistic_c, not --learning_rate")
     if mode == "features" and resume not in (False, "false", "False"):
-        raise ValueError("--mode features has no training steps to resume; rerun it (the features are cached)")
+        raise ValueError("--mode features has no training steps to resume; rerun it with --overwrite true (the features"
+                         " are cached)")
     require_checkpoint(checkpoint_dir)
     lora_config = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, query=lora_query, key=lora_key,
                              value=lora_value, projection=lora_projection, mlp=lora_mlp) if mode == "lora" else None
@@ -190,6 +194,7 @@ def setup(
 def main(fabric: L.Fabric, args: ClassifyArgs, lora_config: Optional[LoRAConfig], hparams: dict) -> None:
     fabric.seed_everything(args.seed)
     config = Config.from_checkpoint(args.checkpoint_dir)
+    check_prepared_data(args.data_dir, args.checkpoint_dir)
     train_data, label_names = load_classification_data(args.data_dir, "train", vocab_size=config.vocab_size)
     test_data, _ = load_classification_data(args.data_dir, "test", vocab_size=config.vocab_size)
     if len({s["label"] for s in train_data}) < 2:
@@ -198,13 +203,14 @@ def main(fabric: L.Fabric, args: ClassifyArgs, lora_config: Optional[LoRAConfig]
     hparams = {**hparams, "labels": label_names, **(lora_config.to_hparams() if lora_config else {})}
     if args.mode != "lora":
         hparams = {k: v for k, v in hparams.items() if not k.startswith("lora_")}
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    save_hparams(args.out_dir, hparams)
+    run = open_run(fabric, args.out_dir, hparams, args.resume, hparams["overwrite"])
 
     dtype = weights_dtype(fabric)
     with fabric.init_module(empty_init=True):
         gpt = GPT(config)
-    gpt.load_state_dict(load_state_dict(args.checkpoint_dir, dtype=dtype), assign=True)
+    base = load_state_dict(args.checkpoint_dir, dtype=dtype)
+    check_weights(gpt, base, args.checkpoint_dir)
+    gpt.load_state_dict(base, assign=True)
     gpt.reset_rope(fabric.device)
     if lora_config is not None:
         inject_lora(gpt, lora_config)
@@ -216,15 +222,19 @@ def main(fabric: L.Fabric, args: ClassifyArgs, lora_config: Optional[LoRAConfig]
 
     if args.mode == "features":
         classifier.eval()
+        run.load(fabric, {}, trainable_only=True)  # nothing to resume: writes hparams.yaml
         timing = fit_logistic_regression(fabric, classifier, train_data, args, max_seq_length)
         test_logits = classifier.score(features_of(fabric, classifier, test_data, "test", args,
                                                    max_seq_length)[0].to(fabric.device)).float().cpu()
     else:
-        timing = train_classifier(fabric, classifier, train_data, test_data, max_seq_length, args, hparams)
+        with StopOnSignal() as stop:
+            timing = train_classifier(fabric, classifier, train_data, test_data, max_seq_length, args, hparams, run,
+                                      stop)
         classifier = timing.pop("model").eval()
         test_logits = predict(classifier, test_data, args.feature_batch_size, max_seq_length, fabric.device)
     save_classifier(classifier, args.out_dir / "final", hparams)
     print_rank0(fabric, f"Saved the classifier to {args.out_dir / 'final'}")
+    run.close()
 
     test_labels = [s["label"] for s in test_data]
     result = classification_metrics(test_labels, test_logits.argmax(dim=-1), len(label_names))
@@ -300,12 +310,13 @@ def fit_logistic_regression(fabric, classifier, train_data, args: ClassifyArgs, 
 
 
 def train_classifier(fabric, classifier, train_data, test_data, max_seq_length: int, args: ClassifyArgs,
-                     hparams: dict) -> dict:
+                     hparams: dict, run: Run, stop: StopOnSignal) -> dict:
     head = list(classifier.score.parameters())
     body = [p for p in classifier.gpt.parameters() if p.requires_grad]
     learning_rate = args.learning_rate or DEFAULT_LEARNING_RATES.get(args.mode, 0.0)
     groups = [{"params": head, "lr": args.head_learning_rate}] + ([{"params": body, "lr": learning_rate}] if body else [])
     model = fabric.setup_module(classifier)
+    check_writable(args.out_dir, checkpoint_bytes(model, trainable_only=True))
     optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     optimizer = fabric.setup_optimizers(optimizer)
 
@@ -320,11 +331,7 @@ def train_classifier(fabric, classifier, train_data, test_data, max_seq_length: 
 
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "step": 0, "epoch": 0, "batch_in_epoch": 0,
              "rng": None}
-    resume_from = resolve_resume(args.resume, args.out_dir)
-    if resume_from is not None:
-        load_training_state(fabric, resume_from, state, trainable_only=True)
-        set_rng_state(state["rng"])
-        print_rank0(fabric, f"Resumed from {resume_from} at step {state['step']}")
+    resume_from = run.load(fabric, state, trainable_only=True, max_steps=max_steps, warmup_steps=args.warmup_steps)
 
     metrics = MetricsLogger(args.out_dir, ["step", "epoch", "loss", "lr", "tokens_per_s", "val_loss", "val_accuracy",
                                       "memory_gb"], resume_step=state["step"] if resume_from else None)
@@ -367,11 +374,15 @@ def train_classifier(fabric, classifier, train_data, test_data, max_seq_length: 
                          "tokens_per_s": throughput.tokens_per_s(), "memory_gb": memory})
             if step % args.eval_interval == 0 or step == max_steps:
                 validate(fabric, model, test_data, max_seq_length, args, metrics, step)
-            if step % args.save_interval == 0 or step == max_steps:
+            stopping = stop.requested(fabric)
+            if step % args.save_interval == 0 or step == max_steps or stopping:
                 state["rng"] = rng_state()
-                path = save_training_state(fabric, args.out_dir, step, state, trainable_only=True,
-                                           extra=lambda directory: save_classifier(model, directory, hparams))
+                with disk_errors(args.out_dir):
+                    path = save_training_state(fabric, args.out_dir, step, state, trainable_only=True,
+                                               extra=lambda directory: save_classifier(model, directory, hparams))
                 print_rank0(fabric, f"Saved a checkpoint to {path}")
+                if stopping:
+                    raise stop.interrupted(step, path)
         if state["step"] < max_steps:
             state["epoch"] += 1
             state["batch_in_epoch"] = 0

@@ -21,12 +21,12 @@ adapters switched off (`model.lora.lora_disabled`), so no second copy is held; w
 `<data_dir>/reference/` under a hash of the data file, the checkpoint's weights, max_seq_length, dtype and
 quantization, and every later run with the same inputs reuses them without loading a reference.
 
-To align an SFT model, merge the SFT adapter first (`scripts/merge_lora.py --lora_dir out/lora --out_dir
+To align an SFT model, merge the SFT adapter first (`scripts/merge_lora.py --checkpoint_dir out/lora --out_dir
 checkpoints/my/sft`) and pass that directory as `--checkpoint_dir`: it is both the starting point and the reference.
 
 The run directory is laid out as finetune/lora.py's (or, with --method full, finetune/full.py's): hparams.yaml,
 metrics.csv (loss, rewards, reward margin and preference accuracy on train and validation), resumable step-NNNNNN/
-checkpoints and final/, which generate/lora.py, eval/tasks.py and scripts/merge_lora.py read as they read an SFT run.
+checkpoints and final/, which generate/base.py, eval/tasks.py and scripts/merge_lora.py read as they read an SFT run.
 """
 
 import math
@@ -38,9 +38,10 @@ from typing import Literal, Optional, Union
 import lightning as L
 import torch
 
-from model.cli import run_cli
+from model.cli import NonNegativeInt, PositiveInt, run_cli
 from model.config import Config
 from model.data.preference import collate_pairs, load_pairs, pair_lengths, with_answers
+from model.data.prepare import check_prepared_data
 from model.device import peak_memory_gb
 from model.gpt import GPT
 from model.lora import (
@@ -66,21 +67,20 @@ from model.training.run import (
     MetricsLogger,
     Throughput,
     TrainArgs,
+    check_weights,
     epoch_batches,
     gradient_accumulation_iters,
-    load_training_state,
     print_rank0,
-    resolve_resume,
     rng_state,
     save_final_checkpoint,
     save_hparams,
     save_run_weights,
     save_training_state,
-    set_rng_state,
     step_dir,
     warmup_cosine,
 )
 from model.training.fsdp import full_tensors, is_fsdp
+from model.training.rundir import StopOnSignal, check_writable, checkpoint_bytes, disk_errors, open_run
 from model.training.strategy import default_precision, fabric_strategy, weights_dtype
 from model.weights.checkpoint import load_state_dict, require_checkpoint
 
@@ -115,10 +115,10 @@ def setup(
     precompute_ref: bool = False,
     precision: Optional[Literal["32-true", "bf16-true", "bf16-mixed", "16-mixed"]] = None,
     quantize: Optional[str] = None,
-    devices: int = 1,
-    num_nodes: int = 1,
+    devices: PositiveInt = 1,
+    num_nodes: PositiveInt = 1,
     strategy: Literal["auto", "ddp", "fsdp"] = "auto",
-    lora_r: int = 8,
+    lora_r: PositiveInt = 8,
     lora_alpha: float = 16,
     lora_dropout: float = 0.0,
     lora_query: bool = True,
@@ -128,19 +128,20 @@ def setup(
     lora_mlp: bool = False,
     lora_head: bool = False,
     dora: bool = False,
-    micro_batch_size: int = 2,
-    global_batch_size: int = 8,
+    micro_batch_size: PositiveInt = 2,
+    global_batch_size: PositiveInt = 8,
     learning_rate: float = 5e-5,
     weight_decay: float = 0.0,
-    warmup_steps: int = 5,
-    max_steps: Optional[int] = None,
-    epochs: int = 1,
-    max_seq_length: Optional[int] = None,
-    eval_interval: int = 25,
-    eval_iters: int = 25,
-    save_interval: int = 100,
+    warmup_steps: NonNegativeInt = 5,
+    max_steps: Optional[PositiveInt] = None,
+    epochs: PositiveInt = 1,
+    max_seq_length: Optional[PositiveInt] = None,
+    eval_interval: PositiveInt = 25,
+    eval_iters: PositiveInt = 25,
+    save_interval: PositiveInt = 100,
     seed: int = 1337,
     resume: Union[bool, Literal["auto"], Path] = False,
+    overwrite: bool = False,
 ) -> None:
     """Align `checkpoint_dir` with the preference pairs in `data_dir`.
 
@@ -189,7 +190,9 @@ def setup(
         save_interval: Save a resumable checkpoint every this many optimizer steps.
         seed: Random seed (data order, dropout, initialization).
         resume: Continue a run: true/auto (the latest checkpoint in out_dir; auto starts fresh if none) or the path
-            of a step-* directory.
+            of a step-* directory. Only --max_steps, --epochs and the eval/save flags may differ from the run's.
+        overwrite: Replace the run already in out_dir (its hparams.yaml, metrics.csv, step-*/, final/) instead of
+            refusing to start.
     """
     hparams = dict(locals())
     args = TrainArgs.from_flags(hparams)
@@ -228,6 +231,7 @@ def main(fabric: L.Fabric, args: TrainArgs, dpo: DPOArgs, lora_config: Optional[
     fabric.seed_everything(args.seed)
     config = Config.from_checkpoint(args.checkpoint_dir)
     log = lambda message: print_rank0(fabric, message)  # noqa: E731
+    check_prepared_data(args.data_dir, args.checkpoint_dir)
     train_data = load_pairs(args.data_dir / "train.pt", vocab_size=config.vocab_size)
     val_data = load_pairs(args.data_dir / "test.pt", vocab_size=config.vocab_size)
     max_seq_length = min(args.max_seq_length or config.block_size, config.block_size)
@@ -238,7 +242,9 @@ def main(fabric: L.Fabric, args: TrainArgs, dpo: DPOArgs, lora_config: Optional[
     with fabric.init_module(empty_init=True):
         model = GPT(config)
     if not is_fsdp(fabric):  # FSDP loads each rank's shards in fabric.setup_module
-        model.load_state_dict(load_state_dict(args.checkpoint_dir, dtype=dtype), assign=True)
+        base = load_state_dict(args.checkpoint_dir, dtype=dtype)
+        check_weights(model, base, args.checkpoint_dir)
+        model.load_state_dict(base, assign=True)
         model.reset_rope(fabric.device)
     if quantize:
         quantize_model(model.to(fabric.device), quantize, compute_dtype=dtype)
@@ -264,9 +270,8 @@ def main(fabric: L.Fabric, args: TrainArgs, dpo: DPOArgs, lora_config: Optional[
     max_steps = args.max_steps or max(1, args.epochs * batches_per_epoch // accumulate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, max_steps))
 
-    if fabric.global_rank == 0:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        save_hparams(args.out_dir, hparams)
+    check_writable(args.out_dir, checkpoint_bytes(model, trainable_only=lora_config is not None))
+    run = open_run(fabric, args.out_dir, hparams, args.resume, hparams["overwrite"])
 
     # The reference, decided before a resumed state is loaded: until then the policy still is the reference.
     module = getattr(model, "module", model)
@@ -284,20 +289,18 @@ def main(fabric: L.Fabric, args: TrainArgs, dpo: DPOArgs, lora_config: Optional[
 
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "step": 0, "epoch": 0, "batch_in_epoch": 0,
              "rng": None}
-    resume_from = resolve_resume(args.resume, args.out_dir)
-    if resume_from is not None:
-        load_training_state(fabric, resume_from, state, trainable_only=lora_config is not None)
-        set_rng_state(state["rng"])
-        log(f"Resumed from {resume_from} at step {state['step']}")
+    run.load(fabric, state, trainable_only=lora_config is not None, max_steps=max_steps, warmup_steps=args.warmup_steps)
 
-    train(fabric, state, args, dpo, reference=reference, train_data=train_data, val_data=val_data, lengths=lengths,
-          max_steps=max_steps, accumulate=accumulate, max_seq_length=max_seq_length, hparams=hparams)
+    with StopOnSignal() as stop:
+        train(fabric, state, args, dpo, reference=reference, train_data=train_data, val_data=val_data, lengths=lengths,
+              max_steps=max_steps, accumulate=accumulate, max_seq_length=max_seq_length, hparams=hparams, stop=stop)
     if lora_config is not None:
         save_adapter(fabric, model, args.out_dir / "final", hparams)
     else:
         save_final_checkpoint(step_dir(args.out_dir, state["step"]), config, args.checkpoint_dir, args.out_dir / "final",
                               hparams, fabric=fabric, model=model)
     log(f"Saved the {'adapter' if lora_config is not None else 'aligned checkpoint'} to {args.out_dir / 'final'}")
+    run.close()
 
 
 class Reference:
@@ -353,7 +356,7 @@ def cached_reference(fabric, module, data: list[dict], args: TrainArgs, *, split
 
 def train(fabric: L.Fabric, state: dict, args: TrainArgs, dpo: DPOArgs, *, reference: "Reference", train_data: list[dict],
           val_data: list[dict], lengths: list[int], max_steps: int, accumulate: int, max_seq_length: int,
-          hparams: dict) -> None:
+          hparams: dict, stop: StopOnSignal) -> None:
     model, optimizer, scheduler = state["model"], state["optimizer"], state["scheduler"]
     metrics = MetricsLogger(args.out_dir, METRICS, resume_step=state["step"] if args.resume else None,
                             enabled=fabric.global_rank == 0)
@@ -408,14 +411,18 @@ def train(fabric: L.Fabric, state: dict, args: TrainArgs, dpo: DPOArgs, *, refer
                          "accuracy": accuracy, "memory_gb": memory})
             if step % args.eval_interval == 0 or step == max_steps:
                 validate(fabric, model, reference, val_data, max_seq_length, args, dpo, metrics, step)
-            if step % args.save_interval == 0 or step == max_steps:
+            stopping = stop.requested(fabric)
+            if step % args.save_interval == 0 or step == max_steps or stopping:
                 state["rng"] = rng_state()
-                path = save_training_state(
-                    fabric, args.out_dir, step, state, trainable_only=dpo.method != "full",
-                    extra=lambda directory: (save_adapter(fabric, model, directory, hparams) if dpo.method != "full"
-                                             else save_hparams(directory, hparams)),
-                )
+                with disk_errors(args.out_dir):
+                    path = save_training_state(
+                        fabric, args.out_dir, step, state, trainable_only=dpo.method != "full",
+                        extra=lambda directory: (save_adapter(fabric, model, directory, hparams) if dpo.method != "full"
+                                                 else save_hparams(directory, hparams)),
+                    )
                 print_rank0(fabric, f"Saved a checkpoint to {path}")
+                if stopping:
+                    raise stop.interrupted(step, path)
         if state["step"] < max_steps:
             state["epoch"] += 1
             state["batch_in_epoch"] = 0

@@ -7,7 +7,7 @@ gradient and AdamW's two moments), 16 bytes per weight in fp32 and with bf16-mix
 finetune/lora.py or finetune/adapter.py where that does not fit. The run directory gets `hparams.yaml` (every flag),
 `metrics.csv`, resumable checkpoints `step-NNNNNN/` and, in `final/`, a complete checkpoint directory
 (`lit_model.safetensors`, `model_config.yaml`, the tokenizer files, `prompt_style.yaml`, `hparams.yaml`) that
-every script reads like any other: `python generate/full.py --checkpoint_dir out/full`. To save disk, a step
+every script reads like any other: `python generate/base.py --checkpoint_dir out/full`. To save disk, a step
 directory holds only the training state (`training_state.pt`, model and optimizer, for `--resume`), not a
 checkpoint directory. Copy this file and edit it: the loop is all here.
 """
@@ -21,8 +21,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from model.cli import run_cli
+from model.cli import NonNegativeInt, PositiveInt, run_cli
 from model.config import Config
+from model.data.prepare import check_prepared_data
 from model.data.sft import get_collate_fn, get_packed_collate_fn, load_dataset, pack_samples
 from model.device import peak_memory_gb
 from model.generate import generate
@@ -33,21 +34,20 @@ from model.training.run import (
     MetricsLogger,
     Throughput,
     TrainArgs,
+    check_weights,
     epoch_batches,
     gradient_accumulation_iters,
-    load_training_state,
     print_rank0,
-    resolve_resume,
     rng_state,
     save_final_checkpoint,
     save_hparams,
     save_training_state,
-    set_rng_state,
     step_dir,
     warmup_cosine,
     with_answers,
 )
 from model.training.fsdp import is_fsdp
+from model.training.rundir import StopOnSignal, check_writable, checkpoint_bytes, disk_errors, open_run
 from model.training.strategy import default_precision, fabric_strategy, weights_dtype
 from model.weights.checkpoint import load_state_dict, require_checkpoint
 
@@ -58,23 +58,24 @@ def setup(
     out_dir: Path = Path("out/full"),
     precision: Optional[Literal["32-true", "bf16-true", "bf16-mixed", "16-mixed"]] = None,
     quantize: Optional[str] = None,
-    devices: int = 1,
-    num_nodes: int = 1,
+    devices: PositiveInt = 1,
+    num_nodes: PositiveInt = 1,
     strategy: Literal["auto", "ddp", "fsdp"] = "auto",
-    micro_batch_size: int = 4,
-    global_batch_size: int = 16,
+    micro_batch_size: PositiveInt = 4,
+    global_batch_size: PositiveInt = 16,
     learning_rate: float = 3e-5,
     weight_decay: float = 0.0,
-    warmup_steps: int = 10,
-    max_steps: Optional[int] = None,
-    epochs: int = 1,
-    max_seq_length: Optional[int] = None,
+    warmup_steps: NonNegativeInt = 10,
+    max_steps: Optional[PositiveInt] = None,
+    epochs: PositiveInt = 1,
+    max_seq_length: Optional[PositiveInt] = None,
     packing: bool = False,
-    eval_interval: int = 50,
-    eval_iters: int = 20,
-    save_interval: int = 100,
+    eval_interval: PositiveInt = 50,
+    eval_iters: PositiveInt = 20,
+    save_interval: PositiveInt = 100,
     seed: int = 1337,
     resume: Union[bool, Literal["auto"], Path] = False,
+    overwrite: bool = False,
 ) -> None:
     """Fine-tune every weight of `checkpoint_dir` on the prepared data in `data_dir`.
 
@@ -106,7 +107,9 @@ def setup(
         save_interval: Save a resumable checkpoint (the training state only) every this many optimizer steps.
         seed: Random seed (data order, dropout, initialization).
         resume: Continue a run: true/auto (the latest checkpoint in out_dir; auto starts fresh if none) or the path
-            of a step-* directory.
+            of a step-* directory. Only --max_steps, --epochs and the eval/save flags may differ from the run's.
+        overwrite: Replace the run already in out_dir (its hparams.yaml, metrics.csv, step-*/, final/) instead of
+            refusing to start.
     """
     hparams = dict(locals())
     args = TrainArgs.from_flags(hparams)
@@ -122,6 +125,7 @@ def main(fabric: L.Fabric, args: TrainArgs, hparams: dict) -> None:
     fabric.seed_everything(args.seed)
     config = Config.from_checkpoint(args.checkpoint_dir)
     tokenizer = Tokenizer(args.checkpoint_dir)
+    check_prepared_data(args.data_dir, args.checkpoint_dir)
     train_data = load_dataset(args.data_dir / "train.pt", vocab_size=config.vocab_size)
     val_data = load_dataset(args.data_dir / "test.pt", vocab_size=config.vocab_size)
     max_seq_length = min(args.max_seq_length or config.block_size, config.block_size)
@@ -134,7 +138,9 @@ def main(fabric: L.Fabric, args: TrainArgs, hparams: dict) -> None:
     with fabric.init_module(empty_init=True):
         model = GPT(config)
     if not is_fsdp(fabric):  # FSDP loads each rank's shards in fabric.setup_module
-        model.load_state_dict(load_state_dict(args.checkpoint_dir, dtype=dtype), assign=True)
+        base = load_state_dict(args.checkpoint_dir, dtype=dtype)
+        check_weights(model, base, args.checkpoint_dir)
+        model.load_state_dict(base, assign=True)
         model.reset_rope(fabric.device)
     print_rank0(fabric, f"Trainable parameters: {count_parameters(model):,}")
     model = fabric.setup_module(model)
@@ -162,26 +168,24 @@ def main(fabric: L.Fabric, args: TrainArgs, hparams: dict) -> None:
 
     # written only now that the data, the model and the batch sizes have passed their checks: a bad input
     # leaves no output directory behind
-    if fabric.global_rank == 0:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        save_hparams(args.out_dir, hparams)
+    check_writable(args.out_dir, checkpoint_bytes(model, trainable_only=False))
+    run = open_run(fabric, args.out_dir, hparams, args.resume, hparams["overwrite"])
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "step": 0, "epoch": 0, "batch_in_epoch": 0,
              "rng": None}
-    resume_from = resolve_resume(args.resume, args.out_dir)
-    if resume_from is not None:
-        load_training_state(fabric, resume_from, state, trainable_only=False)
-        set_rng_state(state["rng"])
-        print_rank0(fabric, f"Resumed from {resume_from} at step {state['step']}")
+    run.load(fabric, state, trainable_only=False, max_steps=max_steps, warmup_steps=args.warmup_steps)
 
-    train(fabric, state, args, train_data=train_data, val_data=val_data, lengths=lengths, tokenizer=tokenizer,
-          max_steps=max_steps, accumulate=accumulate, max_seq_length=max_seq_length, hparams=hparams)
+    with StopOnSignal() as stop:
+        train(fabric, state, args, train_data=train_data, val_data=val_data, lengths=lengths, tokenizer=tokenizer,
+              max_steps=max_steps, accumulate=accumulate, max_seq_length=max_seq_length, hparams=hparams, stop=stop)
     save_final_checkpoint(step_dir(args.out_dir, state["step"]), config, args.checkpoint_dir, args.out_dir / "final",
                           hparams, fabric=fabric, model=model)
     print_rank0(fabric, f"Saved the fine-tuned checkpoint to {args.out_dir / 'final'}")
+    run.close()
 
 
 def train(fabric: L.Fabric, state: dict, args: TrainArgs, *, train_data: list, val_data: list[dict], lengths: list[int],
-          tokenizer: Tokenizer, max_steps: int, accumulate: int, max_seq_length: int, hparams: dict) -> None:
+          tokenizer: Tokenizer, max_steps: int, accumulate: int, max_seq_length: int, hparams: dict,
+          stop: StopOnSignal) -> None:
     model, optimizer, scheduler = state["model"], state["optimizer"], state["scheduler"]
     collate = get_collate_fn(pad_id=0, max_seq_length=max_seq_length)
     train_collate = get_packed_collate_fn(pad_id=0, max_seq_length=max_seq_length) if args.packing else collate
@@ -234,11 +238,15 @@ def train(fabric: L.Fabric, state: dict, args: TrainArgs, *, train_data: list, v
                          "tokens_per_s": throughput.tokens_per_s(), "memory_gb": memory})
             if step % args.eval_interval == 0 or step == max_steps:
                 validate(fabric, model, val_data, collate, tokenizer, args, metrics, step)
-            if step % args.save_interval == 0 or step == max_steps:
+            stopping = stop.requested(fabric)
+            if step % args.save_interval == 0 or step == max_steps or stopping:
                 state["rng"] = rng_state()
-                path = save_training_state(fabric, args.out_dir, step, state, trainable_only=False,
-                                           extra=lambda directory: save_hparams(directory, hparams))
+                with disk_errors(args.out_dir):
+                    path = save_training_state(fabric, args.out_dir, step, state, trainable_only=False,
+                                               extra=lambda directory: save_hparams(directory, hparams))
                 print_rank0(fabric, f"Saved a checkpoint to {path}")
+                if stopping:
+                    raise stop.interrupted(step, path)
         if state["step"] < max_steps:
             state["epoch"] += 1
             state["batch_in_epoch"] = 0

@@ -1,53 +1,29 @@
-"""Generate text from a checkpoint.
+"""Generate text from a checkpoint or any fine-tuning run.
 
     python generate/base.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct \
         --prompt "What is the capital of France?" --temperature 0
+    python generate/base.py --checkpoint_dir out/lora --prompt "Reverse the word order: the cat sat"
 
-The prompt is wrapped in the checkpoint's prompt style (prompt_style.yaml; `--prompt_style default` sends it
-raw). Tokens are printed as they are generated; speed and memory go to stderr.
+`--checkpoint_dir` is a checkpoint or a fine-tuning run (a LoRA/DoRA, adapter or full fine-tune out_dir, its final/ or
+a step-* directory): a run is attached to its base checkpoint (from its hparams.yaml) without merging, quantized as it
+trained. The prompt is wrapped in the base checkpoint's prompt style (prompt_style.yaml; `--prompt_style default`
+sends it raw). Tokens are printed as they are generated; speed and memory go to stderr.
 """
 
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Literal, Optional
 
 import torch
 
 from model.cli import run_cli
 from model.device import peak_memory_gb
-from model.generate import generate, until_stop
+from model.generate import stop_markers, stream_reply
 from model.prompts import PromptStyle, load_prompt_style
 from model.quantize import QUANTIZE_MODES
 from model.tokenizer import Tokenizer
-from model.weights.load import load_model
-
-
-def stop_ids_and_strings(tokenizer: Tokenizer, style: PromptStyle) -> tuple[set[int], list[str]]:
-    """What ends a reply: the tokenizer's EOS ids, the prompt style's end-of-turn markers that are single tokens
-    (as ids), and the markers that take several tokens (as text)."""
-    ids, strings = set(tokenizer.stop_ids), []
-    for text in style.stop_tokens():
-        encoded = tokenizer.encode(text, bos=False)
-        if encoded.numel() == 1:
-            ids.add(int(encoded))
-        else:
-            strings.append(text)
-    return ids, strings
-
-
-def stream_reply(model, tokenizer: Tokenizer, prompt_ids: torch.Tensor, stop_ids: set[int], stop_strings: list[str],
-                 generated: list[int], **sampling) -> Iterator[str]:
-    """The reply's text, piece by piece, without its stop marker; the token ids are appended to `generated`."""
-
-    def tokens():
-        for token_id in generate(model, prompt_ids, stop_ids=stop_ids, **sampling):
-            if token_id in stop_ids:
-                return
-            generated.append(token_id)
-            yield token_id
-
-    return until_stop(tokenizer.decode_stream(tokens()), stop_strings)
+from model.weights.load import load_any
 
 
 def main(
@@ -69,7 +45,7 @@ def main(
 
     Args:
         prompt: The user's message (wrapped in the prompt style).
-        checkpoint_dir: A converted checkpoint directory.
+        checkpoint_dir: A checkpoint or a fine-tuning run (its out_dir, final/ or a step-* directory).
         max_new_tokens: The most tokens to generate.
         temperature: Sampling temperature; 0 means greedy decoding.
         top_k: Sample among the k most likely tokens only.
@@ -80,19 +56,19 @@ def main(
         prompt_style: Override the checkpoint's prompt style ("default" = the raw prompt).
         precision: Weights' precision: 32-true, bf16-true or 16-true. Default: bf16 on GPU, fp32 on CPU.
         quantize: Load the linear layers quantized with bitsandbytes: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq,
-            bnb.int8 (4-bit modes run on CPU too).
+            bnb.int8 (4-bit modes run on CPU too); default: a run's base as it trained, a checkpoint unquantized.
         device: "auto", "cpu", "cuda", "cuda:1", ...
     """
     if quantize is not None and quantize not in QUANTIZE_MODES:
         raise ValueError(f"Unknown --quantize {quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
     check_sampling_flags(max_new_tokens, num_samples, temperature, top_p)
-    style = PromptStyle.from_name(prompt_style) if prompt_style else load_prompt_style(checkpoint_dir)
-    tokenizer = Tokenizer(checkpoint_dir)
     t0 = time.perf_counter()
-    model = load_model(checkpoint_dir, device=device, precision=precision, quantize=quantize)
-    print(f"Loaded the model in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    generate_and_print(model, tokenizer, style, prompt, system, max_new_tokens, temperature, top_k, top_p, num_samples,
-                       seed)
+    loaded = load_any(checkpoint_dir, device=device, precision=precision, quantize=quantize)
+    print(f"Loaded the {loaded.kind} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    style = PromptStyle.from_name(prompt_style) if prompt_style else load_prompt_style(loaded.checkpoint_dir)
+    tokenizer = Tokenizer(loaded.checkpoint_dir)
+    generate_and_print(loaded.model, tokenizer, style, prompt, system, max_new_tokens, temperature, top_k, top_p,
+                       num_samples, seed)
 
 
 def generate_and_print(model, tokenizer: Tokenizer, style: PromptStyle, prompt: str, system: Optional[str],
@@ -101,7 +77,7 @@ def generate_and_print(model, tokenizer: Tokenizer, style: PromptStyle, prompt: 
     """Stream `num_samples` replies to stdout, with speed and memory on stderr."""
     device = model.transformer.wte.weight.device
     encoded = tokenizer.encode(style.apply(prompt, system=system)).to(device)
-    stop_ids, stop_strings = stop_ids_and_strings(tokenizer, style)
+    stop_ids, stop_strings = stop_markers(tokenizer, style)
     generator = torch.Generator(device).manual_seed(seed)
     for _ in range(num_samples):
         t0 = time.perf_counter()

@@ -1,6 +1,7 @@
-"""Chat with a checkpoint in the terminal, multi-turn, with the reply streamed as it is generated.
+"""Chat with a checkpoint or a fine-tuning run in the terminal, multi-turn, with the reply streamed as it is generated.
 
     python generate/chat.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
+    python generate/chat.py --checkpoint_dir out/lora
 
 Type a message and press Enter. `!reset` starts a new conversation, `!exit` (or Ctrl-D) quits. The whole
 conversation is formatted with the checkpoint's prompt style every turn, so the model sees the history.
@@ -13,13 +14,11 @@ from typing import Literal, Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from base import stop_ids_and_strings, stream_reply  # noqa: E402
-
 from model.cli import run_cli
-from model.prompts import PromptStyle, load_prompt_style  # noqa: E402
-from model.tokenizer import Tokenizer  # noqa: E402
-from model.weights.load import load_model
+from model.generate import stop_markers, stream_reply
+from model.prompts import PromptStyle, load_prompt_style
+from model.tokenizer import Tokenizer
+from model.weights.load import load_any
 
 
 def chat(
@@ -38,7 +37,7 @@ def chat(
     """Interactive multi-turn chat.
 
     Args:
-        checkpoint_dir: A converted checkpoint directory.
+        checkpoint_dir: A checkpoint or a fine-tuning run (its out_dir, final/ or a step-* directory).
         max_new_tokens: The most tokens per reply.
         temperature: Sampling temperature; 0 means greedy decoding.
         top_k: Sample among the k most likely tokens only.
@@ -47,14 +46,15 @@ def chat(
         system: A system message (overrides the prompt style's default).
         prompt_style: Override the checkpoint's prompt style.
         precision: Weights' precision: 32-true, bf16-true or 16-true. Default: bf16 on GPU, fp32 on CPU.
-        quantize: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq or bnb.int8.
+        quantize: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq or bnb.int8; default: a run's base as it trained.
         device: "auto", "cpu", "cuda", ...
     """
-    style = PromptStyle.from_name(prompt_style) if prompt_style else load_prompt_style(checkpoint_dir)
-    tokenizer = Tokenizer(checkpoint_dir)
-    model = load_model(checkpoint_dir, device=device, precision=precision, quantize=quantize)
+    loaded = load_any(checkpoint_dir, device=device, precision=precision, quantize=quantize)
+    model = loaded.model
+    style = PromptStyle.from_name(prompt_style) if prompt_style else load_prompt_style(loaded.checkpoint_dir)
+    tokenizer = Tokenizer(loaded.checkpoint_dir)
     device_ = model.transformer.wte.weight.device
-    stop_ids, stop_strings = stop_ids_and_strings(tokenizer, style)
+    stop_ids, stop_strings = stop_markers(tokenizer, style)
     generator = torch.Generator(device_).manual_seed(seed)
     context = model.config.block_size
     print(f"Chatting with {model.config.name} ({style.name} prompt style). !reset starts over, !exit quits.",

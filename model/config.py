@@ -10,7 +10,7 @@ name is not in the table (a fine-tune, a tiny test model) gets its config from i
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -63,7 +63,8 @@ class Config:
     sliding_window: Optional[int] = None
     n_expert: int = 0
     n_expert_per_token: int = 0
-    extra: dict = field(default_factory=dict)
+    # Falcon-40B/180B's layout in transformers: a fused QKV grouped per KV head and, with two norms, ln_attn/ln_mlp
+    falcon_new_decoder_architecture: bool = False
 
     def __post_init__(self):
         if self.n_query_groups is None:
@@ -106,6 +107,11 @@ class Config:
             data = yaml.safe_load(fp)
         if not isinstance(data, dict):
             raise ValueError(f"{path} is not a model config (expected a YAML mapping)")
+        # model_config.yaml files written before the field was typed hold it in an `extra` mapping
+        extra = data.pop("extra", None) or {}
+        if not isinstance(extra, dict) or set(extra) - {"falcon_new_decoder_architecture"}:
+            raise ValueError(f"{path}: unknown config keys {sorted(extra) if isinstance(extra, dict) else ['extra']}")
+        data.update(extra)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -172,7 +178,7 @@ class Config:
                 parallel_residual=parallel,
                 shared_attention_norm=parallel and n_ln == 1,
                 rope_base=rope["theta"],
-                extra={"falcon_new_decoder_architecture": True} if new_arch else {},
+                falcon_new_decoder_architecture=bool(new_arch),
             )
         if arch == "PhiForCausalLM":
             if c.get("qk_layernorm"):
@@ -362,10 +368,10 @@ configs: list[dict] = [
                         n_embd=4544, n_query_groups=1, shared_attention_norm=True, intermediate_size=18176, **_FALCON),
     *_base_and_instruct("falcon-40b", "tiiuae/falcon-40b", instruct_suffix="-instruct", n_layer=60, n_head=128,
                         n_embd=8192, n_query_groups=8, intermediate_size=32768,
-                        extra={"falcon_new_decoder_architecture": True}, **_FALCON),
+                        falcon_new_decoder_architecture=True, **_FALCON),
     *_base_and_instruct("falcon-180B", "tiiuae/falcon-180B", instruct_suffix="-chat", n_layer=80, n_head=232,
                         n_embd=14848, n_query_groups=8, intermediate_size=59392,
-                        extra={"falcon_new_decoder_architecture": True}, **_FALCON),
+                        falcon_new_decoder_architecture=True, **_FALCON),
     # TinyLlama
     dict(name="TinyLlama-1.1B-intermediate-step-1431k-3T", hf_repo="TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T",
          block_size=2048, vocab_size=32000, n_layer=22, n_head=32, n_query_groups=4, n_embd=2048, intermediate_size=5632),

@@ -44,3 +44,20 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16), so bf16 training beats fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            flags = set(next((line for line in cpuinfo if line.startswith("flags")), "").split())
+    except OSError:  # not Linux: ask oneDNN, which checks the same instructions
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def fast_training_precision() -> str:
+    """bf16-true on a GPU or CPU with fast bf16 matmuls, 32-true elsewhere (bf16 emulated in software is slower)."""
+    if torch.cuda.is_available():
+        return "bf16-true" if torch.cuda.is_bf16_supported() else "32-true"
+    return "bf16-true" if cpu_has_fast_bf16() else "32-true"

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence
 
 import torch
 
 from model.gpt import GPT
+
+if TYPE_CHECKING:
+    from model.prompts import PromptStyle
+    from model.tokenizer import Tokenizer
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: float = 1.0,
@@ -91,6 +95,33 @@ def until_stop(pieces: Iterable[str], stop_strings: Sequence[str] = ()) -> Itera
             pending = pending[len(pending) - hold:]
     if pending:
         yield pending
+
+
+def stop_markers(tokenizer: Tokenizer, style: PromptStyle) -> tuple[set[int], list[str]]:
+    """What ends a reply: the tokenizer's EOS ids and the prompt style's end-of-turn markers, as ids where a marker
+    is one token and as text where it takes several."""
+    ids, strings = set(tokenizer.stop_ids), []
+    for text in style.stop_tokens():
+        encoded = tokenizer.encode(text, bos=False)
+        if encoded.numel() == 1:
+            ids.add(int(encoded))
+        else:
+            strings.append(text)
+    return ids, strings
+
+
+def stream_reply(model: GPT, tokenizer: Tokenizer, prompt_ids: torch.Tensor, stop_ids: set[int],
+                 stop_strings: list[str], generated: list[int], **sampling) -> Iterator[str]:
+    """The reply's text, piece by piece, without its stop marker; the token ids are appended to `generated`."""
+
+    def tokens():
+        for token_id in generate(model, prompt_ids, stop_ids=stop_ids, **sampling):
+            if token_id in stop_ids:
+                return
+            generated.append(token_id)
+            yield token_id
+
+    return until_stop(tokenizer.decode_stream(tokens()), stop_strings)
 
 
 @torch.inference_mode()

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from model.cli import run_cli
-from model.prompts import PromptStyle, has_prompt_style, load_prompt_style, save_prompt_style
 from model.weights.convert import convert_hf_checkpoint as convert
 
 
@@ -28,12 +27,6 @@ def convert_hf_checkpoint(
         dtype: Store the weights in this dtype; by default they keep the checkpoint's dtype.
     """
     config = convert(checkpoint_dir, model_name=model_name, dtype=dtype)
-    if not has_prompt_style(checkpoint_dir):
-        # the checkpoint's own chat template decides; without one, the model's name does
-        style = load_prompt_style(checkpoint_dir)
-        if style.name == "default":
-            style = PromptStyle.from_config(config.hf_repo or config.name)
-        save_prompt_style(style, checkpoint_dir)
     print(f"Converted {config.name} ({config.hf_architecture}, {config.n_layer} layers) into {checkpoint_dir}")
 
 

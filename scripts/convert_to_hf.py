@@ -23,6 +23,7 @@ from model.device import DTYPES
 from model.files import atomic_save_safetensors, atomic_write_text
 from model.weights.checkpoint import load_state_dict
 from model.weights.convert import hf_config_dict, lit_to_hf
+from model.weights.load import detect
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
@@ -37,12 +38,17 @@ def convert_to_hf(
     """Write `checkpoint_dir`'s model as an HF folder in `output_dir`.
 
     Args:
-        checkpoint_dir: A Forge checkpoint (model_config.yaml + lit_model.safetensors).
+        checkpoint_dir: A Forge checkpoint (model_config.yaml + lit_model.safetensors), or a full fine-tune's out_dir.
         output_dir: Where to write config.json, model.safetensors and the tokenizer files.
         dtype: Save the weights in this dtype; by default the checkpoint's own.
         classifier_dir: Export this classifier (a finetune/classify.py run's final/ or step-*/ directory, built on
             checkpoint_dir) as a transformers *ForSequenceClassification model instead of the causal LM.
     """
+    kind, checkpoint_dir = detect(checkpoint_dir)
+    if kind is not None:
+        raise ValueError(f"{checkpoint_dir} is a {kind.name}, not a checkpoint: merge it into one first"
+                         " (`python scripts/merge_lora.py --checkpoint_dir RUN --out_dir DIR` for LoRA, which"
+                         " `python scripts/export_peft.py` also exports as a PEFT adapter)")
     config = Config.from_checkpoint(checkpoint_dir)
     if classifier_dir is not None:
         from model.tokenizer import Tokenizer

@@ -31,8 +31,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Iterator, Literal, Optional
 
 import numpy as np
 from tqdm import tqdm
@@ -43,6 +44,7 @@ from model.data.curate import (
     FieldMap,
     FuzzyDedup,
     Rules,
+    Sample,
     detect_format,
     model_embeddings,
     percentile_summary,
@@ -55,6 +57,9 @@ from model.data.curate import (
 )
 from model.data.records import Record, RecordError, data_format, iter_records, write_records
 from model.files import atomic_write_text
+from model.prompts import load_prompt_style
+from model.tokenizer import Tokenizer
+from model.weights.load import load_any
 from model.workflows.judge import Judge, ScoreCache, pair_key, score_pairs
 
 STAGES = ("rules", "exact_dedup", "fuzzy_dedup", "perplexity", "judge")
@@ -147,6 +152,108 @@ def curate(
         seed: Seeds the map's sample, k-means and t-SNE.
     """
     t_start = time.perf_counter()
+    chosen = check_flags(data_file, out_file, stages, perplexity_checkpoint_dir, perplexity_percentile,
+                         judge_checkpoint_dir, embed_checkpoint_dir, map_embeddings)
+    rules = Rules(min_instruction_chars, min_response_chars, max_chars, max_repeated_ngram_fraction,
+                  min_text_fraction=min_text_fraction, boilerplate=boilerplate,
+                  drop_regex=[drop_regex] if drop_regex else [])
+    fuzzy = FuzzyDedup(fuzzy_threshold, ngram, shingle, num_perm, seed=seed + 1) if "fuzzy_dedup" in chosen else None
+    fields = FieldMap(instruction_field, input_field, output_field, system_field)
+    models = Models(device, precision)
+
+    with tempfile.TemporaryDirectory(prefix="curate-") as spool_dir:
+        removals = Removals(Path(spool_dir) / "removed.jsonl")
+        kept = KeptRows(Path(spool_dir) / "kept.jsonl", fields)
+
+        # ---- pass 1: the streaming stages, one row at a time
+        t0 = time.perf_counter()
+        streamed = stream_rows(data_file, format, fields, chosen, rules, ExactDedup(), fuzzy, kept, removals)
+        streaming_seconds = time.perf_counter() - t0
+        kept.row_format = streamed.row_format
+        print(f"{streamed.rows} rows read ({streamed.row_format} format) in {streaming_seconds:.1f}s "
+              f"({streamed.rows / max(streaming_seconds, 1e-9):.0f} rows/s); {len(kept)} left after "
+              f"{', '.join(s for s in chosen if s in STREAMING) or 'no streaming stage'}", file=sys.stderr)
+
+        # ---- the model stages: a score per surviving row (in the spool's order), then a threshold
+        alive = np.ones(len(kept), dtype=bool)
+        stage_seconds = {}
+        perplexities, perplexity_threshold = np.full(len(kept), np.nan), None
+        if "perplexity" in chosen and alive.any():
+            t0 = time.perf_counter()
+            perplexities, perplexity_threshold, dropped = perplexity_stage(
+                kept, alive, models.load(perplexity_checkpoint_dir), perplexity_percentile, perplexity_max,
+                max_tokens, batch_size)
+            drop(kept, alive, removals, "perplexity", dropped)
+            stage_seconds["perplexity"] = time.perf_counter() - t0
+
+        judged = alive.copy()
+        cache_path = Path(judge_cache) if judge_cache is not None else Path(report_dir) / "judge_scores.jsonl"
+        judging = JudgeResult(np.full(len(kept), np.nan), [], 0, {})
+        if "judge" in chosen and alive.any():
+            t0 = time.perf_counter()
+            judge = Judge(judge_checkpoint_dir, device=device, precision=precision,
+                          max_new_tokens=judge_max_new_tokens, max_prompt_tokens=max_tokens, prefill=judge_prefill)
+            judging = judge_stage(kept, alive, judge, ScoreCache(cache_path), judge_min_score, judge_unscored,
+                                  batch_size)
+            drop(kept, alive, removals, "judge", judging.dropped)
+            stage_seconds["judge"] = time.perf_counter() - t0
+
+        # ---- exploration: a topic map of a sample of the kept rows
+        checkpoint_for_map = embed_checkpoint_dir or judge_checkpoint_dir or perplexity_checkpoint_dir
+        embedding_kind = map_embeddings if map_embeddings != "auto" else ("model" if checkpoint_for_map else "tfidf")
+        t0 = time.perf_counter()
+        topics, map_texts = topic_stage(kept, alive, embedding_kind, models, checkpoint_for_map, map_samples,
+                                        clusters, map_method, batch_size, seed)
+        if topics is not None:
+            stage_seconds["topic map"] = time.perf_counter() - t0
+
+        # ---- outputs: every file written to a temporary name and renamed, the data file last
+        report_dir = Path(report_dir)
+        report_dir.mkdir(parents=True, exist_ok=True)
+        counts = stage_counts(chosen, streamed.rows, removals)
+        kept_lengths = {"instruction": [], "response": []}
+        for index, entry in enumerate(kept):
+            if alive[index]:
+                for part in kept_lengths:
+                    kept_lengths[part].append(streamed.lengths[part][entry["n"] - 1])
+        scores = judging.scores
+        stats = {"data_file": str(data_file), "out_file": str(out_file), "format": streamed.row_format,
+                 "rows": streamed.rows, "kept": int(alive.sum()), "stages": counts,
+                 "streaming_rows_per_second": streamed.rows / max(streaming_seconds, 1e-9),
+                 "seconds": {"streaming stages": streaming_seconds, **stage_seconds},
+                 "perplexity_threshold": perplexity_threshold,
+                 "judge": None if "judge" not in chosen else {
+                     "min_score": judge_min_score, "scored": int((~np.isnan(scores)).sum()),
+                     "unscored": int((judged & np.isnan(scores)).sum()), "cache": str(cache_path),
+                     "cached_before_run": judging.cached_before},
+                 "topics": None if topics is None else {
+                     "embeddings": embedding_kind, "rows": len(map_texts),
+                     "clusters": [{"size": size, "top_words": words} for size, words in
+                                  zip(topics.sizes, topics.top_words)]}}
+        plots = save_plots(report_dir, streamed.lengths, kept_lengths, perplexities, perplexity_threshold,
+                           perplexity_checkpoint_dir, scores if "judge" in chosen else None, judge_checkpoint_dir,
+                           judge_min_score, topics, len(map_texts), checkpoint_for_map, embedding_kind, map_method)
+        atomic_write_text(report_dir / "stats.json", json.dumps(stats, indent=2))
+        atomic_write_text(report_dir / "report.md", render_report(
+            stats, chosen, removals.examples, plots, topics, judging.replies, streamed.lengths, kept_lengths,
+            perplexities[~np.isnan(perplexities)], scores[~np.isnan(scores)]))
+        removals.publish(report_dir / "removed.jsonl")
+        write_records((entry["row"] for index, entry in enumerate(kept) if alive[index]), out_file)
+        kept.close()
+
+    print(f"kept {stats['kept']} of {streamed.rows} rows -> {out_file}")
+    for stage in chosen:
+        c = counts[stage]
+        print(f"  {stage:<12} removed {c['removed']:>6}  ({', '.join(f'{k}: {v}' for k, v in c['reasons'].items()) or '-'})")
+    print(f"report: {report_dir / 'report.md'}; removed rows: {report_dir / 'removed.jsonl'} "
+          f"({time.perf_counter() - t_start:.1f}s)")
+    return stats
+
+
+def check_flags(data_file: Path, out_file: Path, stages: str, perplexity_checkpoint_dir: Optional[Path],
+                perplexity_percentile: float, judge_checkpoint_dir: Optional[Path],
+                embed_checkpoint_dir: Optional[Path], map_embeddings: str) -> list[str]:
+    """The chosen stages in running order, after every check that can fail before any work is done."""
     chosen = [s.strip() for s in stages.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in STAGES]
     if unknown or not chosen:
@@ -166,253 +273,269 @@ def curate(
             raise FileNotFoundError(f"{checkpoint}: no such checkpoint directory")
     if map_embeddings == "model" and not (embed_checkpoint_dir or judge_checkpoint_dir or perplexity_checkpoint_dir):
         raise ValueError("--map_embeddings model needs a checkpoint: give --embed_checkpoint_dir")
-    rules = Rules(min_instruction_chars, min_response_chars, max_chars, max_repeated_ngram_fraction,
-                  min_text_fraction=min_text_fraction, boilerplate=boilerplate,
-                  drop_regex=[drop_regex] if drop_regex else [])
-    exact = ExactDedup()
-    fuzzy = FuzzyDedup(fuzzy_threshold, ngram, shingle, num_perm, seed=seed + 1) if "fuzzy_dedup" in chosen else None
-    fields = FieldMap(instruction_field, input_field, output_field, system_field)
+    return chosen
 
-    with tempfile.TemporaryDirectory(prefix="curate-") as spool_dir:
-        spool_dir = Path(spool_dir)
-        kept_spool = open(spool_dir / "kept.jsonl", "w+", encoding="utf-8")
-        removed_spool = open(spool_dir / "removed.jsonl", "w+", encoding="utf-8")
-        removed_counts: dict[str, Counter] = {stage: Counter() for stage in STAGES}
-        examples: dict[str, list] = {stage: [] for stage in STAGES}
 
-        def remove(stage: str, reason: str, kind: str, where: str, row: dict) -> None:
-            removed_spool.write(json.dumps({"stage": stage, "reason": reason, "where": where, "row": row},
-                                           ensure_ascii=False) + "\n")
-            removed_counts[stage][kind] += 1
-            if len(examples[stage]) < 3:
-                examples[stage].append((where, reason, row))
+# ----------------------------------------------------------------------------------------------- bookkeeping
 
-        # ---- pass 1: the streaming stages, one row at a time
-        lengths = {"instruction": [], "response": []}
-        row_format, n_rows, n_kept = format, 0, 0
-        t0 = time.perf_counter()
-        for row_number, record in enumerate(tqdm(iter_records(data_file), desc="Filtering", unit=" rows",
-                                                 file=sys.stderr, mininterval=2.0), start=1):
-            if row_format == "auto":
-                row_format = detect_format(record.row)
-            sample = to_sample(record, row_format, fields)
-            n_rows += 1
-            lengths["instruction"].append(len(sample.instruction))
-            lengths["response"].append(len(sample.response))
-            if "rules" in chosen:
-                reason = rules.check(sample)
-                if reason is not None:
-                    remove("rules", reason, reason.split(":")[0].split(" (")[0], record.where, record.row)
-                    continue
-            if "exact_dedup" in chosen:
-                first = exact.check(sample, row_number)
-                if first is not None:
-                    remove("exact_dedup", f"exact duplicate of row {first}", "exact duplicate", record.where,
-                           record.row)
-                    continue
-            if fuzzy is not None:
-                hit = fuzzy.check(sample, row_number)
-                if hit is not None:
-                    remove("fuzzy_dedup", f"near duplicate of row {hit[0]} (Jaccard ~{hit[1]:.2f})",
-                           "near duplicate", record.where, record.row)
-                    continue
-            kept_spool.write(json.dumps({"n": row_number, "where": record.where, "row": record.row},
-                                        ensure_ascii=False) + "\n")
-            n_kept += 1
-        if n_rows == 0:
-            raise RecordError(f"{data_file}: no rows in the file")
-        streaming_seconds = time.perf_counter() - t0
-        print(f"{n_rows} rows read ({row_format} format) in {streaming_seconds:.1f}s "
-              f"({n_rows / max(streaming_seconds, 1e-9):.0f} rows/s); {n_kept} left after "
-              f"{', '.join(s for s in chosen if s in STREAMING) or 'no streaming stage'}", file=sys.stderr)
 
-        def kept_rows():
-            kept_spool.seek(0)
-            for line in kept_spool:
-                yield json.loads(line)
+class Removals:
+    """Every removed row, spooled to disk with its stage and reason (removed.jsonl), counted by kind, and the first
+    three of each stage kept as the report's examples."""
 
-        # ---- the model stages: a score per surviving row (kept_spool order), then a threshold
-        alive = np.ones(n_kept, dtype=bool)
-        models: dict = {}
+    def __init__(self, spool: Path) -> None:
+        self.spool = open(spool, "w+", encoding="utf-8")
+        self.counts: dict[str, Counter] = {stage: Counter() for stage in STAGES}
+        self.examples: dict[str, list] = {stage: [] for stage in STAGES}
 
-        def load(checkpoint_dir: Path):
-            from model.prompts import load_prompt_style
-            from model.tokenizer import Tokenizer
-            from model.weights.load import load_model
+    def add(self, stage: str, reason: str, kind: str, where: str, row: dict) -> None:
+        self.spool.write(json.dumps({"stage": stage, "reason": reason, "where": where, "row": row},
+                                    ensure_ascii=False) + "\n")
+        self.counts[stage][kind] += 1
+        if len(self.examples[stage]) < 3:
+            self.examples[stage].append((where, reason, row))
 
-            key = str(Path(checkpoint_dir).resolve())
-            if key not in models:
-                model = load_model(checkpoint_dir, device=device, precision=precision)
-                model.eval()
-                models[key] = (model, Tokenizer(checkpoint_dir), load_prompt_style(checkpoint_dir))
-            return models[key]
-
-        def batches_of_alive():
-            batch = []
-            for index, entry in enumerate(kept_rows()):
-                if alive[index]:
-                    batch.append((index, entry, to_sample_entry(entry)))
-                    if len(batch) == batch_size:
-                        yield batch
-                        batch = []
-            if batch:
-                yield batch
-
-        def to_sample_entry(entry: dict):
-            return to_sample(Record(entry["row"], entry["where"]), row_format, fields)
-
-        perplexities = np.full(n_kept, np.nan)
-        perplexity_threshold = None
-        stage_seconds = {}
-        if "perplexity" in chosen and alive.any():
-            t0 = time.perf_counter()
-            model, tokenizer, style = load(perplexity_checkpoint_dir)
-            progress = tqdm(total=int(alive.sum()), desc="Perplexity", unit=" rows", file=sys.stderr)
-            for batch in batches_of_alive():
-                values = response_perplexities(model, tokenizer, style, [s for _, _, s in batch], max_tokens)
-                for (index, _, _), value in zip(batch, values):
-                    perplexities[index] = value
-                progress.update(len(batch))
-            progress.close()
-            scored = perplexities[alive]
-            perplexity_threshold = perplexity_max if perplexity_max is not None else \
-                float(np.percentile(scored, perplexity_percentile))
-            for index, entry in enumerate(kept_rows()):
-                if alive[index] and perplexities[index] > perplexity_threshold:
-                    alive[index] = False
-                    remove("perplexity", f"perplexity {perplexities[index]:.1f} > {perplexity_threshold:.1f}",
-                           "high perplexity", entry["where"], entry["row"])
-            stage_seconds["perplexity"] = time.perf_counter() - t0
-
-        scores = np.full(n_kept, np.nan)
-        judge_replies: list = []
-        cache_path = Path(judge_cache) if judge_cache is not None else Path(report_dir) / "judge_scores.jsonl"
-        cached_before = 0
-        judged = alive.copy()
-        if "judge" in chosen and alive.any():
-            t0 = time.perf_counter()
-            judge = Judge(judge_checkpoint_dir, device=device, precision=precision,
-                          max_new_tokens=judge_max_new_tokens, max_prompt_tokens=max_tokens, prefill=judge_prefill)
-            cache = ScoreCache(cache_path)
-            cached_before = len(cache)
-            progress = tqdm(total=int(alive.sum()), desc="Judging", unit=" rows", file=sys.stderr)
-            try:
-                for batch in batches_of_alive():
-                    values = score_pairs(judge, [(s.instruction, s.response) for _, _, s in batch], cache,
-                                         batch_size=batch_size, progress=progress)
-                    for (index, _, s), value in zip(batch, values):
-                        scores[index] = np.nan if value is None else value
-                        if len(judge_replies) < 8:
-                            raw = cache[pair_key(s.instruction, s.response, judge.id)]["raw"]
-                            judge_replies.append((s.instruction, raw, value))
-            finally:
-                progress.close()
-                cache.close()
-            for index, entry in enumerate(kept_rows()):
-                if not alive[index]:
-                    continue
-                if np.isnan(scores[index]):
-                    if judge_unscored == "drop":
-                        alive[index] = False
-                        remove("judge", "the judge's reply held no score", "no score", entry["where"], entry["row"])
-                elif scores[index] < judge_min_score:
-                    alive[index] = False
-                    remove("judge", f"judge score {scores[index]:g} < {judge_min_score:g}", "low score",
-                           entry["where"], entry["row"])
-            stage_seconds["judge"] = time.perf_counter() - t0
-
-        # ---- exploration: a topic map of a sample of the kept rows
-        rng = random.Random(seed)
-        alive_indices = np.flatnonzero(alive)
-        map_indices = set(rng.sample(list(alive_indices), min(map_samples, len(alive_indices))))
-        checkpoint_for_map = embed_checkpoint_dir or judge_checkpoint_dir or perplexity_checkpoint_dir
-        embedding_kind = map_embeddings if map_embeddings != "auto" else ("model" if checkpoint_for_map else "tfidf")
-        topics, map_texts = None, []
-        if embedding_kind != "none" and len(map_indices) >= 3:
-            t0 = time.perf_counter()
-            map_texts = [to_sample_entry(entry).text for index, entry in enumerate(kept_rows()) if index in map_indices]
-            if embedding_kind == "model":
-                model, tokenizer, _ = load(checkpoint_for_map)
-                with tqdm(total=len(map_texts), desc="Embedding", unit=" rows", file=sys.stderr) as progress:
-                    embeddings = model_embeddings(model, tokenizer, map_texts, batch_size=batch_size,
-                                                  progress=progress)
-            else:
-                embeddings = tfidf_embeddings(map_texts, seed=seed)
-            topics = topic_map(map_texts, embeddings, clusters=clusters, method=map_method, seed=seed)
-            stage_seconds["topic map"] = time.perf_counter() - t0
-
-        # ---- outputs: every file written to a temporary name and renamed, the data file last
-        report_dir = Path(report_dir)
-        report_dir.mkdir(parents=True, exist_ok=True)
-        counts = {}
-        remaining = n_rows
-        for stage in chosen:
-            removed = sum(removed_counts[stage].values())
-            counts[stage] = {"in": remaining, "removed": removed, "out": remaining - removed,
-                             "reasons": dict(removed_counts[stage].most_common())}
-            remaining -= removed
-        kept_lengths = {"instruction": [], "response": []}
-        for index, entry in enumerate(kept_rows()):
-            if alive[index]:
-                n = entry["n"] - 1
-                kept_lengths["instruction"].append(lengths["instruction"][n])
-                kept_lengths["response"].append(lengths["response"][n])
-
-        plots = {}
-        for part in ("instruction", "response"):
-            plots[f"length_{part}"] = f"length_{part}.png"
-            save_histogram(report_dir / plots[f"length_{part}"], {"input": lengths[part], "kept": kept_lengths[part]},
-                           f"{part} length", "characters", log_x=True)
-        if perplexity_threshold is not None:
-            plots["perplexity"] = "perplexity.png"
-            save_histogram(report_dir / plots["perplexity"], {"scored": perplexities[~np.isnan(perplexities)]},
-                           f"answer perplexity under {Path(perplexity_checkpoint_dir).name}", "perplexity",
-                           threshold=perplexity_threshold, log_x=True)
-        if "judge" in chosen and not np.isnan(scores).all():
-            plots["judge"] = "judge_scores.png"
-            save_histogram(report_dir / plots["judge"], {"scored": scores[~np.isnan(scores)]},
-                           f"judge scores by {Path(judge_checkpoint_dir).name}", "score (1-10)",
-                           threshold=judge_min_score, bins=19)
-        if topics is not None:
-            plots["topics"] = "topics.png"
-            source = f"{Path(checkpoint_for_map).name} hidden states" if embedding_kind == "model" else "TF-IDF + SVD"
-            save_topic_map(report_dir / plots["topics"], topics,
-                           f"topics of {len(map_texts)} kept rows ({source}, k-means, {map_method})")
-
-        n_out = int(alive.sum())
-        stats = {"data_file": str(data_file), "out_file": str(out_file), "format": row_format, "rows": n_rows,
-                 "kept": n_out, "stages": counts, "streaming_rows_per_second": n_rows / max(streaming_seconds, 1e-9),
-                 "seconds": {"streaming stages": streaming_seconds, **stage_seconds},
-                 "perplexity_threshold": perplexity_threshold,
-                 "judge": None if "judge" not in chosen else {
-                     "min_score": judge_min_score, "scored": int((~np.isnan(scores)).sum()),
-                     "unscored": int((judged & np.isnan(scores)).sum()), "cache": str(cache_path),
-                     "cached_before_run": cached_before},
-                 "topics": None if topics is None else {
-                     "embeddings": embedding_kind, "rows": len(map_texts),
-                     "clusters": [{"size": size, "top_words": words} for size, words in
-                                  zip(topics.sizes, topics.top_words)]}}
-        atomic_write_text(report_dir / "stats.json", json.dumps(stats, indent=2))
-        atomic_write_text(report_dir / "report.md", render_report(
-            stats, chosen, examples, plots, topics, judge_replies, lengths, kept_lengths,
-            perplexities[~np.isnan(perplexities)], scores[~np.isnan(scores)]))
-        removed_spool.seek(0)
-        with tempfile.NamedTemporaryFile("w", dir=report_dir, prefix=".removed.", suffix=".tmp", delete=False,
+    def publish(self, path: Path) -> None:
+        self.spool.seek(0)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".removed.", suffix=".tmp", delete=False,
                                          encoding="utf-8") as tmp:
-            for line in removed_spool:
+            for line in self.spool:
                 tmp.write(line)
-        Path(tmp.name).replace(report_dir / "removed.jsonl")
-        write_records((entry["row"] for index, entry in enumerate(kept_rows()) if alive[index]), out_file)
-        kept_spool.close()
-        removed_spool.close()
+        Path(tmp.name).replace(path)
+        self.spool.close()
 
-    print(f"kept {n_out} of {n_rows} rows -> {out_file}")
+
+class KeptRows:
+    """The rows that passed the streaming stages, spooled to disk in input order ({"n", "where", "row"} each), read
+    back as often as the model stages need them."""
+
+    def __init__(self, spool: Path, fields: FieldMap) -> None:
+        self.spool = open(spool, "w+", encoding="utf-8")
+        self.fields, self.row_format, self.count = fields, "auto", 0
+
+    def add(self, row_number: int, record: Record) -> None:
+        self.spool.write(json.dumps({"n": row_number, "where": record.where, "row": record.row},
+                                    ensure_ascii=False) + "\n")
+        self.count += 1
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[dict]:
+        self.spool.seek(0)
+        for line in self.spool:
+            yield json.loads(line)
+
+    def sample(self, entry: dict) -> Sample:
+        return to_sample(Record(entry["row"], entry["where"]), self.row_format, self.fields)
+
+    def batches(self, alive: np.ndarray, batch_size: int) -> Iterator[list[tuple[int, Sample]]]:
+        """(index, sample) of the rows still alive, `batch_size` at a time."""
+        batch = []
+        for index, entry in enumerate(self):
+            if alive[index]:
+                batch.append((index, self.sample(entry)))
+                if len(batch) == batch_size:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
+
+    def close(self) -> None:
+        self.spool.close()
+
+
+class Models:
+    """Checkpoints loaded once each, shared by the stages that use the same one."""
+
+    def __init__(self, device: str, precision: Optional[str]) -> None:
+        self.device, self.precision, self.loaded = device, precision, {}
+
+    def load(self, checkpoint_dir: Path) -> tuple:
+        """(model, tokenizer, prompt style) of a checkpoint or fine-tuning run."""
+        key = str(Path(checkpoint_dir).resolve())
+        if key not in self.loaded:
+            loaded = load_any(checkpoint_dir, device=self.device, precision=self.precision)
+            self.loaded[key] = (loaded.model, Tokenizer(loaded.checkpoint_dir),
+                                load_prompt_style(loaded.checkpoint_dir))
+        return self.loaded[key]
+
+
+def drop(kept: KeptRows, alive: np.ndarray, removals: Removals, stage: str,
+         dropped: dict[int, tuple[str, str]]) -> None:
+    """Remove the rows a model stage dropped ({index: (reason, kind)}) from `alive`, recording each."""
+    for index, entry in enumerate(kept):
+        if index in dropped:
+            alive[index] = False
+            reason, kind = dropped[index]
+            removals.add(stage, reason, kind, entry["where"], entry["row"])
+
+
+def stage_counts(chosen: list[str], rows: int, removals: Removals) -> dict:
+    counts, remaining = {}, rows
     for stage in chosen:
-        c = counts[stage]
-        print(f"  {stage:<12} removed {c['removed']:>6}  ({', '.join(f'{k}: {v}' for k, v in c['reasons'].items()) or '-'})")
-    print(f"report: {report_dir / 'report.md'}; removed rows: {report_dir / 'removed.jsonl'} "
-          f"({time.perf_counter() - t_start:.1f}s)")
-    return stats
+        removed = sum(removals.counts[stage].values())
+        counts[stage] = {"in": remaining, "removed": removed, "out": remaining - removed,
+                         "reasons": dict(removals.counts[stage].most_common())}
+        remaining -= removed
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------- the stages
+
+
+@dataclass
+class Streamed:
+    rows: int
+    row_format: str
+    lengths: dict[str, list[int]]
+
+
+def streaming_verdict(sample: Sample, row_number: int, chosen: list[str], rules: Rules, exact: ExactDedup,
+                      fuzzy: Optional[FuzzyDedup]) -> Optional[tuple[str, str, str]]:
+    """(stage, reason, kind) of the first streaming stage that removes the row, or None to keep it."""
+    if "rules" in chosen:
+        reason = rules.check(sample)
+        if reason is not None:
+            return "rules", reason, reason.split(":")[0].split(" (")[0]
+    if "exact_dedup" in chosen:
+        first = exact.check(sample, row_number)
+        if first is not None:
+            return "exact_dedup", f"exact duplicate of row {first}", "exact duplicate"
+    if fuzzy is not None:
+        hit = fuzzy.check(sample, row_number)
+        if hit is not None:
+            return "fuzzy_dedup", f"near duplicate of row {hit[0]} (Jaccard ~{hit[1]:.2f})", "near duplicate"
+    return None
+
+
+def stream_rows(data_file: Path, row_format: str, fields: FieldMap, chosen: list[str], rules: Rules,
+                exact: ExactDedup, fuzzy: Optional[FuzzyDedup], kept: KeptRows, removals: Removals) -> Streamed:
+    """Pass 1: each row through the streaming stages (rules, exact and fuzzy dedup), in bounded memory; kept rows go
+    to `kept`, removed ones to `removals`."""
+    lengths = {"instruction": [], "response": []}
+    rows = 0
+    for row_number, record in enumerate(tqdm(iter_records(data_file), desc="Filtering", unit=" rows",
+                                             file=sys.stderr, mininterval=2.0), start=1):
+        if row_format == "auto":
+            row_format = detect_format(record.row)
+        sample = to_sample(record, row_format, fields)
+        rows += 1
+        lengths["instruction"].append(len(sample.instruction))
+        lengths["response"].append(len(sample.response))
+        verdict = streaming_verdict(sample, row_number, chosen, rules, exact, fuzzy)
+        if verdict is None:
+            kept.add(row_number, record)
+        else:
+            removals.add(*verdict, record.where, record.row)
+    if rows == 0:
+        raise RecordError(f"{data_file}: no rows in the file")
+    return Streamed(rows, row_format, lengths)
+
+
+def perplexity_stage(kept: KeptRows, alive: np.ndarray, loaded: tuple, percentile: float, maximum: Optional[float],
+                     max_tokens: int, batch_size: int) -> tuple[np.ndarray, float, dict[int, tuple[str, str]]]:
+    """The answers' perplexities (NaN for rows not scored), the threshold (`maximum`, else the `percentile` of the
+    scores) and the rows above it: {index: (reason, kind)}."""
+    model, tokenizer, style = loaded
+    perplexities = np.full(len(kept), np.nan)
+    with tqdm(total=int(alive.sum()), desc="Perplexity", unit=" rows", file=sys.stderr) as progress:
+        for batch in kept.batches(alive, batch_size):
+            values = response_perplexities(model, tokenizer, style, [s for _, s in batch], max_tokens)
+            for (index, _), value in zip(batch, values):
+                perplexities[index] = value
+            progress.update(len(batch))
+    threshold = maximum if maximum is not None else float(np.percentile(perplexities[alive], percentile))
+    dropped = {int(index): (f"perplexity {perplexities[index]:.1f} > {threshold:.1f}", "high perplexity")
+               for index in np.flatnonzero(alive & (perplexities > threshold))}
+    return perplexities, threshold, dropped
+
+
+@dataclass
+class JudgeResult:
+    scores: np.ndarray  # NaN where the judge gave no score or did not judge
+    replies: list  # (instruction, raw reply, score) of the first few rows, for the report
+    cached_before: int  # scores that were in the cache before this run
+    dropped: dict[int, tuple[str, str]]  # {index: (reason, kind)}
+
+
+def judge_stage(kept: KeptRows, alive: np.ndarray, judge: Judge, cache: ScoreCache, min_score: float,
+                unscored: str, batch_size: int) -> JudgeResult:
+    """A 1-10 score for each row alive (cached as it comes, so a killed run resumes), and the rows to drop: under
+    `min_score`, or without a score when `unscored` is "drop"."""
+    scores = np.full(len(kept), np.nan)
+    replies = []
+    cached_before = len(cache)
+    progress = tqdm(total=int(alive.sum()), desc="Judging", unit=" rows", file=sys.stderr)
+    try:
+        for batch in kept.batches(alive, batch_size):
+            values = score_pairs(judge, [(s.instruction, s.response) for _, s in batch], cache,
+                                 batch_size=batch_size, progress=progress)
+            for (index, s), value in zip(batch, values):
+                scores[index] = np.nan if value is None else value
+                if len(replies) < 8:
+                    replies.append((s.instruction, cache[pair_key(s.instruction, s.response, judge.id)]["raw"], value))
+    finally:
+        progress.close()
+        cache.close()
+    dropped = {}
+    for index in np.flatnonzero(alive):
+        if np.isnan(scores[index]):
+            if unscored == "drop":
+                dropped[int(index)] = ("the judge's reply held no score", "no score")
+        elif scores[index] < min_score:
+            dropped[int(index)] = (f"judge score {scores[index]:g} < {min_score:g}", "low score")
+    return JudgeResult(scores, replies, cached_before, dropped)
+
+
+def topic_stage(kept: KeptRows, alive: np.ndarray, embedding_kind: str, models: Models,
+                checkpoint_for_map: Optional[Path], map_samples: int, clusters: int, map_method: str,
+                batch_size: int, seed: int) -> tuple:
+    """The topic map of a random sample of the kept rows (None when off or too few rows) and the sample's texts."""
+    rng = random.Random(seed)
+    alive_indices = np.flatnonzero(alive)
+    map_indices = set(rng.sample(list(alive_indices), min(map_samples, len(alive_indices))))
+    if embedding_kind == "none" or len(map_indices) < 3:
+        return None, []
+    texts = [kept.sample(entry).text for index, entry in enumerate(kept) if index in map_indices]
+    if embedding_kind == "model":
+        model, tokenizer, _ = models.load(checkpoint_for_map)
+        with tqdm(total=len(texts), desc="Embedding", unit=" rows", file=sys.stderr) as progress:
+            embeddings = model_embeddings(model, tokenizer, texts, batch_size=batch_size, progress=progress)
+    else:
+        embeddings = tfidf_embeddings(texts, seed=seed)
+    return topic_map(texts, embeddings, clusters=clusters, method=map_method, seed=seed), texts
+
+
+# ----------------------------------------------------------------------------------------------- the report
+
+
+def save_plots(report_dir: Path, lengths: dict, kept_lengths: dict, perplexities: np.ndarray,
+               perplexity_threshold: Optional[float], perplexity_checkpoint_dir: Optional[Path],
+               scores: Optional[np.ndarray], judge_checkpoint_dir: Optional[Path], judge_min_score: float, topics,
+               map_rows: int, checkpoint_for_map: Optional[Path], embedding_kind: str, map_method: str) -> dict:
+    """The report's PNGs; returns {plot: file name}."""
+    plots = {}
+    for part in ("instruction", "response"):
+        plots[f"length_{part}"] = f"length_{part}.png"
+        save_histogram(report_dir / plots[f"length_{part}"], {"input": lengths[part], "kept": kept_lengths[part]},
+                       f"{part} length", "characters", log_x=True)
+    if perplexity_threshold is not None:
+        plots["perplexity"] = "perplexity.png"
+        save_histogram(report_dir / plots["perplexity"], {"scored": perplexities[~np.isnan(perplexities)]},
+                       f"answer perplexity under {Path(perplexity_checkpoint_dir).name}", "perplexity",
+                       threshold=perplexity_threshold, log_x=True)
+    if scores is not None and not np.isnan(scores).all():
+        plots["judge"] = "judge_scores.png"
+        save_histogram(report_dir / plots["judge"], {"scored": scores[~np.isnan(scores)]},
+                       f"judge scores by {Path(judge_checkpoint_dir).name}", "score (1-10)",
+                       threshold=judge_min_score, bins=19)
+    if topics is not None:
+        plots["topics"] = "topics.png"
+        source = f"{Path(checkpoint_for_map).name} hidden states" if embedding_kind == "model" else "TF-IDF + SVD"
+        save_topic_map(report_dir / plots["topics"], topics,
+                       f"topics of {map_rows} kept rows ({source}, k-means, {map_method})")
+    return plots
 
 
 def _short(text, limit: int = 120) -> str:

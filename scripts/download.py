@@ -15,6 +15,7 @@ from typing import Literal, Optional
 
 from model.cli import run_cli
 from model.config import name_to_config
+from model.weights.convert import convert_hf_checkpoint
 
 SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                "special_tokens_map.json", "chat_template.jinja")
@@ -86,10 +87,8 @@ def download(
         ) from None
 
     if convert:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from convert_hf_checkpoint import convert_hf_checkpoint
-
-        convert_hf_checkpoint(local_dir, model_name=model_name, dtype=dtype)
+        config = convert_hf_checkpoint(local_dir, model_name=model_name, dtype=dtype)
+        print(f"Converted {config.name} ({config.hf_architecture}, {config.n_layer} layers) into {local_dir}")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
 """Export a Forge LoRA/DoRA adapter as a PEFT adapter folder.
 
-    python scripts/export_peft.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct \\
-        --lora_dir out/lora/run/final --output_dir out/peft-adapter
+    python scripts/export_peft.py --checkpoint_dir out/lora --output_dir out/peft-adapter
 
-`--lora_dir` is a LoRA run directory: `lora.safetensors` (the adapter, as saved from `model.lora.lora_state_dict`)
-and `hparams.yaml` (its LoRA settings under the keys `lora_r`, `lora_alpha`, `lora_dropout`, `lora_query`,
-`lora_key`, `lora_value`, `lora_projection`, `lora_mlp`, `lora_head` and `dora`). The output holds
-`adapter_config.json` and `adapter_model.safetensors`, and loads on the Hugging Face export of the base model:
+`--checkpoint_dir` is a LoRA/DoRA run (its out_dir, final/ or a step-* directory): `lora.safetensors` (the
+adapter, as saved from `model.lora.lora_state_dict`) and `hparams.yaml` (its LoRA settings under the keys `lora_r`,
+`lora_alpha`, `lora_dropout`, `lora_query`, `lora_key`, `lora_value`, `lora_projection`, `lora_mlp`, `lora_head` and
+`dora`, and its base checkpoint under `checkpoint_dir`). The output holds `adapter_config.json` and
+`adapter_model.safetensors`, and loads on the Hugging Face export of the base model:
 
-    base = AutoModelForCausalLM.from_pretrained(<scripts/convert_to_hf.py output for --checkpoint_dir>)
+    base = AutoModelForCausalLM.from_pretrained(<scripts/convert_to_hf.py output for the run's base checkpoint>)
     model = peft.PeftModel.from_pretrained(base, "out/peft-adapter")
 
 Our q, k and v adapters become PEFT's q_proj/k_proj/v_proj adapters one to one. Where transformers fuses layers
@@ -33,27 +33,27 @@ from model.cli import run_cli
 from model.config import Config
 from model.files import atomic_save_safetensors
 from model.gpt import GPT
-from model.lora import LoRALinear, inject_lora, load_lora_state_dict
+from model.lora import LORA_WEIGHTS, LoRALinear, inject_lora, load_lora_state_dict
 from model.weights.convert import WeightMap, weight_maps
-from model.weights.load import load_lora_run
+from model.weights.load import load_hparams, load_lora_run, run_output_dir
 
 
-def export_peft(
-    checkpoint_dir: Path, lora_dir: Path, output_dir: Path, base_model_name_or_path: Optional[str] = None
-) -> None:
-    """Write the adapter in `lora_dir`, trained on `checkpoint_dir`, as a PEFT adapter in `output_dir`.
+def export_peft(checkpoint_dir: Path, output_dir: Path, base_model_name_or_path: Optional[str] = None) -> None:
+    """Write the LoRA/DoRA run at `checkpoint_dir` as a PEFT adapter in `output_dir`.
 
     Args:
-        checkpoint_dir: The Forge checkpoint the adapter was trained on (model_config.yaml).
-        lora_dir: The LoRA run directory (lora.safetensors + hparams.yaml).
+        checkpoint_dir: The LoRA/DoRA run: its output directory, its final/ or a step-* directory (lora.safetensors
+            + hparams.yaml, which names the base checkpoint it trained on).
         output_dir: Where to write adapter_config.json and adapter_model.safetensors.
         base_model_name_or_path: Recorded in adapter_config.json for `AutoPeftModelForCausalLM`; by default the
-            checkpoint's Hugging Face repo, or the checkpoint directory.
+            base checkpoint's Hugging Face repo, or the base checkpoint directory.
     """
-    config = Config.from_checkpoint(checkpoint_dir)
-    lora_config, lora_weights = load_lora_run(lora_dir)
+    run_dir = run_output_dir(checkpoint_dir, LORA_WEIGHTS)
+    lora_config, lora_weights = load_lora_run(run_dir)
+    base_dir = Path(load_hparams(run_dir)["checkpoint_dir"])
+    config = Config.from_checkpoint(base_dir)
     if lora_config.router:
-        raise ValueError(f"{lora_dir} trained the MoE routers in full, which a PEFT adapter cannot hold; merge it with"
+        raise ValueError(f"{run_dir} trained the MoE routers in full, which a PEFT adapter cannot hold; merge it with"
                          " scripts/merge_lora.py and export the result with scripts/convert_to_hf.py")
     # a weightless model with the adapter's layers checks that the adapter fits this base model, and says where
     # each adapter writes
@@ -87,7 +87,7 @@ def export_peft(
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path or config.hf_repo or str(Path(checkpoint_dir).resolve()),
+        "base_model_name_or_path": base_model_name_or_path or config.hf_repo or str(base_dir.resolve()),
         "r": lora_config.r,
         "lora_alpha": lora_config.alpha,
         "lora_dropout": lora_config.dropout,

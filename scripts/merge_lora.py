@@ -1,6 +1,9 @@
 """Merge a LoRA or DoRA adapter into its base model and save a plain checkpoint.
 
-    python scripts/merge_lora.py --lora_dir out/lora/final --out_dir checkpoints/my-org/smollm2-tasks
+    python scripts/merge_lora.py --checkpoint_dir out/lora --out_dir checkpoints/my-org/smollm2-tasks
+
+`--checkpoint_dir` is a LoRA/DoRA run (finetune/lora.py's out_dir, its final/ or a step-* directory); its base
+checkpoint is the one named in the run's hparams.yaml.
 
 The output is a complete checkpoint directory (model_config.yaml, lit_model.safetensors, tokenizer files,
 prompt_style.yaml) that every script reads like any other, and that `scripts/convert_to_hf.py` exports. A run
@@ -8,9 +11,7 @@ trained on a quantized base (QLoRA/QDoRA) is merged into the same dequantized we
 saved in the base checkpoint's dtype.
 """
 
-import shutil
 from pathlib import Path
-from typing import Optional
 
 import bitsandbytes as bnb
 import torch
@@ -18,26 +19,22 @@ import torch
 from model.cli import run_cli
 from model.config import Config
 from model.gpt import GPT
-from model.lora import inject_lora, load_lora_state_dict, merge_lora
+from model.lora import LORA_WEIGHTS, inject_lora, load_lora_state_dict, merge_lora
 from model.quantize import dequantize_linear, quantize_model
-from model.weights.checkpoint import load_state_dict, save_sharded
+from model.weights.checkpoint import load_state_dict, write_checkpoint_dir
 from model.weights.load import load_hparams, load_lora_run, run_output_dir
 
-COPIED_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                "generation_config.json", "prompt_style.yaml", "chat_template.jinja")
 
-
-def merge(lora_dir: Path, out_dir: Path, checkpoint_dir: Optional[Path] = None) -> None:
-    """Merge the adapter in `lora_dir` into its base and write the result to `out_dir`.
+def merge(checkpoint_dir: Path, out_dir: Path) -> None:
+    """Merge the LoRA/DoRA run at `checkpoint_dir` into its base and write the result to `out_dir`.
 
     Args:
-        lora_dir: The run's output directory (or its final/ or a step-*/ directory).
+        checkpoint_dir: The LoRA/DoRA run: its output directory, its final/ or a step-* directory.
         out_dir: Where to write the merged checkpoint (must not exist yet, or be empty).
-        checkpoint_dir: The base checkpoint; default: the one the run was trained from.
     """
-    run_dir = run_output_dir(lora_dir, "lora.safetensors")
+    run_dir = run_output_dir(checkpoint_dir, LORA_WEIGHTS)
     hparams = load_hparams(run_dir)
-    checkpoint_dir = checkpoint_dir or Path(hparams["checkpoint_dir"])
+    checkpoint_dir = Path(hparams["checkpoint_dir"])
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty; choose a new --out_dir")
     lora_config, adapter = load_lora_run(run_dir)
@@ -59,19 +56,8 @@ def merge(lora_dir: Path, out_dir: Path, checkpoint_dir: Optional[Path] = None) 
     if lora_config.head and config.tie_embeddings:
         config.tie_embeddings = False  # the merged head differs from the embedding now
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        merged = model.state_dict()
-        if config.tie_embeddings:
-            merged.pop("lm_head.weight")
-        save_sharded(iter(merged.items()), out_dir)
-        config.save(out_dir)
-        for name in COPIED_FILES:
-            if (checkpoint_dir / name).is_file():
-                shutil.copy2(checkpoint_dir / name, out_dir / name)
-    except BaseException:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        raise
+    # assembled in a temporary directory beside out_dir and renamed into place: a kill never leaves half a checkpoint
+    write_checkpoint_dir(iter(model.state_dict().items()), config, checkpoint_dir, out_dir)
     print(f"Merged {run_dir} into {checkpoint_dir.name} and saved it to {out_dir}")
 
 

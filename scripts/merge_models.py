@@ -2,8 +2,10 @@
 
     python scripts/merge_models.py --config examples/merge/slerp.yaml --out_dir checkpoints/merged/smollm2-slerp
 
-Methods (`merge_method`): linear, slerp, task_arithmetic, ties, dare_ties, dare_linear, passthrough; see
-tutorials/merge.md for each one's YAML and model/merge.py for the math. The YAML:
+Methods (`merge_method`), as in mergekit 0.1.5 with its parameter names and defaults: linear, slerp, nuslerp,
+multislerp, karcher, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della,
+della_linear, model_stock, sce, nearswap, passthrough; see tutorials/merge.md for each one's YAML and
+model/workflows/merge.py for the math. The YAML:
 
     merge_method: ties
     base_model: checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct   # the model the task vectors are taken from
@@ -14,23 +16,27 @@ tutorials/merge.md for each one's YAML and model/merge.py for the math. The YAML
     parameters: {lambda: 1.0, normalize: true}                       # defaults for every model, and method settings
     dtype: float32                                                   # of the output; default: the base model's
     tokenizer_source: base                                           # base, or a model whose tokenizer to copy
-    seed: 0                                                          # DARE's random drops
+    seed: 0                                                          # the random methods' drops (DARE, DELLA)
 
+Each weight is merged as the Hugging Face checkpoint has it: our fused tensors (Llama's q/k/v, Phi-3's gate/up
+split the other way) are converted to the HF tensors with the weight maps of model/weights/convert.py, merged one
+by one, and converted back, so `filter`s name HF modules (self_attn, q_proj, mlp, ...; ours match too).
 `slices` builds the output from layer ranges (end exclusive): with passthrough one source per slice, stacked in
 order (frankenmerges, self-merges that repeat layers); with the other methods each slice merges its sources'
-layers, which must have the same length. Tensors are read one at a time from memory-mapped safetensors, so the
-merge needs about one output shard (`--shard_size_mb`) plus one tensor per model of RAM, not the models' size.
-The output is a complete checkpoint (weights, model_config.yaml with the new layer count, tokenizer, prompt
-style, config.json, and the merge config as merge_config.yaml) that generate/, eval/ and finetune/ read.
+layers, which must have the same length; a gradient runs over each slice's layers, as in mergekit. Tensors are
+read one weight at a time from memory-mapped safetensors and each merged weight is written to disk at once (the
+file's header is known from the plan), so the merge holds a few copies of one weight, not the models; the
+task-vector methods work on chunks of rows (benchmarks/merge_memory.py measures each method). The output is a complete
+checkpoint (weights, model_config.yaml with the new layer count, tokenizer, prompt style, config.json, and the
+merge config as merge_config.yaml) that generate/, eval/ and finetune/ read.
 """
 
 import json
 import shutil
 import tempfile
-import zlib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import yaml
@@ -40,30 +46,24 @@ from model.cli import run_cli
 from model.config import Config
 from model.device import DTYPES
 from model.files import atomic_write_text, check_out_dir, publish_dir
-from model.weights.checkpoint import copy_checkpoint_files, save_sharded
-from model.weights.convert import hf_config_dict
+from model.weights.checkpoint import copy_checkpoint_files
+from model.weights.convert import WeightMap, hf_config_dict, weight_maps
 from model.workflows.merge import (
+    METHODS,
+    RANDOM_METHODS,
+    REQUIRED,
     CheckpointReader,
-    dare,
+    MergeSpec,
+    check_spec,
     layer_of,
-    linear,
+    merge_weight,
+    parse_spec,
     resolve_model_dir,
     resolve_parameter,
-    slerp,
-    task_arithmetic,
-    ties,
+    save_streamed,
+    weight_generator,
 )
 
-# method -> (needs a base model, the parameters it reads, their defaults; None: required)
-METHODS = {
-    "linear": (False, {"weight": 1.0, "normalize": True}),
-    "slerp": (False, {"t": None}),
-    "task_arithmetic": (True, {"weight": 1.0, "lambda": 1.0, "normalize": False}),
-    "ties": (True, {"weight": 1.0, "density": 1.0, "lambda": 1.0, "normalize": True}),
-    "dare_ties": (True, {"weight": 1.0, "density": 1.0, "lambda": 1.0, "normalize": True}),
-    "dare_linear": (True, {"weight": 1.0, "density": 1.0, "lambda": 1.0, "normalize": False}),
-    "passthrough": (False, {"scale": 1.0}),
-}
 # how errors name the YAML: its keys are this script's flags, so they may come from --config or the command line
 CONFIG_LABEL = "merge config"
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -73,19 +73,31 @@ FREE_CONFIG_FIELDS = {"name", "hf_repo", "n_layer"}
 
 @dataclass
 class Source:
-    model: str  # the reference as written in the YAML (the key into `models`)
+    model: str  # the reference as written in the YAML
     start: int
-    end: int
-    parameters: dict = field(default_factory=dict)
-    where: str = ""
+    end: int  # exclusive; -1 until the model's config is read (`models:` takes every layer)
+    parameters: dict
+    where: str
 
 
 @dataclass
-class OutputTensor:
-    name: str
-    position: float  # where the tensor sits, 0 (embeddings, first layer) .. 1 (last layer, head), for gradients
-    sources: list[tuple[str, str]]  # (model, tensor name in that model), base first where the method has one
-    source_params: list[dict]
+class Slice:
+    base: Optional[Source]  # the method's base model, None where it has none
+    others: list[Source]  # every other model, in the YAML's order
+    parameters: dict
+
+
+@dataclass
+class Unit:
+    """One weight map of the output: our tensors, the HF tensors they are made of, and where they come from."""
+
+    weight_map: WeightMap
+    out_names: list[str]
+    hf_names: list[str]
+    t: float  # the gradient position: 0 for embeddings, norm and head, layer index / (slice length - 1) in a slice
+    slice: Slice
+    offset: Optional[int]  # the layer within the slice, None outside the blocks
+    params: list[tuple[dict, dict]] = None  # per HF tensor: the merge's parameters, the per-model lists
 
 
 def merge_models(
@@ -105,63 +117,66 @@ def merge_models(
 
     Args:
         out_dir: Where to write the merged checkpoint (must not exist yet, or be empty).
-        merge_method: linear, slerp, task_arithmetic, ties, dare_ties, dare_linear or passthrough.
+        merge_method: linear, slerp, nuslerp, multislerp, karcher, task_arithmetic, ties, dare_ties, dare_linear,
+            breadcrumbs, breadcrumbs_ties, della, della_linear, model_stock, sce, nearswap or passthrough.
         models: The models to merge, `[{model: DIR, parameters: {weight: ..., density: ...}}]` (or give `slices`).
-        slices: `[{sources: [{model: DIR, layer_range: [start, end], parameters: {...}}]}]`, stacked in order.
-        base_model: The model the task vectors are taken from (task_arithmetic, ties, dare_*), slerp's t=0 end,
-            and where passthrough takes the embeddings and head from.
-        parameters: Defaults for the models' parameters, and the method's own (t, lambda, normalize). Each is a
+        slices: `[{sources: [{model: DIR, layer_range: [start, end], parameters: {...}}], parameters: {...}}]`,
+            stacked in order.
+        base_model: The model the task vectors are taken from (the task-vector methods, model_stock, sce,
+            nearswap; nuslerp and multislerp when given) and slerp's t=0 end (without it, the first model).
+        parameters: Defaults for the models' parameters, and the method's own (t, lambda, normalize, ...). Each is a
             number, a per-layer gradient `[first, ..., last]`, or `[{filter: NAME_PART, value: ...}, {value: ...}]`.
-        dtype: The output's dtype (float32, bfloat16, float16); default: the base (or first) model's.
+        dtype: The output's dtype (float32, bfloat16, float16); default: the base (or first) model's. The merge
+            itself computes in float32.
         tokenizer_source: `base`, or the model whose tokenizer and prompt style the output gets.
-        seed: Seeds DARE's random drops (per tensor, so the same config gives the same merge).
-        shard_size_mb: Write the weights in files of at most this size; the merge holds one such file in RAM.
+        seed: Seeds the random methods' drops (DARE, DELLA), per weight, so the same config gives the same merge.
+        shard_size_mb: Write the weights in files of at most this size.
         dry_run: Check the config, the models' architectures and tensor shapes, print the plan, write nothing.
     """
-    spec = {key: value for key, value in dict(
+    data = {key: value for key, value in dict(
         merge_method=merge_method, models=models, slices=slices, base_model=base_model, parameters=parameters,
         dtype=dtype, tokenizer_source=tokenizer_source, seed=seed).items() if value is not None}
-    config = CONFIG_LABEL
-    method = merge_method
-    if method not in METHODS:
-        raise ValueError(f"{config}: merge_method {method!r} is not one of {', '.join(METHODS)}")
-    needs_base, defaults = METHODS[method]
-    global_params = spec.get("parameters") or {}
-    check_parameter_names(global_params, defaults, config, "parameters")
+    try:
+        spec = parse_spec(MergeSpec, data, "")
+    except ValueError as e:
+        raise ValueError(f"{CONFIG_LABEL}: {e}") from None
+    check_spec(spec, CONFIG_LABEL)
+    method = METHODS[spec.merge_method]
+    if method.base == "required" and spec.base_model is None:
+        raise ValueError(f"{CONFIG_LABEL}: merge_method {spec.merge_method} needs `base_model`")
 
-    model_params, slices = read_sources(spec, config, method)
-    references = {source.model for sources in slices for source in sources} | set(model_params)
-    base_ref = spec.get("base_model")
-    if base_ref is not None:
-        references.add(base_ref)
-    if needs_base and base_ref is None:
-        raise ValueError(f"{config}: merge_method {method} needs `base_model` (the model the task vectors start from)")
-    dirs = {ref: resolve_model_dir(ref, f"{config}: model {ref!r}") for ref in references}
+    out_slices = read_slices(spec)
+    references = {s.model for sl in out_slices for s in [sl.base, *sl.others] if s is not None}
+    if spec.base_model is not None:
+        references.add(spec.base_model)
+    dirs = {ref: resolve_model_dir(ref, f"{CONFIG_LABEL}: model {ref!r}") for ref in references}
     configs = {ref: Config.from_checkpoint(path) for ref, path in dirs.items()}
     readers = {ref: CheckpointReader(path) for ref, path in dirs.items()}
-    reference_model = base_ref if base_ref is not None else slices[0][0].model
-    check_architectures(configs, reference_model, config)
+    reference = spec.base_model if spec.base_model is not None else first_source(out_slices[0]).model
+    check_architectures(configs, reference)
+    for i, out_slice in enumerate(out_slices):
+        check_slice(spec.merge_method, out_slice, configs, i)
 
-    for i, sources in enumerate(slices):
-        check_slice(method, sources, base_ref, configs, config, i)
-    plan = plan_tensors(method, slices, base_ref, reference_model, model_params, readers)
-    check_shapes(plan, readers)
+    out_config = replace(configs[reference], name=out_dir.name, hf_repo="",
+                         n_layer=sum(length(sl) for sl in out_slices))
+    units = plan_units(out_config, out_slices)
+    check_shapes(units, readers)
     # every parameter is resolved before any work, so a bad value fails fast and leaves nothing behind
-    tensor_params = [tensor_parameters(method, tensor, global_params, defaults, config) for tensor in plan]
+    for unit in units:
+        unit.params = [unit_parameters(spec, unit, name) for name in unit.hf_names]
 
-    out_config = replace(configs[reference_model], name=out_dir.name, hf_repo="",
-                         n_layer=sum(sources[0].end - sources[0].start for sources in slices))
-    dtype = spec.get("dtype")
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"{config}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    out_dtype = DTYPES[dtype] if dtype else SAFETENSORS_DTYPES[readers[reference_model].dtypes[plan[0].sources[0][1]]]
-    tokenizer_dir = pick_tokenizer_dir(spec.get("tokenizer_source"), base_ref, reference_model, dirs, config)
+    first_tensor = units[0].out_names[0]
+    out_dtype = DTYPES[spec.dtype] if spec.dtype else SAFETENSORS_DTYPES[readers[reference].dtypes[first_tensor]]
+    tokenizer_dir = pick_tokenizer_dir(spec.tokenizer_source, reference, dirs)
 
     n_models = f"{len(references)} model{'s' if len(references) > 1 else ''}"
-    print(f"{method}: {n_models} -> {out_config.n_layer} layers, {len(plan)} tensors, {out_dtype}")
+    n_tensors = sum(len(unit.out_names) for unit in units)
+    print(f"{spec.merge_method}: {n_models} -> {out_config.n_layer} layers, {n_tensors} tensors, {out_dtype}")
     if dry_run:
-        for tensor in plan:
-            print(f"  {tensor.name} <- " + ", ".join(f"{model}:{name}" for model, name in tensor.sources))
+        for unit in units:
+            for name in unit.out_names:
+                print(f"  {name} <- " + ", ".join(f"{s.model}:{source_name(s, unit, name)}"
+                                                  for s in unit_sources(unit)))
         return
 
     check_out_dir(out_dir)
@@ -169,16 +184,19 @@ def merge_models(
     tmp_dir = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-merging-"))
     try:
         merged = (
-            (tensor.name, merge_tensor(method, tensor, readers, params, seed).to(out_dtype))
-            for tensor, params in tqdm(list(zip(plan, tensor_params)), desc="Merging", unit="tensor")
+            (name, tensor)
+            for unit in tqdm(units, desc="Merging", unit="weight")
+            for name, tensor in merge_unit(spec, unit, readers)
         )
-        save_sharded(merged, tmp_dir, shard_size_bytes=shard_size_mb * 2**20)
+        planned = [(name, readers[unit_sources(unit)[0].model].shapes[source_name(unit_sources(unit)[0], unit, name)])
+                   for unit in units for name in unit.out_names]
+        save_streamed(planned, out_dtype, merged, tmp_dir, shard_size_mb * 2**20)
         out_config.save(tmp_dir)
         copy_checkpoint_files(tokenizer_dir, tmp_dir)
         hf_config = hf_config_dict(out_config)
         hf_config["torch_dtype"] = str(out_dtype).removeprefix("torch.")
         atomic_write_text(tmp_dir / "config.json", json.dumps(hf_config, indent=2))
-        atomic_write_text(tmp_dir / "merge_config.yaml", yaml.safe_dump(spec, sort_keys=False))
+        atomic_write_text(tmp_dir / "merge_config.yaml", yaml.safe_dump(data, sort_keys=False))
         check_out_dir(out_dir)
         publish_dir(tmp_dir, out_dir)
     finally:
@@ -186,220 +204,194 @@ def merge_models(
     print(f"Saved the merged model ({out_config.n_layer} layers) to {out_dir}")
 
 
-# ----------------------------------------------------------------------------------------------- reading the YAML
+# ----------------------------------------------------------------------------------------------- the slices
 
 
-def check_parameter_names(params, defaults: dict, config: str, where: str) -> None:
-    if not isinstance(params, dict):
-        raise ValueError(f"{config}: {where} must be a mapping, got {params!r}")
-    unknown = sorted(set(params) - set(defaults))
-    if unknown:
-        raise ValueError(f"{config}: {where}: unknown parameters {unknown} for this merge_method; it reads"
-                         f" {sorted(defaults)}")
-
-
-def read_range(value, config: str, where: str) -> tuple[int, int]:
-    if (not isinstance(value, list) or len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-            or not 0 <= value[0] < value[1]):
-        raise ValueError(f"{config}: {where}.layer_range must be [start, end] with 0 <= start < end, got {value!r}")
-    return value[0], value[1]
-
-
-def read_sources(spec: dict, config: str, method: str) -> tuple[dict[str, dict], list[list[Source]]]:
-    """Per-model parameters (from `models`), and the slices: lists of sources whose layers are merged together.
-    With `models` (no `slices`) there is one slice over every model's whole depth; its ranges are filled in once the
-    models' configs are read (end=-1 until then)."""
-    _, defaults = METHODS[method]
-    has_models, has_slices = spec.get("models") is not None, spec.get("slices") is not None
-    if has_models == has_slices:
-        raise ValueError(f"{config}: give exactly one of `models` and `slices`")
-    model_params: dict[str, dict] = {}
-    if has_models:
-        models = spec["models"]
-        if not isinstance(models, list) or not models:
-            raise ValueError(f"{config}: `models` must be a non-empty list of {{model: ..., parameters: ...}}")
-        sources = []
-        for i, entry in enumerate(models):
-            if not isinstance(entry, dict) or "model" not in entry or set(entry) - {"model", "parameters"}:
-                raise ValueError(f"{config}: models[{i}] must be {{model: PATH, parameters: {{...}}}}, got {entry!r}")
-            params = entry.get("parameters") or {}
-            check_parameter_names(params, defaults, config, f"models[{i}].parameters")
-            model_params[entry["model"]] = params
-            sources.append(Source(entry["model"], 0, -1, params, f"models[{i}]"))
-        base = spec.get("base_model")
-        if base is not None and base not in model_params and (METHODS[method][0] or method == "slerp"):
-            sources.insert(0, Source(base, 0, -1, {}, "base_model"))
-        return model_params, [sources]
-    slices = spec["slices"]
-    if not isinstance(slices, list) or not slices:
-        raise ValueError(f"{config}: `slices` must be a non-empty list of {{sources: [...]}}")
+def read_slices(spec: MergeSpec) -> list[Slice]:
+    """The output's slices, each with its base source (where the method has one) and the other sources. With
+    `models:` one slice over every model's whole depth, the base added where it is not listed (as mergekit does)."""
+    method = METHODS[spec.merge_method]
+    uses_base = method.base != "unused" and (spec.base_model is not None or spec.merge_method == "slerp")
+    if spec.models is not None:
+        raw = [([Source(m.model, 0, -1, m.parameters, f"models[{i}]") for i, m in enumerate(spec.models)], {})]
+        # as in mergekit, a base_model not listed joins the models, also where the method treats it as any other
+        if (spec.base_model is not None and spec.base_model not in [m.model for m in spec.models]
+                and spec.merge_method != "passthrough"):
+            raw[0][0].append(Source(spec.base_model, 0, -1, {}, "base_model"))
+    else:
+        raw = [([Source(s.model, s.layer_range[0], s.layer_range[1], s.parameters, f"slices[{i}].sources[{j}]")
+                 for j, s in enumerate(sl.sources)], sl.parameters) for i, sl in enumerate(spec.slices)]
     result = []
-    for i, entry in enumerate(slices):
-        if not isinstance(entry, dict) or not isinstance(entry.get("sources"), list) or not entry["sources"]:
-            raise ValueError(f"{config}: slices[{i}] must be {{sources: [{{model: PATH, layer_range: [start, end]}}]}}")
-        sources = []
-        for j, source in enumerate(entry["sources"]):
-            where = f"slices[{i}].sources[{j}]"
-            if not isinstance(source, dict) or "model" not in source or set(source) - {"model", "layer_range", "parameters"}:
-                raise ValueError(f"{config}: {where} must be {{model: PATH, layer_range: [start, end], parameters: ...}}")
-            if "layer_range" not in source:
-                raise ValueError(f"{config}: {where} has no layer_range")
-            start, end = read_range(source["layer_range"], config, where)
-            params = source.get("parameters") or {}
-            check_parameter_names(params, defaults, config, f"{where}.parameters")
-            sources.append(Source(source["model"], start, end, params, where))
-        result.append(sources)
-    return model_params, result
+    for i, (sources, params) in enumerate(raw):
+        if not uses_base:
+            result.append(Slice(None, sources, params))
+            continue
+        # slerp without base_model interpolates from the first model, as Forge always did
+        base_ref = spec.base_model if spec.base_model is not None else sources[0].model
+        bases = [s for s in sources if s.model == base_ref]
+        if not bases:
+            raise ValueError(f"{CONFIG_LABEL}: slice {i} does not include base_model {base_ref!r},"
+                             f" which {spec.merge_method} needs")
+        result.append(Slice(bases[0], [s for s in sources if s is not bases[0]], params))
+    return result
 
 
-def check_architectures(configs: dict[str, Config], reference: str, config: str) -> None:
+def first_source(out_slice: Slice) -> Source:
+    return out_slice.base if out_slice.base is not None else out_slice.others[0]
+
+
+def length(out_slice: Slice) -> int:
+    source = first_source(out_slice)
+    return source.end - source.start
+
+
+def check_architectures(configs: dict[str, Config], reference: str) -> None:
     expected = asdict(configs[reference])
     for ref, other in configs.items():
         differences = [f"{key}: {expected[key]!r} vs {value!r}" for key, value in asdict(other).items()
                        if key not in FREE_CONFIG_FIELDS and value != expected[key]]
         if differences:
-            raise ValueError(f"{config}: model {ref!r} has another architecture than {reference!r}"
+            raise ValueError(f"{CONFIG_LABEL}: model {ref!r} has another architecture than {reference!r}"
                              f" ({'; '.join(differences)}); only models of one architecture merge")
 
 
-def check_slice(method: str, sources: list[Source], base: Optional[str], configs: dict[str, Config], config: str,
-                index: int) -> None:
+def check_slice(method_name: str, out_slice: Slice, configs: dict[str, Config], index: int) -> None:
+    method = METHODS[method_name]
+    sources = [s for s in [out_slice.base, *out_slice.others] if s is not None]
     for source in sources:
         n_layer = configs[source.model].n_layer
         if source.end == -1:
             source.end = n_layer
         if source.end > n_layer:
-            raise ValueError(f"{config}: {source.where}.layer_range [{source.start}, {source.end}] is out of bounds:"
-                             f" model {source.model!r} has {n_layer} layers (0..{n_layer - 1}; the end is exclusive)")
-    lengths = {source.end - source.start for source in sources}
-    if len(lengths) > 1:
+            raise ValueError(f"{CONFIG_LABEL}: {source.where}.layer_range [{source.start}, {source.end}] is out of"
+                             f" bounds: model {source.model!r} has {n_layer} layers (0..{n_layer - 1}; the end is"
+                             f" exclusive)")
+    if len({s.end - s.start for s in sources}) > 1:
         detail = ", ".join(f"{s.model!r}: {s.end - s.start}" for s in sources)
-        raise ValueError(f"{config}: the sources of slice {index} have different numbers of layers ({detail});"
-                         f" {method} merges layer by layer")
-    models = [source.model for source in sources]
-    if method == "passthrough" and len(sources) != 1:
-        raise ValueError(f"{config}: passthrough stacks slices; slice {index} has {len(sources)} sources, it needs 1")
-    if method == "slerp" and len(set(models)) != 2:
-        raise ValueError(f"{config}: slerp interpolates between two models; slice {index} has {len(set(models))}")
-    if METHODS[method][0] and base not in models:
-        raise ValueError(f"{config}: slice {index} does not include base_model {base!r}, which {method} needs")
-    if METHODS[method][0] and len(set(models)) < 2:
-        raise ValueError(f"{config}: {method} needs at least one model besides base_model {base!r}")
+        raise ValueError(f"{CONFIG_LABEL}: the sources of slice {index} have different numbers of layers ({detail});"
+                         f" {method_name} merges layer by layer")
+    n = len(out_slice.others)
+    besides = " besides base_model" if out_slice.base is not None else ""
+    if n < method.min_models or method.max_models is not None and n > method.max_models:
+        count = (f"exactly {method.min_models}" if method.min_models == method.max_models
+                 else f"at least {method.min_models}")
+        raise ValueError(f"{CONFIG_LABEL}: {method_name} needs {count} model{'s' if method.min_models > 1 else ''}"
+                         f"{besides} per slice; slice {index} has {n}")
 
 
-def plan_tensors(method: str, slices: list[list[Source]], base: Optional[str], reference: str,
-                 model_params: dict[str, dict], readers: dict[str, CheckpointReader]) -> list[OutputTensor]:
-    """Every output tensor and the source tensors it is merged from, in checkpoint order."""
-    n_out = sum(sources[0].end - sources[0].start for sources in slices)
-
-    def ordered(sources: list[Source]) -> list[Source]:
-        # the base first (t=0 for slerp); sources of the base model are not task vectors of their own
-        if base is None:
-            return sources
-        return sorted(sources, key=lambda s: s.model != base)
-
-    if method == "passthrough":
-        outer_sources = [Source(reference, 0, 0)]
-    else:
-        outer_sources = ordered([Source(s.model, 0, 0, model_params.get(s.model, s.parameters)) for s in slices[0]])
-    reference_reader = readers[reference]
-    block_names = [layer_of(name)[1] for name in reference_reader.keys() if layer_of(name) and layer_of(name)[0] == 0]
-    outer_names = [name for name in reference_reader.keys() if layer_of(name) is None]
-    plan: list[OutputTensor] = []
-
-    def outer(name: str, position: float) -> OutputTensor:
-        return OutputTensor(name, position, [(s.model, name) for s in outer_sources], [s.parameters for s in outer_sources])
-
-    plan += [outer(name, 0.0) for name in outer_names if name.startswith("transformer.wte")]
-    out_layer = 0
-    for sources in slices:
-        sources = ordered(sources)
-        for offset in range(sources[0].end - sources[0].start):
-            position = out_layer / max(n_out - 1, 1)
-            for suffix in block_names:
-                plan.append(OutputTensor(
-                    f"transformer.h.{out_layer}.{suffix}", position,
-                    [(s.model, f"transformer.h.{s.start + offset}.{suffix}") for s in sources],
-                    [{**model_params.get(s.model, {}), **s.parameters} for s in sources],
-                ))
-            out_layer += 1
-    plan += [outer(name, 1.0) for name in outer_names if not name.startswith("transformer.wte")]
-    return plan
+def plan_units(out_config: Config, out_slices: list[Slice]) -> list[Unit]:
+    """Every weight map of the output, in checkpoint order, with the slice and layer it comes from."""
+    layer_slices = [(sl, offset) for sl in out_slices for offset in range(length(sl))]
+    units = []
+    for weight_map in weight_maps(out_config):
+        located = layer_of(weight_map.lit[0])
+        if located is None:
+            # embeddings come from the first slice's models, the final norm and head from the last one's (t = 0)
+            out_slice = out_slices[0] if "wte" in weight_map.lit[0] else out_slices[-1]
+            units.append(Unit(weight_map, weight_map.lit, weight_map.hf, 0.0, out_slice, None))
+            continue
+        out_slice, offset = layer_slices[located[0]]
+        n = length(out_slice)
+        units.append(Unit(weight_map, weight_map.lit, weight_map.hf, offset / (n - 1) if n > 1 else 1.0, out_slice,
+                          offset))
+    return units
 
 
-def check_shapes(plan: list[OutputTensor], readers: dict[str, CheckpointReader]) -> None:
-    for tensor in plan:
-        (first_model, first_name), shapes = tensor.sources[0], []
-        for model, name in tensor.sources:
-            if name not in readers[model]:
-                raise ValueError(f"model {model!r} has no tensor {name!r} (needed for {tensor.name})")
-            shapes.append(readers[model].shapes[name])
-        for (model, name), shape in zip(tensor.sources, shapes):
-            if shape != shapes[0]:
-                raise ValueError(f"shape mismatch for {tensor.name}: {first_model!r}:{first_name} is {list(shapes[0])},"
-                                 f" {model!r}:{name} is {list(shape)}")
+def unit_sources(unit: Unit) -> list[Source]:
+    return [s for s in [unit.slice.base, *unit.slice.others] if s is not None]
 
 
-def pick_tokenizer_dir(value, base: Optional[str], reference: str, dirs: dict[str, Path], config: str) -> Path:
+def source_name(source: Source, unit: Unit, out_name: str) -> str:
+    """The name in `source`'s checkpoint of an output tensor: the same, with the source's layer index."""
+    if unit.offset is None:
+        return out_name
+    _, suffix = layer_of(out_name)
+    return f"transformer.h.{source.start + unit.offset}.{suffix}"
+
+
+def check_shapes(units: list[Unit], readers: dict[str, CheckpointReader]) -> None:
+    for unit in units:
+        for out_name in unit.out_names:
+            seen = []
+            for source in unit_sources(unit):
+                name = source_name(source, unit, out_name)
+                if name not in readers[source.model]:
+                    raise ValueError(f"model {source.model!r} has no tensor {name!r} (needed for {out_name})")
+                seen.append((source.model, name, readers[source.model].shapes[name]))
+            for model, name, shape in seen[1:]:
+                if shape != seen[0][2]:
+                    raise ValueError(f"shape mismatch for {out_name}: {seen[0][0]!r}:{seen[0][1]} is"
+                                     f" {list(seen[0][2])}, {model!r}:{name} is {list(shape)}")
+
+
+def pick_tokenizer_dir(value: Optional[str], reference: str, dirs: dict[str, Path]) -> Path:
     if value is None or value == "base":
-        return dirs[base if base is not None else reference]
+        return dirs[reference]
     if value in dirs:
         return dirs[value]
-    raise ValueError(f"{config}: tokenizer_source must be `base` or one of the merged models {sorted(dirs)}, got"
-                     f" {value!r} (merging vocabularies is not supported: the models must share one tokenizer)")
+    if value == "union":
+        raise ValueError(f"{CONFIG_LABEL}: tokenizer_source: union is not supported: Forge merges models that share"
+                         " one vocabulary (mergekit's union builds a new tokenizer and re-orders each model's embedding"
+                         " rows); give `base` or one of the merged models")
+    raise ValueError(f"{CONFIG_LABEL}: tokenizer_source must be `base` or one of the merged models {sorted(dirs)},"
+                     f" got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------------- merging
 
 
-def tensor_parameters(method: str, tensor: OutputTensor, global_params: dict, defaults: dict, config: str) -> dict:
-    """The method's parameters for one output tensor: per-model ones as lists (over the fine-tunes for the
-    task-vector methods, whose first source is the base), the others as numbers."""
-    def param(name: str, params: dict) -> float:
-        value = params.get(name, global_params.get(name, defaults[name]))
-        if value is None:
-            raise ValueError(f"{config}: {method} needs the parameter `{name}` (in `parameters`)")
-        return resolve_parameter(value, tensor.name, tensor.position, f"{config}: parameter {name}")
+def unit_parameters(spec: MergeSpec, unit: Unit, hf_name: str) -> tuple[dict, dict]:
+    """The method's parameters for one HF tensor: the merge's as values, the per-model ones as lists over the
+    non-base models. Like mergekit, a value comes from the first of: the source's parameters, the slice's, the
+    top-level `parameters`, the method's default (a filtered list that matches nothing falls through)."""
+    method = METHODS[spec.merge_method]
+    names = [hf_name, *unit.out_names]
 
-    if method == "passthrough":
-        return {"scale": param("scale", tensor.source_params[0])}
-    if method == "slerp":
-        t = param("t", {})
-        if not 0 <= t <= 1:
-            raise ValueError(f"{config}: slerp's t must be in [0, 1], got {t} for {tensor.name}")
-        return {"t": t}
-    normalize = bool(global_params.get("normalize", defaults["normalize"]))
-    if method == "linear":
-        return {"weights": [param("weight", p) for p in tensor.source_params], "normalize": normalize}
-    tuned_params = tensor.source_params[1:]
-    result = {"weights": [param("weight", p) for p in tuned_params], "lambda_": param("lambda", {}),
-              "normalize": normalize}
-    if method != "task_arithmetic":
-        result["densities"] = [param("density", p) for p in tuned_params]
-        for density in result["densities"]:
-            if not 0 <= density <= 1:
-                raise ValueError(f"{config}: density must be in [0, 1], got {density} for {tensor.name}")
-    return result
+    def value(name: str, layers: list[tuple[dict, str]]) -> Any:
+        parameter = method.parameters[name]
+        for params, where in layers:
+            if name in params:
+                resolved = resolve_parameter(params[name], parameter.kind, names, unit.t,
+                                             f"{CONFIG_LABEL}: {where}.{name}")
+                if resolved is not None:
+                    return resolved
+        if parameter.default == REQUIRED:
+            raise ValueError(f"{CONFIG_LABEL}: {spec.merge_method} needs the parameter `{name}` for {hf_name}"
+                             f" (in `parameters` or the models' parameters)")
+        return parameter.default
+
+    shared = [(unit.slice.parameters, "slice parameters"), (spec.parameters, "parameters")]
+    params = {name: value(name, shared) for name, p in method.parameters.items() if not p.per_model}
+    per_model = {name: [value(name, [(s.parameters, f"{s.where}.parameters"), *shared]) for s in unit.slice.others]
+                 for name, p in method.parameters.items() if p.per_model}
+    if spec.merge_method == "slerp" and not 0 <= params["t"] <= 1:
+        raise ValueError(f"{CONFIG_LABEL}: slerp's t must be in [0, 1], got {params['t']} for {hf_name}")
+    for i, density in enumerate(per_model.get("density", [])):
+        if not 0 <= density <= 1:
+            raise ValueError(f"{CONFIG_LABEL}: density must be in [0, 1], got {density} for {hf_name}")
+        epsilon = per_model.get("epsilon", [None] * (i + 1))[i]
+        if epsilon is not None and 0 < density < 1 and not 0 < density - epsilon < density + epsilon < 1:
+            raise ValueError(f"{CONFIG_LABEL}: {spec.merge_method} needs density +/- epsilon in (0, 1), got density"
+                             f" {density} and epsilon {epsilon} for {hf_name}")
+    return params, per_model
 
 
-def merge_tensor(method: str, tensor: OutputTensor, readers: dict[str, CheckpointReader], params: dict,
-                 seed: int) -> torch.Tensor:
-    tensors = [readers[model].get(name) for model, name in tensor.sources]
-    if method == "passthrough":
-        return tensors[0] if params["scale"] == 1 else tensors[0].float() * params["scale"]
-    if method == "slerp":
-        return slerp(tensors[0].float(), tensors[1].float(), params["t"])
-    if method == "linear":
-        return linear(tensors, params["weights"], params["normalize"])
-    # the task-vector methods: the base is first, every other source is a fine-tune
-    base, tuned = tensors[0], tensors[1:]
-    if method == "task_arithmetic":
-        return task_arithmetic(base, tuned, **params)
-    if method == "ties":
-        return ties(base, tuned, **params)
-    # one generator per tensor, seeded by its name: the same drops whatever the order or the shard layout
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(tensor.name.encode()))
-    return dare(base, tuned, generator=generator, sign_consensus=method == "dare_ties", **params)
+def merge_unit(spec: MergeSpec, unit: Unit, readers: dict[str, CheckpointReader]):
+    """(name, tensor) for each of the unit's output tensors: the sources' tensors converted to the HF ones, each
+    merged, converted back."""
+    hf = {}
+    for source in unit_sources(unit):
+        tensors = [readers[source.model].get(source_name(source, unit, name)) for name in unit.out_names]
+        hf[id(source)] = unit.weight_map.to_hf(tensors)
+    merged = []
+    for k, hf_name in enumerate(unit.hf_names):
+        base = hf[id(unit.slice.base)][k] if unit.slice.base is not None else None
+        others = [hf[id(source)][k] for source in unit.slice.others]
+        generator = weight_generator(spec.seed, hf_name) if spec.merge_method in RANDOM_METHODS else None
+        params, per_model = unit.params[k]
+        merged.append(merge_weight(spec.merge_method, base, others, params, per_model, generator))
+    del hf
+    return zip(unit.out_names, unit.weight_map.to_lit(merged))
 
 
 if __name__ == "__main__":

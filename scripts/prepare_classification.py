@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from model.cli import run_cli
+from model.data.prepare import tokenizer_fingerprint
 from model.data.records import RecordError, field, read_records
 from model.data.sft import save_dataset
 from model.files import atomic_write_text
@@ -119,6 +120,7 @@ def prepare_classification(
 
     label_ids = {name: i for i, name in enumerate(label_names)}
     meta = {"labels": label_names, "checkpoint_dir": str(checkpoint_dir), "vocab_size": tokenizer.vocab_size,
+            "tokenizer_sha256": tokenizer_fingerprint(checkpoint_dir),
             "source": source, "text_field": text_field, "label_field": label_field, "drop_labels": drop_labels,
             "max_seq_length": max_seq_length, "duplicate_texts_dropped": duplicates, "splits": {}}
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -2,11 +2,17 @@
 
     python scripts/prepare_preferences.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
     python scripts/prepare_preferences.py --checkpoint_dir ... --data_file pairs.jsonl --out_dir data/my-prefs
+    python scripts/prepare_preferences.py --checkpoint_dir out/sft/merged --from_run out/sft/merged --out_dir data/own
 
 Without `--data_file` the pairs come from the built-in task set (scripts/prepare_tasks.py, no download): the chosen
 answer is the correct one, the rejected answer a plausible wrong one made by a systematic corruption of the task
 (a word count off by one, one space left in, the last word not uppercased, ...), so the pairs teach exactly the
 difference between right and nearly right. Train and test pairs are about disjoint sentences.
+
+With `--from_run` the rejected answers are the model's own (on-policy): the run (or checkpoint) answers each task
+prompt `--samples_per_prompt` times, in batches (the first answer greedy, the others sampled at `--temperature`),
+and each distinct answer that fails the task's exact-match check (model/data/tasks.py) is paired, as rejected,
+with the gold answer of the same prompt. So DPO pushes down the mistakes this model really makes.
 
 With `--data_file` (JSON, JSONL, CSV or Parquet; `--format auto` recognises the layout from the first row):
 
@@ -30,16 +36,28 @@ model/preference.py), tokenized with the checkpoint's tokenizer and rendered wit
 import json
 import random
 import re
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Literal, Optional
 
 from model.cli import run_cli
+from model.data.on_policy import PromptItem, sample_answers, wrong_answer_pairs
 from model.data.preference import encode_pair, save_pairs
+from model.data.prepare import tokenizer_fingerprint
 from model.data.records import Record, RecordError, field, read_records
+from model.data.tasks import (
+    check_answer,
+    generate_pairs,
+    instruction_fields,
+    parse_tasks,
+    read_sentences,
+    split_sentences,
+)
 from model.files import atomic_write_text
 from model.prompts import load_prompt_style
 from model.tokenizer import Tokenizer
+from model.weights.load import load_any
 
 TEXT_KEYS = ("response", "text", "content", "completion")
 SCORE_KEYS = ("overall_score", "score", "rating")
@@ -195,27 +213,60 @@ def swap_first_two(items: list[str]) -> list[str]:
     return items[1:2] + items[:1] + items[2:]
 
 
+def task_prompts(num_train: int, num_test: int, tasks: str, seed: int) -> dict[str, list[dict]]:
+    """The task set's instructions and gold answers, train and test about disjoint sentences."""
+    names = parse_tasks(tasks)
+    train_sentences, test_sentences = split_sentences(read_sentences(), seed)
+    return {split: generate_pairs(sentences, count, names, f"{seed}:{split}", 0.0)
+            for split, sentences, count in (("train", train_sentences, num_train), ("test", test_sentences, num_test))}
+
+
 def task_pairs(num_train: int, num_test: int, tasks: str, seed: int) -> dict[str, list[tuple]]:
-    import importlib.util
-
-    path = Path(__file__).parent / "prepare_tasks.py"
-    spec = importlib.util.spec_from_file_location("prepare_tasks", path)
-    prepare_tasks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prepare_tasks)
-
-    names = prepare_tasks.parse_tasks(tasks)
-    train_sentences, test_sentences = prepare_tasks.split_sentences(prepare_tasks.read_sentences(), seed)
     result = {}
-    for split, sentences, count in (("train", train_sentences, num_train), ("test", test_sentences, num_test)):
+    for split, pairs in task_prompts(num_train, num_test, tasks, seed).items():
         rng = random.Random(f"{seed}:{split}:rejected")
         rows = []
-        for index, pair in enumerate(prepare_tasks.generate_pairs(sentences, count, names, f"{seed}:{split}", 0.0)):
-            fields = prepare_tasks.instruction_fields(pair["task"], pair["instruction"])
+        for index, pair in enumerate(pairs):
+            fields = instruction_fields(pair["task"], pair["instruction"])
             rejected = corrupt(pair["task"], fields, pair["response"], rng)
             rows.append((f"{split} pair {index} ({pair['task']})", pair["instruction"], pair["response"], rejected,
                          pair["system"], pair["task"]))
         result[split] = rows
     return result
+
+
+def on_policy_task_pairs(from_run: Path, num_train: int, num_test: int, tasks: str, seed: int,
+                         samples_per_prompt: int, temperature: float, max_new_tokens: int, batch_size: int,
+                         max_pairs_per_prompt: int, precision: Optional[str], device: str) -> tuple[dict, dict]:
+    """The task set's prompts answered by the model of `from_run`; its wrong answers (by exact match) are rejected."""
+    loaded = load_any(from_run, device=device, precision=precision)
+    tokenizer = Tokenizer(loaded.checkpoint_dir)
+    style = load_prompt_style(loaded.checkpoint_dir)
+    result, report = {}, {}
+    for split, pairs in task_prompts(num_train, num_test, tasks, seed).items():
+        items = [PromptItem(f"{split} prompt {index} ({pair['task']})", pair["instruction"], pair["response"],
+                            pair["system"], pair["task"]) for index, pair in enumerate(pairs)]
+        print(f"Answering {len(items)} {split} prompts {samples_per_prompt} time(s) each with {from_run}")
+        t0 = time.perf_counter()
+        answers = sample_answers(loaded.model, tokenizer, [style.apply(i.instruction, i.system) for i in items],
+                                 samples_per_prompt, temperature, max_new_tokens, batch_size,
+                                 seed=hash_seed(seed, split),
+                                 stop_strings=style.stop_tokens())
+        rows, counts = wrong_answer_pairs(items, answers, lambda i, a: check_answer(i.task, i.instruction, a),
+                                          max_pairs_per_prompt)
+        greedy_right = sum(check_answer(i.task, i.instruction, a[0]) for i, a in zip(items, answers))
+        counts["greedy_exact_match"] = greedy_right / len(items)
+        counts["seconds"] = round(time.perf_counter() - t0, 1)
+        print(f"{split}: greedy exact match {greedy_right}/{len(items)}; {counts['right']} of {counts['answers']}"
+              f" answers right; {len(rows)} pairs; {counts['prompts_without_a_wrong_answer']} prompts without a wrong"
+              f" answer ({counts['seconds']}s)")
+        result[split], report[split] = rows, counts
+    return result, report
+
+
+def hash_seed(seed: int, split: str) -> int:
+    """A generator seed per split, so the train answers stay the same when only --num_test changes."""
+    return seed * 2 + (split == "test")
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -238,6 +289,14 @@ def prepare_preferences(
     seed: int = 42,
     max_seq_length: int = 256,
     strict: bool = False,
+    from_run: Optional[Path] = None,
+    samples_per_prompt: int = 4,
+    temperature: float = 1.0,
+    max_new_tokens: int = 48,
+    batch_size: int = 32,
+    max_pairs_per_prompt: int = 1,
+    precision: Optional[Literal["32-true", "bf16-true"]] = None,
+    device: str = "auto",
 ) -> None:
     """Read or make preference pairs, tokenize them for `checkpoint_dir`, write train.pt, test.pt and meta.json.
 
@@ -258,6 +317,16 @@ def prepare_preferences(
         seed: Seeds the split and the task pairs; the same flags give byte-identical files.
         max_seq_length: Cut sequences to this many tokens; a pair whose prompt leaves no room for an answer is skipped.
         strict: Stop at the first row that makes no pair instead of skipping and counting it.
+        from_run: On-policy pairs from the task set: a fine-tuned run or checkpoint (anything eval/tasks.py and
+            generate/ load) answers the prompts; its wrong answers (by the task's exact-match check) become rejected
+            against the gold answer, chosen. Prompts it always answers right make no pair (counted).
+        samples_per_prompt: Answers per prompt with --from_run: the first greedy, the rest sampled.
+        temperature: The sampling temperature of the answers after the first (with --from_run).
+        max_new_tokens: The longest answer generated (with --from_run).
+        batch_size: Answers generated together (with --from_run).
+        max_pairs_per_prompt: At most this many of a prompt's distinct wrong answers make pairs (with --from_run).
+        precision: 32-true or bf16-true for generating with --from_run; default: bf16 on GPU, fp32 on CPU.
+        device: "auto", "cpu", "cuda", ... for generating with --from_run.
     """
     if max_seq_length < 2:
         raise ValueError(f"--max_seq_length must be at least 2, got {max_seq_length}")
@@ -265,6 +334,8 @@ def prepare_preferences(
         raise ValueError(f"--test_fraction must be between 0 and 1, got {test_fraction}")
     if data_file is None and test_file is not None:
         raise ValueError("--test_file needs --data_file")
+    if from_run is not None and data_file is not None:
+        raise ValueError("--from_run answers the built-in task set's prompts; it cannot be combined with --data_file")
     tokenizer = Tokenizer(checkpoint_dir)
     prompt_style = load_prompt_style(checkpoint_dir)
     skipped: dict[str, list[str]] = defaultdict(list)
@@ -274,7 +345,14 @@ def prepare_preferences(
             raise ValueError(f"{where}: {reason} (--strict true; leave it false to skip and count such rows)")
         skipped[reason].append(where)
 
-    if data_file is None:
+    on_policy = None
+    if from_run is not None:
+        source = f"tasks answered by {from_run}"
+        raw, on_policy = on_policy_task_pairs(from_run, num_train, num_test, tasks, seed, samples_per_prompt,
+                                              temperature, max_new_tokens, batch_size, max_pairs_per_prompt,
+                                              precision, device)
+        used_format = "tasks-on-policy"
+    elif data_file is None:
         source = "tasks"
         raw = task_pairs(num_train, num_test, tasks, seed)
         used_format = "tasks"
@@ -324,9 +402,13 @@ def prepare_preferences(
 
     meta = {
         "checkpoint_dir": str(checkpoint_dir), "vocab_size": tokenizer.vocab_size, "prompt_style": prompt_style.name,
+        "tokenizer_sha256": tokenizer_fingerprint(checkpoint_dir),
         "source": source, "format": used_format, "max_seq_length": max_seq_length, "seed": seed,
         "skipped": report,
     }
+    if on_policy is not None:
+        meta["on_policy"] = {"from_run": str(from_run), "samples_per_prompt": samples_per_prompt,
+                             "temperature": temperature, "max_pairs_per_prompt": max_pairs_per_prompt, **on_policy}
     out_dir.mkdir(parents=True, exist_ok=True)
     for split, samples in encoded.items():
         save_pairs(samples, out_dir / f"{split}.pt")

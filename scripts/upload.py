@@ -3,9 +3,10 @@
     python scripts/upload.py --folder out/lora/my-run --repo_id my-org/smollm2-tasks-lora --dry_run true
     python scripts/upload.py --folder out/lora/my-run --repo_id my-org/smollm2-tasks-lora --private true
 
-The repo is created if it does not exist, then the folder goes up in one commit. Resumable checkpoints (`step-*/`,
-`training_state.pt`) and unfinished saves (`.step-*.tmp/`) stay behind unless `--include_checkpoints true`: a run
-shares as its hparams.yaml, metrics.csv and final/. `--dry_run true` lists the files and sizes that would go up and
+The repo is created if it does not exist, then the folder goes up in one commit. What does not belong to the model
+never goes: dotfiles and dot-directories (.env, .git, unfinished saves `.step-*.tmp/`), temporary files (*.tmp),
+symlinks that lead out of the folder, and partial checkpoints. Resumable checkpoints (`step-*/`, `training_state.pt`)
+stay behind unless `--include_checkpoints true`: a run shares as its hparams.yaml, metrics.csv and final/. `--dry_run true` lists the files and sizes that would go up and
 contacts no one. Needs a token with write access: `--token`, $HF_TOKEN or `huggingface-cli login`.
 """
 
@@ -16,25 +17,40 @@ from typing import Optional
 
 from model.cli import run_cli
 
-# fnmatch patterns on paths relative to --folder ("*" also matches "/"). Unfinished saves never go up; resumable
-# checkpoints only on request.
-ALWAYS_IGNORED = [".step-*.tmp/*", "*/.step-*.tmp/*"]
-CHECKPOINT_PATTERNS = ["step-*/*", "*/step-*/*", "training_state.pt", "*/training_state.pt"]
+# Resumable checkpoints: only on request, and only complete ones (a step-*/ without its training_state.pt is a
+# partial copy).
+CHECKPOINT_PARTS = ("training_state.pt",)
 
 
-def ignore_patterns(include_checkpoints: bool) -> list[str]:
-    return ALWAYS_IGNORED + ([] if include_checkpoints else CHECKPOINT_PATTERNS)
+def _skipped(name: str, include_checkpoints: bool, complete_steps: set[str]) -> bool:
+    """Whether the file `name` (relative to the folder) stays behind: dotfiles and dot-directories (.env, .git,
+    .cache, unfinished saves .step-*.tmp/, the run's lock), temporary files, and checkpoints unless asked for."""
+    parts = name.split("/")
+    if any(part.startswith(".") for part in parts) or parts[-1].endswith((".tmp", ".part", ".incomplete", "~")):
+        return True
+    step = next((part for part in parts[:-1] if part.startswith("step-")), None)
+    if step is not None:
+        return not include_checkpoints or "/".join(parts[:parts.index(step) + 1]) not in complete_steps
+    return parts[-1] in CHECKPOINT_PARTS and not include_checkpoints
 
 
 def files_to_upload(folder: Path, include_checkpoints: bool) -> list[tuple[str, int]]:
-    """(path relative to `folder`, size in bytes) of each file `upload_folder` will send, selected exactly as it
-    selects them: the same patterns, plus the Hub client's own ignores (.git, its cache)."""
-    from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
-    from huggingface_hub.utils import filter_repo_objects
-
-    files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.glob("**/*")) if p.is_file()}
-    patterns = ignore_patterns(include_checkpoints) + DEFAULT_IGNORE_PATTERNS
-    return [(name, files[name].stat().st_size) for name in filter_repo_objects(files, ignore_patterns=patterns)]
+    """(path relative to `folder`, size in bytes) of each file that belongs to the model, exactly what is sent: no
+    dotfiles, temporary files or partial checkpoints, and no symlink that leads out of the folder."""
+    root = folder.resolve()
+    found: dict[str, Path] = {}
+    for directory, subdirs, names in os.walk(folder):  # does not descend into symlinked directories
+        subdirs.sort()
+        for name in sorted(names):
+            path = Path(directory) / name
+            if path.is_symlink() and not path.resolve().is_relative_to(root):
+                continue
+            if path.is_file():
+                found[path.relative_to(folder).as_posix()] = path
+    complete_steps = {name.rsplit("/", 1)[0] for name in found
+                      if name.endswith("/training_state.pt") and name.rsplit("/", 2)[-2].startswith("step-")}
+    return [(name, path.stat().st_size) for name, path in sorted(found.items())
+            if not _skipped(name, include_checkpoints, complete_steps)]
 
 
 def upload(
@@ -81,14 +97,16 @@ def upload(
         print(f"Dry run: nothing was uploaded to {repo_id}", file=sys.stderr)
         return
 
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
     api = HfApi(token=token or os.getenv("HF_TOKEN"))
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
-        commit = api.upload_folder(
-            folder_path=folder, repo_id=repo_id, ignore_patterns=ignore_patterns(include_checkpoints),
+        # exactly the listed files, one commit
+        commit = api.create_commit(
+            repo_id=repo_id, repo_type="model",
+            operations=[CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name, _ in files],
             commit_message=commit_message or f"Upload {folder.resolve().name} with Forge",
         )
     except RepositoryNotFoundError:

@@ -1,4 +1,5 @@
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -72,3 +73,59 @@ def tiny_sentencepiece_model(tmp_path_factory) -> Path:
         character_coverage=1.0, hard_vocab_limit=False, minloglevel=2,
     )
     return directory / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def tiny_smollm2_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A tiny random SmolLM2 checkpoint (a 64-token context, so long texts need several windows) with the real
+    tokenizer and prompt style: what the eval tests score."""
+    from hf_models import save_tiny_model
+
+    from model.weights.convert import convert_hf_checkpoint
+
+    checkpoint_dir = tmp_path_factory.mktemp("tiny") / "org" / "tiny-smollm2"
+    save_tiny_model("smollm2", checkpoint_dir, vocab_size=49152, max_position_embeddings=64)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "prompt_style.yaml"):
+        shutil.copy(smollm2_dir / name, checkpoint_dir / name)
+    convert_hf_checkpoint(checkpoint_dir)
+    return checkpoint_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_run(tmp_path_factory, tiny_smollm2_dir) -> Path:
+    """A LoRA run directory on `tiny_smollm2_dir` as finetune/lora.py writes it, with random (non-zero) B so the run
+    changes the logits."""
+    import yaml
+    from safetensors.torch import save_file
+
+    from model.gpt import GPT
+    from model.lora import LORA_WEIGHTS, LoRAConfig, inject_lora, lora_state_dict
+
+    run_dir = tmp_path_factory.mktemp("lora-run")
+    config = LoRAConfig(r=4, alpha=8.0, query=True, value=True, mlp=True)
+    model = inject_lora(GPT.from_checkpoint(tiny_smollm2_dir), config)
+    torch.manual_seed(0)
+    weights = {k: torch.randn_like(v) * 0.5 for k, v in lora_state_dict(model).items()}
+    (run_dir / "final").mkdir()
+    save_file(weights, run_dir / "final" / LORA_WEIGHTS)
+    (run_dir / "final" / "hparams.yaml").write_text(
+        yaml.safe_dump({"checkpoint_dir": str(tiny_smollm2_dir), "quantize": None, **config.to_hparams()}))
+    return run_dir
+
+
+def cli_error(capsys, function, args: list[str]) -> str:
+    """The one `error:` line that running `function` as a command line with `args` prints (exit status 1)."""
+    from model.cli import run_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(function, args)
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 1, stderr
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+def last_line(capsys) -> str:
+    return capsys.readouterr().out.strip().splitlines()[-1]

@@ -11,7 +11,7 @@ import torch
 import transformers
 from hf_models import VOCAB, hf_configs, save_tiny_model
 
-from model import GPT, Config
+from model import GPT
 from model.weights.convert import convert_hf_checkpoint
 
 ROOT = Path(__file__).parent.parent
@@ -47,22 +47,6 @@ def test_logits_match_transformers_and_round_trip(family, tmp_path):
     assert (round_trip - actual).abs().max() <= 1e-4
 
 
-def test_sliding_window_really_limits_attention(tmp_path):
-    """Changing a token outside the window must not change the last position's logits (and must inside it)."""
-    config = Config(name="sw", vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=16, intermediate_size=32, sliding_window=4,
-                    hf_architecture="MistralForCausalLM", block_size=64)
-    torch.manual_seed(0)
-    model = GPT(config).eval()
-    idx = torch.randint(0, VOCAB, (1, 12))
-    far, near = idx.clone(), idx.clone()
-    far[0, 7] = (far[0, 7] + 1) % VOCAB  # 4 positions before the last: outside a window of 4
-    near[0, 8] = (near[0, 8] + 1) % VOCAB
-    with torch.no_grad():
-        base, out_far, out_near = model(idx)[0, -1], model(far)[0, -1], model(near)[0, -1]
-    assert torch.equal(base, out_far)
-    assert not torch.allclose(base, out_near)
-
-
 def test_convert_cli_with_table_name_and_dtype(tmp_path):
     checkpoint_dir = tmp_path / "org" / "tiny"
     save_tiny_model("smollm2", checkpoint_dir)
@@ -72,6 +56,32 @@ def test_convert_cli_with_table_name_and_dtype(tmp_path):
     assert model.lm_head.weight.dtype == torch.bfloat16
     assert model.lm_head.weight is model.transformer.wte.weight
     assert (checkpoint_dir / "prompt_style.yaml").is_file()
+
+
+def test_one_conversion_writes_the_prompt_style_by_template_then_name(tmp_path):
+    """The library's convert_hf_checkpoint (which download.py and convert_hf_checkpoint.py both call) chooses the
+    prompt style from the chat template, else from the model's name, and keeps a prompt_style.yaml already there."""
+    from model.prompts import load_prompt_style
+
+    by_name = tmp_path / "org" / "smollm2-tiny-instruct"
+    save_tiny_model("smollm2", by_name)
+    convert_hf_checkpoint(by_name)
+    assert load_prompt_style(by_name).name == "chatml"
+
+    by_template = tmp_path / "org" / "tiny-templated"
+    save_tiny_model("llama2", by_template)
+    config = json.loads((by_template / "tokenizer_config.json").read_text()) \
+        if (by_template / "tokenizer_config.json").is_file() else {}
+    config["chat_template"] = "{% for m in messages %}<|start_header_id|>{{ m['content'] }}{% endfor %}"
+    (by_template / "tokenizer_config.json").write_text(json.dumps(config))
+    convert_hf_checkpoint(by_template)
+    assert load_prompt_style(by_template).name == "llama3"
+
+    kept = tmp_path / "org" / "tiny-kept"
+    save_tiny_model("llama2", kept)
+    (kept / "prompt_style.yaml").write_text("name: alpaca\n")
+    convert_hf_checkpoint(kept)
+    assert (kept / "prompt_style.yaml").read_text() == "name: alpaca\n"
 
 
 def test_sharded_output_loads_the_same(tmp_path):
@@ -101,19 +111,6 @@ def test_pytorch_bin_checkpoints_convert(tmp_path):
         assert (GPT.from_checkpoint(checkpoint_dir)(idx) - hf_model(idx).logits).abs().max() <= 1e-4
 
 
-def test_named_configs():
-    assert Config.from_name("meta-llama/Llama-3.2-1B") == Config.from_name("Llama-3.2-1B")
-    mistral = Config.from_name("Mistral-7B-v0.1")
-    assert mistral.sliding_window == 4096 and mistral.n_query_groups == 8
-    assert Config.from_name("Mistral-7B-Instruct-v0.2").sliding_window is None
-    assert Config.from_name("Llama-3.1-8B-Instruct").rope_scaling["type"] == "llama3"
-    falcon = Config.from_name("falcon-7b")
-    assert falcon.n_query_groups == 1 and falcon.parallel_residual and falcon.shared_attention_norm
-    assert Config.from_name("Mixtral-8x7B-Instruct-v0.1").n_expert == 8
-    with pytest.raises(ValueError, match="Unknown model name"):
-        Config.from_name("Llama-9-1T")
-
-
 @pytest.mark.parametrize(
     "setup, args, message",
     [
@@ -124,7 +121,7 @@ def test_named_configs():
         ("wrong_arch", [], "Unsupported architecture"),
         ("ok", ["--dtype", "float8"], "float8"),
         ("ok", ["--model_name", "Llama-9-1T"], "Unknown model name"),
-        ("mismatch", ["--model_name", "Llama-2-7b-hf"], "tensors are missing"),
+        ("mismatch", ["--model_name", "Llama-2-7b-hf"], "does not match"),
     ],
 )
 def test_convert_bad_input(tmp_path, setup, args, message):
@@ -161,12 +158,57 @@ def test_load_missing_or_corrupt_checkpoint(tmp_path):
         GPT.from_checkpoint(checkpoint_dir)
 
 
-@pytest.mark.parametrize("name", ["Llama-2-70b-chat-hf", "Llama-3.2-1B", "Mistral-7B-v0.1", "Mixtral-8x7B-v0.1", "phi-2",
-                                  "Phi-3-mini-128k-instruct", "falcon-7b", "falcon-40b", "SmolLM2-135M"])
-def test_named_config_survives_the_hf_config_round_trip(name):
-    from model.weights.convert import hf_config_dict
+def test_convert_to_hf_takes_a_full_fine_tunes_out_dir_and_refuses_an_adapter_run(tmp_path, capsys):
+    import shutil
 
-    config = Config.from_name(name)
-    derived = Config.from_hf_config(hf_config_dict(config), name=config.name)
-    derived.hf_repo = config.hf_repo
-    assert derived == config
+    from conftest import cli_error, load_script
+
+    convert_to_hf = load_script("scripts/convert_to_hf.py").convert_to_hf
+    checkpoint_dir = tmp_path / "org" / "tiny"
+    save_tiny_model("llama2", checkpoint_dir)
+    convert_hf_checkpoint(checkpoint_dir)
+    shutil.copytree(checkpoint_dir, tmp_path / "full" / "final")
+    convert_to_hf(tmp_path / "full", tmp_path / "hf")
+    assert (tmp_path / "hf" / "config.json").is_file()
+
+    (tmp_path / "lora" / "final").mkdir(parents=True)
+    (tmp_path / "lora" / "final" / "lora.safetensors").write_bytes(b"")
+    error = cli_error(capsys, convert_to_hf, ["--checkpoint_dir", str(tmp_path / "lora"), "--output_dir",
+                                              str(tmp_path / "hf2")])
+    assert "is a LoRA/DoRA run, not a checkpoint" in error and "merge_lora.py" in error
+    assert not (tmp_path / "hf2").exists()
+
+
+def test_the_config_comes_from_the_files_not_the_folder_name(tmp_path, capsys):
+    # a tiny Llama saved under the name of a model in the table: config.json decides, with a note
+    checkpoint_dir = tmp_path / "HuggingFaceTB" / "SmolLM2-135M"
+    save_tiny_model("llama2", checkpoint_dir)
+    config = convert_hf_checkpoint(checkpoint_dir)
+    assert "is named like SmolLM2-135M, but" in capsys.readouterr().out
+    hf = json.loads((checkpoint_dir / "config.json").read_text())
+    assert (config.n_layer, config.n_embd) == (hf["num_hidden_layers"], hf["hidden_size"])
+    GPT.from_checkpoint(checkpoint_dir)
+
+
+def test_a_config_json_that_does_not_fit_the_tensors_is_one_error_and_writes_nothing(tmp_path):
+    checkpoint_dir = tmp_path / "org" / "tiny-edited"
+    save_tiny_model("llama2", checkpoint_dir)
+    hf = json.loads((checkpoint_dir / "config.json").read_text())
+    (checkpoint_dir / "config.json").write_text(json.dumps({**hf, "intermediate_size": hf["intermediate_size"] * 2}))
+    before = sorted(p.name for p in checkpoint_dir.iterdir())
+    result = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(checkpoint_dir))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: The weights in {checkpoint_dir} do not fit the 'tiny-edited' config:")
+    assert "the config expects" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in checkpoint_dir.iterdir()) == before
+
+
+def test_a_killed_conversions_temporary_shards_are_removed_by_the_rerun(tmp_path):
+    checkpoint_dir = tmp_path / "org" / "tiny"
+    save_tiny_model("llama2", checkpoint_dir)
+    stale = checkpoint_dir / ".convert-k1ll3d"  # what a SIGKILL mid-conversion leaves: no lit_model.safetensors yet
+    stale.mkdir()
+    (stale / "shard-0").write_bytes(b"half a shard")
+    convert_hf_checkpoint(checkpoint_dir)
+    assert not [p.name for p in checkpoint_dir.iterdir() if p.name.startswith(".")]
+    GPT.from_checkpoint(checkpoint_dir)

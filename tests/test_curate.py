@@ -207,6 +207,18 @@ def test_rules_read_every_assistant_turn_of_chat_rows_and_keep_the_format(tmp_pa
     assert removed[0]["reason"] == "exact duplicate of row 1" and removed[0]["where"].endswith("row 1")
 
 
+def test_chat_roles_are_read_like_data_preparation_reads_them():
+    """curate and prepare_json read chat rows with one parser: a role in any case ("User") passes both."""
+    from model.data.prepare import chat_example
+
+    row = {"messages": [{"role": "System", "content": "Be brief."}, {"role": "User", "content": "Capital of Peru?"},
+                        {"role": "ASSISTANT", "content": "Lima."}]}
+    sample = to_sample(Record(row, "x line 1"), "messages", None)
+    example = chat_example(Record(row, "x line 1"))
+    assert sample.messages == [{"role": "system", "content": "Be brief."}, *example.messages]
+    assert example.system == "Be brief." and sample.response == "Lima."
+
+
 def test_instruction_field_mapping_joins_the_input(tmp_path):
     record = Record({"q": "Translate", "ctx": "bonjour", "a": "hello"}, "x line 1")
     from model.data.curate import FieldMap
@@ -236,7 +248,7 @@ def cli_error(capsys, args: list[str]) -> str:
     ('{"prompt": "a", "output": "b"}\n', [], "missing field 'instruction'"),
     ("", [], "no rows in the file"),
     (b'{"instruction": "caf\xe9", "output": "b"}\n', [], "line 1: not UTF-8 text"),
-    ('{"messages": [{"role": "robot", "content": "x"}]}\n', [], "messages[0] has role 'robot'"),
+    ('{"messages": [{"role": "robot", "content": "x"}]}\n', [], "messages turn 0 has the unknown role 'robot'"),
     ('{"instruction": "a", "output": "b"}\n', ["--stages", "rules,typo"], "unknown stage(s) ['typo']"),
     ('{"instruction": "a", "output": "b"}\n', ["--stages", "judge"], "needs --judge_checkpoint_dir"),
     ('{"instruction": "a", "output": "b"}\n', ["--drop_regex", "[(", "--stages", "rules"], "not a valid regular"),

@@ -9,7 +9,7 @@ from conftest import ROOT, load_script
 from test_tokenizer import make_bpe_dir, make_sentencepiece_dir
 from torch.utils.data import DataLoader
 
-from model.data.sft import IGNORE_INDEX, SFTDataset, encode_example, get_collate_fn, load_dataset, save_dataset
+from model.data.sft import IGNORE_INDEX, encode_example, get_collate_fn, load_dataset, save_dataset
 from model.prompts import PromptStyle, save_prompt_style
 from model.tokenizer import Tokenizer
 
@@ -137,7 +137,7 @@ def fake_sample(length, masked):
 
 def test_collate_pads_right_and_masks_the_padding():
     samples = [fake_sample(3, masked=1), fake_sample(5, masked=2)]
-    loader = DataLoader(SFTDataset(samples), batch_size=2, collate_fn=get_collate_fn(pad_id=7))
+    loader = DataLoader(samples, batch_size=2, collate_fn=get_collate_fn(pad_id=7))
     batch = next(iter(loader))
     assert batch["input_ids"].tolist() == [[1, 2, 3, 7, 7], [1, 2, 3, 4, 5]]
     assert batch["labels"].tolist() == [[-100, 2, 3, -100, -100], [-100, -100, 3, 4, 5]]

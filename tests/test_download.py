@@ -46,6 +46,8 @@ def test_download_fetches_only_the_needed_files_and_converts(tmp_path, monkeypat
     assert requested == {"repo_id": "my-org/tiny-llama", "files": ["config.json", "generation_config.json", "model.safetensors"],
                          "token": "hf_secret"}
     GPT.from_checkpoint(tmp_path / "checkpoints" / "my-org" / "tiny-llama")
+    # the same conversion as scripts/convert_hf_checkpoint.py, prompt style included
+    assert (tmp_path / "checkpoints" / "my-org" / "tiny-llama" / "prompt_style.yaml").is_file()
 
 
 def test_gated_repo_says_what_to_do(monkeypatch, tmp_path):

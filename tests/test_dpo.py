@@ -85,11 +85,11 @@ def test_lora_dpo_learns_the_preferences_and_merges_like_an_sft_run(tiny_dir, da
     assert sum(column(out_dir, "loss")[-3:]) / 3 < 0.8 * math.log(2)
     assert "reward margin" in capsys.readouterr().err
 
-    # final/ is what finetune/lora.py writes: generate/lora.py, eval/tasks.py and merge_lora.py read it as is
+    # final/ is what finetune/lora.py writes: generate/base.py, eval/tasks.py and merge_lora.py read it as is
     lora_config, adapter = load_lora_run(out_dir / "final")
     hparams = yaml.safe_load((out_dir / "final" / "hparams.yaml").read_text())
     assert hparams["checkpoint_dir"] == str(tiny_dir) and hparams["loss"] == "sigmoid" and lora_config.mlp
-    merge_lora.merge(lora_dir=out_dir, out_dir=tmp_path / "merged")
+    merge_lora.merge(checkpoint_dir=out_dir, out_dir=tmp_path / "merged")
     merged = GPT.from_checkpoint(tmp_path / "merged")
     policy = GPT.from_checkpoint(tiny_dir)
     inject_lora(policy, lora_config)

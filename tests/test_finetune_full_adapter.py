@@ -280,26 +280,26 @@ def test_full_fine_tune_final_is_a_checkpoint(overfit_run, tiny_dir, capsys):
     with torch.no_grad():
         assert next_token_loss(model, batch["input_ids"], batch["labels"]) < 0.5 * losses[0]
 
-    # generate/full.py reads the run's out_dir like generate/base.py reads final/
+    # generate/base.py reads the run's out_dir like its final/
     args = ["--prompt", "Repeat the word: apple", "--max_new_tokens", "8", "--temperature", "0"]
-    run_cli(load_script("generate/full.py").main, ["--checkpoint_dir", str(out_dir), *args])
+    run_cli(load_script("generate/base.py").main, ["--checkpoint_dir", str(out_dir), *args])
     from_run = capsys.readouterr().out
     run_cli(load_script("generate/base.py").main, ["--checkpoint_dir", str(final), *args])
     assert capsys.readouterr().out == from_run and from_run.strip()
 
     with pytest.raises(SystemExit):
-        run_cli(load_script("generate/full.py").main, ["--checkpoint_dir", str(out_dir / "step-000030")])
+        run_cli(load_script("generate/base.py").main, ["--checkpoint_dir", str(out_dir / "step-000030")])
     assert "training state for --resume only" in capsys.readouterr().err
 
 
 def test_generate_adapter_uses_the_run(overfit_run, tiny_dir, capsys):
-    """generate/adapter.py finds the base, the version and the adapter's shape in the run's hparams.yaml."""
+    """generate/base.py finds the base, the version and the adapter's shape in an adapter run's hparams.yaml."""
     out_dir, _ = overfit_run("adapter_v2")
     prompt = "Repeat the word: apple"
-    run_cli(load_script("generate/adapter.py").main,
-            ["--adapter_dir", str(out_dir), "--prompt", prompt, "--max_new_tokens", "8", "--temperature", "0"])
+    run_cli(load_script("generate/base.py").main,
+            ["--checkpoint_dir", str(out_dir), "--prompt", prompt, "--max_new_tokens", "8", "--temperature", "0"])
     captured = capsys.readouterr()
-    assert "adapter (v2)" in captured.err
+    assert "Loaded the adapter run" in captured.err
 
     adapter_config, state_dict = load_adapter_run(out_dir / "final")
     model = inject_adapter(GPT.from_checkpoint(tiny_dir), adapter_config)
@@ -320,6 +320,7 @@ def test_resume_is_bitwise_exact(script, tiny_dir, tmp_path):
     resumed.mkdir()
     shutil.copytree(straight / "step-000003", resumed / "step-000003")
     shutil.copy(straight / "metrics.csv", resumed / "metrics.csv")
+    shutil.copy(straight / "hparams.yaml", resumed / "hparams.yaml")  # --resume checks the flags against it
     assert finetune(script, tiny_dir, resumed, *args, "--resume", "true") == losses
     weights = "lit_model.safetensors" if script == "full" else "adapter.safetensors"
     assert (straight / "final" / weights).read_bytes() == (resumed / "final" / weights).read_bytes()
@@ -415,10 +416,10 @@ def test_infinite_gradient_stops_and_keeps_the_last_good_checkpoint(script, tiny
         assert all(torch.equal(state["model"][key], adapter[key]) for key in adapter)
 
 
-@pytest.mark.parametrize("script, function, crash_at", [("full", "save_hparams", 3), ("adapter", "save_adapter", 2)])
+@pytest.mark.parametrize("script, function, crash_at", [("full", "save_hparams", 2), ("adapter", "save_adapter", 2)])
 def test_a_crash_while_saving_leaves_no_incomplete_step_dir(script, function, crash_at, tiny_dir, tmp_path):
-    """Killed between the training state and the file saved beside it (full: hparams.yaml, whose first save is the
-    run's own; adapters: the adapter): the step directory is not there, and the previous one is the latest."""
+    """Killed between the training state and the file saved beside it (full: hparams.yaml; adapters: the adapter):
+    the step directory is not there, and the previous one is the latest."""
     module = load_finetune_script(script)
     save, saves = getattr(module, function), []
 

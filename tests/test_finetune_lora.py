@@ -37,7 +37,7 @@ from model.weights.load import load_model
 
 lora = load_script("finetune/lora.py")
 merge_lora = load_script("scripts/merge_lora.py")
-generate_lora = load_script("generate/lora.py")
+generate_base = load_script("generate/base.py")
 
 # what a script started here runs with: one thread, like the in-process runs, so their numbers agree bitwise
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -166,10 +166,11 @@ def test_lora_overfits_and_writes_a_complete_run(tiny_dir, make_data, tmp_path, 
 
 
 def generate_lora_model(monkeypatch, lora_dir: Path) -> GPT:
-    """The model generate/lora.py builds for `lora_dir` (base loaded and quantized as trained, adapter injected)."""
+    """The model generate/base.py builds for the run `lora_dir` (base loaded and quantized as trained, adapter
+    injected)."""
     built = []
-    monkeypatch.setattr(generate_lora, "generate_and_print", lambda model, *args: built.append(model))
-    generate_lora.main(lora_dir=lora_dir, device="cpu")
+    monkeypatch.setattr(generate_base, "generate_and_print", lambda model, *args: built.append(model))
+    generate_base.main(checkpoint_dir=lora_dir, device="cpu")
     return built[0]
 
 
@@ -184,7 +185,7 @@ def test_dora_qlora_qdora_train_and_merge_into_the_same_function(variant, tiny_d
     adapter = load_file(out_dir / "final" / LORA_WEIGHTS)
     assert any(key.endswith(".magnitude") for key in adapter) == variant.get("dora", False)
 
-    merge_lora.merge(lora_dir=out_dir, out_dir=merged_dir)
+    merge_lora.merge(checkpoint_dir=out_dir, out_dir=merged_dir)
     merged = GPT.from_checkpoint(merged_dir)
     unmerged = generate_lora_model(monkeypatch, out_dir)
     base = load_model(tiny_dir, device="cpu", quantize=variant.get("quantize"))
@@ -441,14 +442,14 @@ def test_merge_refuses_an_adapter_of_another_rank(finished_run, tmp_path, capsys
     shutil.copytree(finished_run / "final", run_dir)
     hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
     (run_dir / "hparams.yaml").write_text(yaml.safe_dump({**hparams, "lora_r": 4}))
-    error = cli_error(capsys, merge_lora.merge, ["--lora_dir", str(run_dir), "--out_dir", str(tmp_path / "merged")])
+    error = cli_error(capsys, merge_lora.merge, ["--checkpoint_dir", str(run_dir), "--out_dir", str(tmp_path / "merged")])
     assert "trained with r=8 but the model has r=4" in error
     assert not (tmp_path / "merged").exists()
 
 
 def test_merge_refuses_a_non_empty_out_dir(finished_run, tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("mine")
-    error = cli_error(capsys, merge_lora.merge, ["--lora_dir", str(finished_run), "--out_dir", str(tmp_path)])
+    error = cli_error(capsys, merge_lora.merge, ["--checkpoint_dir", str(finished_run), "--out_dir", str(tmp_path)])
     assert f"{tmp_path} is not empty" in error
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
@@ -465,9 +466,83 @@ def test_real_model_finetunes_and_generates_with_the_adapter(smollm2_dir, tmp_pa
     losses = [float(row["loss"]) for row in training_rows(out_dir)]
     # a pretrained model predicts these answers far better than chance (ln 49152 = 10.8)
     assert len(losses) == 2 and all(loss < 6 for loss in losses), losses
-    result = subprocess.run([sys.executable, str(ROOT / "generate/lora.py"), "--lora_dir", str(out_dir),
+    result = subprocess.run([sys.executable, str(ROOT / "generate/base.py"), "--checkpoint_dir", str(out_dir),
                              "--prompt", "Convert this sentence to uppercase: the cat sat", "--temperature", "0",
                              "--max_new_tokens", "12"], cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
+
+
+# ----------------------------------------------------------------------------------------------- runs you can trust
+@pytest.mark.parametrize("flag, value", [("global_batch_size", "-4"), ("max_steps", "-3"), ("max_steps", "0"),
+                                         ("max_seq_length", "0"), ("max_seq_length", "-5"), ("micro_batch_size", "0"),
+                                         ("eval_interval", "0"), ("eval_iters", "0"), ("save_interval", "0"),
+                                         ("epochs", "0"), ("warmup_steps", "-1"), ("lora_r", "0")])
+def test_an_invalid_number_is_one_line_and_writes_nothing(flag, value, tiny_dir, make_data, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    error = cli_error(capsys, lora.setup, ["--checkpoint_dir", str(tiny_dir), "--data_dir", str(make_data(8)),
+                                           "--out_dir", str(out_dir), f"--{flag}", value])
+    assert error.startswith(f"error: --{flag} must be a ")
+    assert error.endswith(f" integer, got {value}")
+    assert not out_dir.exists()
+
+
+def test_a_run_directory_belongs_to_its_run(finished_run, tiny_dir, make_data, tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    shutil.copytree(finished_run, out_dir)
+    flags = ["--checkpoint_dir", str(tiny_dir), "--data_dir", str(make_data(8)), "--out_dir", str(out_dir),
+             "--micro_batch_size", "4", "--global_batch_size", "4", "--eval_interval", "1000", "--eval_iters", "1"]
+    hparams = (out_dir / "hparams.yaml").read_bytes()
+    error = cli_error(capsys, lora.setup, [*flags, "--max_steps", "1"])
+    assert f"{out_dir} already holds a run" in error and "--resume true" in error and "--overwrite true" in error
+    for changed, named in [(["--learning_rate", "0.01"], "--learning_rate 0.0003 (now 0.01)"),
+                           (["--lora_r", "4"], "--lora_r 8 (now 4)"), (["--seed", "1"], "--seed 1337 (now 1)"),
+                           (["--data_dir", str(make_data(16))], f"--data_dir {make_data(8)} (now {make_data(16)})")]:
+        error = cli_error(capsys, lora.setup, [*flags, "--max_steps", "1", "--resume", "true", *changed])
+        assert f"the run in {out_dir} was started with {named}" in error
+        assert (out_dir / "hparams.yaml").read_bytes() == hparams
+    # a longer run continues from the checkpoint and says what the schedule does
+    run_cli(lora.setup, [*flags, "--max_steps", "3", "--resume", "true"])
+    err = capsys.readouterr().err
+    assert "--max_steps changed on resume: 1 -> 3" in err
+    assert "Training continues from step 1 to step 3: the learning rate follows the warmup (10 steps) and cosine" in err
+    assert yaml.safe_load((out_dir / "hparams.yaml").read_text())["max_steps"] == 3
+    assert [int(row["step"]) for row in training_rows(out_dir)] == [1, 2, 3]
+    # --overwrite true starts afresh in place
+    run_cli(lora.setup, [*flags, "--max_steps", "1", "--overwrite", "true"])
+    assert sorted(p.name for p in out_dir.iterdir() if p.name != "tensorboard") == [
+        "final", "hparams.yaml", "metrics.csv", "step-000001"]
+    assert [int(row["step"]) for row in training_rows(out_dir)] == [1]
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tiny_dir, make_data, tmp_path, capsys):
+    flags = dict(data_dir=make_data(16), checkpoint_dir=tiny_dir, max_steps=6, micro_batch_size=2,
+                 global_batch_size=4, learning_rate=1e-2, warmup_steps=2, save_interval=100, eval_interval=1000,
+                 eval_iters=1)
+    reference, out_dir = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    lora.setup(out_dir=reference, **flags)
+    command = [sys.executable, str(ROOT / "finetune/lora.py"), *as_cli(out_dir=out_dir, **flags)]
+    process = subprocess.Popen(command, cwd=ROOT, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    watchdog = threading.Timer(300, process.kill)
+    watchdog.start()
+    try:
+        seen = []
+        for line in process.stderr:
+            seen.append(line)
+            if line.startswith("step 2/6 |"):
+                process.send_signal(signal.SIGINT)  # during step 3: no checkpoint is due before step 6
+        process.wait()
+    finally:
+        watchdog.cancel()
+        process.kill()
+        process.stderr.close()
+    assert process.returncode == 130, "".join(seen)
+    stopped = re.fullmatch(rf"Stopped by SIGINT after step (\d); saved {re.escape(str(out_dir))}/step-00000(\d)\. Run the"
+                           r" same command with --resume true to continue exactly from there\n", seen[-1])
+    assert stopped is not None and stopped[1] == stopped[2], seen[-1]
+    assert "Traceback" not in "".join(seen) and not (out_dir / ".forge.lock").exists()
+    lora.setup(out_dir=out_dir, resume=True, **flags)
+    assert f"at step {stopped[1]}" in capsys.readouterr().err
+    assert (out_dir / "final" / LORA_WEIGHTS).read_bytes() == (reference / "final" / LORA_WEIGHTS).read_bytes()

@@ -3,10 +3,11 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, load_script
 from hf_models import VOCAB, save_tiny_model
 
 from model import GPT, Config
+from model.cli import run_cli
 from model.generate import generate, sample, until_stop
 from model.weights.convert import convert_hf_checkpoint
 
@@ -112,6 +113,35 @@ def test_generate_missing_checkpoint(tmp_path):
     result = run("generate/base.py", "--checkpoint_dir", str(tmp_path / "nothing"))
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "download.py" in result.stderr or "convert" in result.stderr
+
+
+def test_generate_and_chat_on_a_lora_run_equal_its_merge(tiny_lora_run, tmp_path, capsys, monkeypatch):
+    """generate/base.py and generate/chat.py take a LoRA run as --checkpoint_dir and answer as the checkpoint that
+    scripts/merge_lora.py makes of it."""
+    merged = tmp_path / "merged"
+    run_cli(load_script("scripts/merge_lora.py").merge, ["--checkpoint_dir", str(tiny_lora_run), "--out_dir",
+                                                         str(merged)])
+    capsys.readouterr()
+    args = ["--prompt", "hi", "--max_new_tokens", "6", "--temperature", "0", "--device", "cpu"]
+    replies = {}
+    for name, path in (("run", tiny_lora_run), ("merged", merged)):
+        run_cli(load_script("generate/base.py").main, ["--checkpoint_dir", str(path), *args])
+        replies[name] = capsys.readouterr()
+        lines = iter(["hi", "!exit"])
+        monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+        run_cli(load_script("generate/chat.py").chat, ["--checkpoint_dir", str(path), *args[2:]])
+        replies[f"chat-{name}"] = capsys.readouterr().out
+    assert "Loaded the LoRA/DoRA run" in replies["run"].err and "Loaded the checkpoint" in replies["merged"].err
+    assert replies["run"].out == replies["merged"].out and replies["run"].out.strip()
+    assert replies["chat-run"] == replies["chat-merged"] and "Reply:" in replies["chat-run"]
+
+
+def test_removed_per_method_flags_are_one_error_line(tiny_lora_run):
+    for script in ("generate/base.py", "generate/chat.py", "scripts/merge_lora.py"):
+        result = run(script, "--lora_dir", str(tiny_lora_run))
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1] == \
+            "error: --lora_dir was removed: pass the run directory as --checkpoint_dir"
 
 
 @pytest.mark.real_model

@@ -287,10 +287,11 @@ def test_qlora_nf4_trains_and_merges(dora):
 # ------------------------------------------------------------------------------------------------ PEFT export
 
 
-def save_run(model: GPT, lora_config: LoRAConfig, run_dir: Path) -> None:
+def save_run(model: GPT, lora_config: LoRAConfig, run_dir: Path, checkpoint_dir: Path = Path("base")) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in lora_state_dict(model).items()}, run_dir / "lora.safetensors")
-    (run_dir / "hparams.yaml").write_text(yaml.safe_dump({**lora_config.to_hparams(), "learning_rate": 3e-4}))
+    (run_dir / "hparams.yaml").write_text(yaml.safe_dump({**lora_config.to_hparams(), "learning_rate": 3e-4,
+                                                          "checkpoint_dir": str(checkpoint_dir)}))
 
 
 def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -322,18 +323,17 @@ def test_export_peft_reproduces_our_logits(case, tmp_path):
     lora_config = LoRAConfig(r=4, alpha=6, dropout=0.1, **EXPORT_CASES[case])
     ours = inject_lora(GPT.from_checkpoint(checkpoint_dir, dtype=torch.float32), lora_config)
     perturb_lora(ours)
-    save_run(ours, lora_config, tmp_path / "run")
+    save_run(ours, lora_config, tmp_path / "run", checkpoint_dir)
 
     hf_dir, adapter_dir = tmp_path / "hf", tmp_path / "adapter"
     if case == "llama2":  # the command lines, once
         for script, args in (("scripts/convert_to_hf.py", ["--checkpoint_dir", checkpoint_dir, "--output_dir", hf_dir]),
-                             ("scripts/export_peft.py", ["--checkpoint_dir", checkpoint_dir, "--lora_dir", tmp_path / "run",
-                                                         "--output_dir", adapter_dir])):
+                             ("scripts/export_peft.py", ["--checkpoint_dir", tmp_path / "run", "--output_dir", adapter_dir])):
             result = run_script(script, *map(str, args))
             assert result.returncode == 0, result.stderr
     else:
         load_script("scripts/convert_to_hf.py").convert_to_hf(checkpoint_dir, hf_dir)
-        load_script("scripts/export_peft.py").export_peft(checkpoint_dir, tmp_path / "run", adapter_dir)
+        load_script("scripts/export_peft.py").export_peft(tmp_path / "run", adapter_dir)
 
     base = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
     theirs = peft.PeftModel.from_pretrained(base, adapter_dir).eval()
@@ -370,28 +370,27 @@ def test_export_refuses_what_peft_cannot_express(tmp_path, capsys):
         tiny_config(**overrides).save(checkpoint_dir)
         return checkpoint_dir
 
-    def run_dir(name: str, config: Config, lora_config: LoRAConfig) -> Path:
+    def run_dir(name: str, checkpoint_dir: Path, lora_config: LoRAConfig) -> Path:
         with torch.device("meta"):
-            model = inject_lora(GPT(config), lora_config)
+            model = inject_lora(GPT(Config.from_checkpoint(checkpoint_dir)), lora_config)
         directory = tmp_path / name
-        save_run(model.to_empty(device="cpu"), lora_config, directory)
+        save_run(model.to_empty(device="cpu"), lora_config, directory, checkpoint_dir)
         return directory
 
     export_peft = load_script("scripts/export_peft.py").export_peft
     phi3 = checkpoint("phi3", hf_architecture="Phi3ForCausalLM")
-    partial_dora = run_dir("partial-dora", Config.from_checkpoint(phi3), LoRAConfig(query=True, value=True, dora=True))
+    partial_dora = run_dir("partial-dora", phi3, LoRAConfig(query=True, value=True, dora=True))
     with pytest.raises(SystemExit) as exit_info:  # the command line: one error line, exit status 1, no output
-        run_cli(export_peft, ["--checkpoint_dir", str(phi3), "--lora_dir", str(partial_dora),
-                              "--output_dir", str(tmp_path / "out")])
+        run_cli(export_peft, ["--checkpoint_dir", str(partial_dora), "--output_dir", str(tmp_path / "out")])
     assert exit_info.value.code == 1
     assert "error: DoRA on only part of model.layers.0.self_attn.qkv_proj" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
     mixtral = checkpoint("mixtral", hf_architecture="MixtralForCausalLM", mlp_class_name="LLaMAMoE", n_expert=2,
                          n_expert_per_token=1)
-    experts = run_dir("experts", Config.from_checkpoint(mixtral), LoRAConfig(mlp=True))
+    experts = run_dir("experts", mixtral, LoRAConfig(mlp=True))
     with pytest.raises(ValueError, match="Mixtral's experts"):
-        export_peft(mixtral, experts, tmp_path / "out")
+        export_peft(experts, tmp_path / "out")
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -157,7 +157,7 @@ def test_lora_router_trains_the_routers_only_and_merges_into_the_moe(models, tmp
     assert not torch.allclose(adapter["transformer.h.0.mlp.gate.weight"], before["transformer.h.0.mlp.gate.weight"])
 
     merged_dir = tmp_path / "merged"
-    load_script("scripts/merge_lora.py").merge(lora_dir=run, out_dir=merged_dir)
+    load_script("scripts/merge_lora.py").merge(checkpoint_dir=run, out_dir=merged_dir)
     merged = load_state_dict(merged_dir)
     for name, tensor in before.items():
         expected = adapter.get(name, tensor)

@@ -1,6 +1,8 @@
 """model/prepare.py: rows -> examples (instruction, OpenAI and ShareGPT chat, reversed), multi-turn encoding with the
 loss on assistant turns only, the seeded split, the all-or-nothing write-out and the downloads' offline errors."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from test_data import chatml_dir, sentencepiece_dir  # noqa: F401 (fixtures)
@@ -9,12 +11,15 @@ from model.data.prepare import (
     _tokenize_at_once,
     _tokenize_segment_by_segment,
     chat_example,
+    check_prepared_data,
     conversation_example,
     encode_conversation,
     hub_dataset_file,
     instruction_example,
     marked_loss_text,
+    prepare_sft_dataset,
     split_train_val,
+    tokenizer_fingerprint,
     url_file,
     write_prepared,
 )
@@ -242,6 +247,67 @@ def test_write_prepared_is_all_or_nothing(tmp_path, monkeypatch):
         published.clear()
         write_prepared(tmp_path / "new", {"train": [sample], "test": [sample]}, {})
     assert not (tmp_path / "new").exists()
+
+
+def other_tokenizer_same_vocab(chatml_dir, directory):
+    """The chatml tokenizer with two tokens' ids swapped: the same vocabulary size, other meanings."""
+    import json
+    import shutil
+
+    shutil.copytree(chatml_dir, directory)
+    tokenizer = json.loads((directory / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (directory / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return directory
+
+
+def test_data_of_another_tokenizer_with_ids_inside_the_vocabulary_is_refused(chatml_dir, tmp_path):
+    other = other_tokenizer_same_vocab(chatml_dir, tmp_path / "other")
+    assert Tokenizer(other).vocab_size == Tokenizer(chatml_dir).vocab_size
+    assert tokenizer_fingerprint(other) != tokenizer_fingerprint(chatml_dir)
+    style = PromptStyle.from_name("chatml")
+    examples = [instruction_example(style, f"say {i}", f"ok {i}", where=f"row {i}") for i in range(6)]
+    prepare_sft_dataset(examples, Tokenizer(chatml_dir), style, tmp_path / "data",
+                        checkpoint_dir=chatml_dir, max_seq_length=-1, mask_inputs=True, val_split_fraction=0.3, seed=1,
+                        reverse_instructions=False, source="rows")
+    assert check_prepared_data(tmp_path / "data", chatml_dir)["tokenizer_sha256"] == tokenizer_fingerprint(chatml_dir)
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'data'} was prepared with the tokenizer of {chatml_dir}, which"
+                                         rf" differs from {other}'s: its token ids mean other words here"):
+        check_prepared_data(tmp_path / "data", other)
+
+
+def test_a_kill_between_two_renames_is_refused_and_the_rerun_cleans_up(tmp_path, monkeypatch, chatml_dir):
+    import json
+
+    from model.data import prepare
+
+    sample = {"input_ids": torch.tensor([1, 2]), "labels": torch.tensor([-100, 2]), "prompt": "p", "response": "r"}
+    out_dir = tmp_path / "out"
+    write_prepared(out_dir, {"train": [sample], "test": [sample]}, {"checkpoint_dir": str(chatml_dir)})
+    check_prepared_data(out_dir, chatml_dir)
+    real_publish = prepare.publish_file
+
+    def killed_after_train(tmp, path):
+        if path.name != "train.pt":
+            raise KeyboardInterrupt  # SIGKILL: no cleanup runs, so the temporary files stay
+        real_publish(tmp, path)
+
+    monkeypatch.setattr(prepare, "publish_file", killed_after_train)
+    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: None)  # a kill cleans nothing
+    with pytest.raises(KeyboardInterrupt):
+        write_prepared(out_dir, {"train": [sample] * 3, "test": [sample] * 2}, {"checkpoint_dir": str(chatml_dir)})
+    monkeypatch.undo()
+    assert len(torch.load(out_dir / "train.pt", weights_only=True)) == 3  # new train.pt, old test.pt and meta.json
+    assert sorted(p.name for p in out_dir.iterdir() if p.name.endswith(".tmp")) != []
+    with pytest.raises(ValueError, match=rf"{out_dir / 'train.pt'} is not the file {out_dir / 'meta.json'} describes"
+                                         r" \(an interrupted or mixed preparation\)"):
+        check_prepared_data(out_dir, chatml_dir)
+    write_prepared(out_dir, {"train": [sample] * 3, "test": [sample] * 2}, {"checkpoint_dir": str(chatml_dir)})
+    assert sorted(p.name for p in out_dir.iterdir()) == ["meta.json", "test.pt", "train.pt"]
+    assert json.loads((out_dir / "meta.json").read_text())["checkpoint_dir"] == str(chatml_dir)
+    check_prepared_data(out_dir, chatml_dir)
 
 
 def test_downloads_offline_say_to_use_data_file(tmp_path, monkeypatch):

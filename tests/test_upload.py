@@ -4,7 +4,7 @@ import sys
 
 import pytest
 from conftest import ROOT, load_script
-from huggingface_hub import CommitInfo, HfApi
+from huggingface_hub import CommitInfo
 
 from model.cli import run_cli
 
@@ -52,6 +52,26 @@ def test_dry_run_lists_exactly_the_files_that_would_go_up(run_dir, include_check
     assert f"in {len(expected)} files" in err and "nothing was uploaded" in err
 
 
+def test_dry_run_leaves_out_dotfiles_temp_files_partial_checkpoints_and_outside_symlinks(run_dir, tmp_path, capsys):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("outside the folder")
+    (run_dir / ".env").write_text("HF_TOKEN=hf_secret")
+    (run_dir / "final" / ".lora.safetensors.abc123.tmp").write_bytes(b"half")
+    (run_dir / ".metrics.csv.x1.tmp").write_text("step\n")
+    (run_dir / ".forge.lock").write_text("host 1\n")
+    (run_dir / "notes.txt.tmp").write_text("scratch")
+    (run_dir / "stolen.txt").symlink_to(secret)
+    (run_dir / "outside").symlink_to(tmp_path, target_is_directory=True)
+    (run_dir / "final" / "alias.yaml").symlink_to(run_dir / "hparams.yaml")  # inside: it belongs
+    partial = run_dir / "step-000004"  # a checkpoint copied without its training state
+    partial.mkdir()
+    (partial / "lora.safetensors").write_bytes(b"x")
+    for include_checkpoints in (False, True):
+        upload.upload(run_dir, "me/run", include_checkpoints=include_checkpoints, dry_run=True)
+        names = [name for _, name in listed(capsys.readouterr().out)]
+        assert names == sorted(SHARED + ["final/alias.yaml"] + (CHECKPOINTS if include_checkpoints else []))
+
+
 def test_upload_creates_the_repo_and_sends_what_the_dry_run_lists(run_dir, monkeypatch, capsys):
     import huggingface_hub
 
@@ -64,8 +84,8 @@ def test_upload_creates_the_repo_and_sends_what_the_dry_run_lists(run_dir, monke
         def create_repo(self, repo_id, **kwargs):
             calls.append(("create_repo", repo_id, kwargs))
 
-        def upload_folder(self, **kwargs):
-            calls.append(("upload_folder", kwargs))
+        def create_commit(self, **kwargs):
+            calls.append(("create_commit", kwargs))
             return CommitInfo(commit_url="https://huggingface.co/me/run/commit/0123abc", commit_message="m",
                               commit_description="", oid="0123abc")
 
@@ -73,16 +93,16 @@ def test_upload_creates_the_repo_and_sends_what_the_dry_run_lists(run_dir, monke
     monkeypatch.setenv("HF_TOKEN", "hf_from_env")
     upload.upload(run_dir, "me/run", private=True)
     out, err = capsys.readouterr()
-    assert [call[0] for call in calls] == ["init", "create_repo", "upload_folder"]
+    assert [call[0] for call in calls] == ["init", "create_repo", "create_commit"]
     assert calls[0] == ("init", "hf_from_env")
     assert calls[1] == ("create_repo", "me/run", {"private": True, "exist_ok": True})
     sent = calls[2][1]
-    assert sent["repo_id"] == "me/run" and sent["folder_path"] == run_dir
+    assert sent["repo_id"] == "me/run" and sent["repo_type"] == "model"
     assert sent["commit_message"] == "Upload run with Forge"
-    # the real client, given these arguments, selects exactly the files the listing showed
-    operations = HfApi()._prepare_upload_folder_additions(run_dir, "", ignore_patterns=sent["ignore_patterns"] + list(
-        huggingface_hub.hf_api.DEFAULT_IGNORE_PATTERNS))
-    assert sorted(op.path_in_repo for op in operations) == [name for _, name in listed(out)] == SHARED
+    # the commit holds exactly the files the listing showed, each read from its own path
+    operations = sent["operations"]
+    assert [op.path_in_repo for op in operations] == [name for _, name in listed(out)] == SHARED
+    assert all(op.path_or_fileobj == str(run_dir / op.path_in_repo) for op in operations)
     assert "Uploaded 5 files (3.0 MB) to https://huggingface.co/me/run/commit/0123abc" in err
 
 
@@ -98,7 +118,7 @@ def test_a_refused_upload_is_an_error_not_a_success(run_dir, monkeypatch, capsys
         def create_repo(self, repo_id, **kwargs):
             pass
 
-        def upload_folder(self, **kwargs):
+        def create_commit(self, **kwargs):
             response = httpx2.Response(403, request=httpx2.Request("POST", "https://huggingface.co/api/models/me/run"))
             raise HfHubHTTPError("403 Forbidden", response=response)
 

@@ -18,12 +18,11 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from model.data.records import Record, RecordError, field
+from model.data.chat import chat_messages
+from model.data.records import Record, field
 from model.files import atomic_save_figure
 
 FORMATS = ("auto", "instruction", "messages", "sharegpt")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-                  "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system"}
 
 
 # ----------------------------------------------------------------------------------------------- rows -> samples
@@ -60,23 +59,6 @@ def detect_format(row: dict) -> str:
     return "instruction"
 
 
-def _chat_messages(record: Record, key: str, role_key: str, content_key: str, roles: Optional[dict]) -> list[dict]:
-    turns = record.row.get(key)
-    if not isinstance(turns, list):
-        raise RecordError(f"{record.where}: field {key!r} should be a list of turns, got {type(turns).__name__}")
-    messages = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or not isinstance(turn.get(role_key), str) or not isinstance(turn.get(content_key), str):
-            raise RecordError(f"{record.where}: {key}[{i}] should be an object with text fields {role_key!r} and "
-                              f"{content_key!r}, got {str(turn)[:80]}")
-        role = turn[role_key] if roles is None else roles.get(turn[role_key].lower())
-        if role not in ("system", "user", "assistant"):
-            known = "system, user, assistant" if roles is None else ", ".join(roles)
-            raise RecordError(f"{record.where}: {key}[{i}] has {role_key} {turn[role_key]!r}; expected one of {known}")
-        messages.append({"role": role, "content": turn[content_key]})
-    return messages
-
-
 def to_sample(record: Record, fmt: str, fields: FieldMap) -> Sample:
     """The row as a Sample; a row that does not fit the format is a RecordError naming the row and the field."""
     if fmt == "instruction":
@@ -89,9 +71,9 @@ def to_sample(record: Record, fmt: str, fields: FieldMap) -> Sample:
             {"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
         return Sample(prompt, response, [response], messages)
     if fmt == "messages":
-        messages = _chat_messages(record, "messages", "role", "content", None)
+        messages = chat_messages(record, "messages")
     elif fmt == "sharegpt":
-        messages = _chat_messages(record, "conversations", "from", "value", SHAREGPT_ROLES)
+        messages = chat_messages(record, "conversations")
     else:
         raise ValueError(f"Unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)

@@ -23,6 +23,7 @@ Two decisions every script shares:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -35,20 +36,12 @@ from pathlib import Path
 
 import torch
 
+from model.data.chat import chat_field, chat_messages
 from model.data.records import Record, RecordError, field
 from model.data.sft import IGNORE_INDEX
 from model.files import publish_file
 from model.prompts import Alpaca, Message, PromptStyle
 from model.tokenizer import Tokenizer
-
-# ShareGPT dumps name the speakers in several ways; these are the ones found in the common releases.
-SHAREGPT_ROLES = {
-    "system": "system",
-    "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant", "bing": "assistant",
-    "model": "assistant",
-}
-
 
 @dataclass
 class Example:
@@ -140,32 +133,12 @@ def _reversed_turns(messages: list[Message], where: str) -> list[Message]:
 def chat_example(
     record: Record, system: str | None = None, *, reverse: bool = False, task: str | None = None
 ) -> Example:
-    """An example from a chat row: OpenAI-style `messages` ([{"role", "content"}], roles system/user/assistant) or
-    ShareGPT `conversations` ([{"from", "value"}], from human/gpt/system and the other names in SHAREGPT_ROLES)."""
-    row, where = record.row, record.where
-    if "messages" in row:
-        key, role_key, content_key, roles = "messages", "role", "content", {r: r for r in ("system", "user", "assistant")}
-    elif "conversations" in row:
-        key, role_key, content_key, roles = "conversations", "from", "value", SHAREGPT_ROLES
-    else:
-        raise RecordError(f"{where}: missing field 'messages' or 'conversations' (it has {sorted(row)})")
-    turns = row[key]
-    if not isinstance(turns, list) or not turns:
-        raise RecordError(f"{where}: field {key!r} should be a non-empty list of turns, got {turns!r:.80}")
-    messages = []
-    for index, turn in enumerate(turns):
-        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
-            raise RecordError(f"{where}: {key} turn {index} should be an object with {role_key!r} and"
-                              f" {content_key!r}, got {turn!r:.80}")
-        role = roles.get(str(turn[role_key]).lower())
-        if role is None:
-            raise RecordError(f"{where}: {key} turn {index} has the unknown {role_key} {turn[role_key]!r};"
-                              f" expected one of {', '.join(roles)}")
-        if not isinstance(turn[content_key], str):
-            raise RecordError(f"{where}: {key} turn {index}: {content_key!r} should be text, got"
-                              f" {type(turn[content_key]).__name__}")
-        messages.append({"role": role, "content": turn[content_key]})
-    return conversation_example(messages, system, reverse=reverse, where=where, task=task)
+    """An example from a chat row: OpenAI-style `messages` ([{"role", "content"}]) or ShareGPT `conversations`
+    ([{"from", "value"}]), read by model.data.chat (roles system/user/assistant and ShareGPT's names, any case)."""
+    messages = chat_messages(record)
+    if not messages:
+        raise RecordError(f"{record.where}: field {chat_field(record.row)!r} should be a non-empty list of turns")
+    return conversation_example(messages, system, reverse=reverse, where=record.where, task=task)
 
 
 def optional_field(record: Record, name: str | None) -> str | None:
@@ -315,20 +288,26 @@ def split_stats(samples: list[dict], dropped: int = 0) -> dict:
 
 def write_prepared(out_dir: Path | str, splits: dict[str, list[dict]], meta: dict) -> None:
     """Write `<split>.pt` for each split and meta.json, all or nothing: every file goes to a temporary file first and
-    they are renamed into place only once all are complete, so a failure leaves `out_dir` as it was (and does not
-    leave a new, empty `out_dir` behind)."""
+    they are renamed into place only once all are complete, meta.json last, so a failure leaves `out_dir` as it was
+    (and does not leave a new, empty `out_dir` behind). meta.json records the SHA-256 of each split file: a kill
+    between two renames (a new train.pt beside an old test.pt) is found and refused by `check_prepared_data`. The
+    temporary files of a killed run are removed by the next one."""
     out_dir = Path(out_dir)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     contents = {f"{name}.pt": _torch_bytes(samples) for name, samples in splits.items()}
+    meta = {**meta, "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}}
     contents["meta.json"] = (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode()
+    for name in contents:
+        for leftover in out_dir.glob(f".{name}.*.tmp"):
+            leftover.unlink(missing_ok=True)
     temporary: dict[str, str] = {}
     try:
         for name, data in contents.items():
             fd, temporary[name] = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
             with os.fdopen(fd, "wb") as file:
                 file.write(data)
-        for name, tmp in temporary.items():
+        for name, tmp in temporary.items():  # meta.json is the last key: it is published last
             publish_file(tmp, out_dir / name)
     except BaseException:
         for tmp in temporary.values():
@@ -336,6 +315,56 @@ def write_prepared(out_dir: Path | str, splits: dict[str, list[dict]], meta: dic
         if created and not any(out_dir.iterdir()):
             out_dir.rmdir()
         raise
+
+
+def tokenizer_fingerprint(checkpoint_dir: Path | str) -> str:
+    """SHA-256 of the checkpoint's tokenizer files (tokenizer.json / tokenizer.model): two tokenizers with the same
+    vocabulary size but different tokens get different fingerprints."""
+    digest = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer.model"):
+        path = Path(checkpoint_dir) / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def check_prepared_data(data_dir: Path | str, checkpoint_dir: Path | str, splits: tuple[str, ...] = ("train", "test")
+                        ) -> dict:
+    """The meta.json of prepared data, checked against the checkpoint it is used with and against the split files:
+    data prepared with another tokenizer (same vocabulary size or not) is refused, and so is a directory whose
+    preparation did not finish (a split file that is not the one meta.json describes). Data without a meta.json
+    (saved by hand) has nothing to check here."""
+    data_dir, checkpoint_dir = Path(data_dir), Path(checkpoint_dir)
+    meta_path = data_dir / "meta.json"
+    again = f"Prepare it again with a scripts/prepare_*.py script and --checkpoint_dir {checkpoint_dir}"
+    if not meta_path.is_file():
+        return {}  # samples saved by hand with model.data.sft.save_dataset: load_dataset checks their token ids
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{meta_path} is not valid JSON ({e}). {again}") from None
+    prepared_with = meta.get("checkpoint_dir", "another checkpoint")
+    fingerprint = meta.get("tokenizer_sha256")
+    if fingerprint is not None and fingerprint != tokenizer_fingerprint(checkpoint_dir):
+        raise ValueError(f"{data_dir} was prepared with the tokenizer of {prepared_with}, which differs from"
+                         f" {checkpoint_dir}'s: its token ids mean other words here. {again}")
+    if fingerprint is None and "vocab_size" in meta and meta["vocab_size"] != Tokenizer(checkpoint_dir).vocab_size:
+        raise ValueError(f"{data_dir} was prepared for a vocabulary of {meta['vocab_size']} tokens ({prepared_with}),"
+                         f" not {checkpoint_dir}'s. {again}")
+    for split in splits:
+        name, expected = f"{split}.pt", meta.get("sha256", {}).get(f"{split}.pt")
+        if expected is not None and (data_dir / name).is_file() and _sha256(data_dir / name) != expected:
+            raise ValueError(f"{data_dir / name} is not the file {meta_path} describes (an interrupted or mixed"
+                             f" preparation). {again}")
+    return meta
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _torch_bytes(samples: list[dict]) -> bytes:
@@ -405,6 +434,7 @@ def prepare_sft_dataset(
         "source": source,
         "checkpoint_dir": str(checkpoint_dir),
         "vocab_size": tokenizer.vocab_size,
+        "tokenizer_sha256": tokenizer_fingerprint(checkpoint_dir),
         "prompt_style": prompt_style.name,
         "max_seq_length": max_seq_length,
         "mask_inputs": mask_inputs,

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.data import Dataset
 
 from model.files import atomic_torch_save
 from model.prompts import Message, PromptStyle
@@ -151,19 +150,6 @@ def _check_sample(sample: object, where: str, vocab_size: int | None) -> None:
                 " prepared with another tokenizer. Prepare it again with the checkpoint you fine-tune"
                 " (`--checkpoint_dir` of the prepare script)."
             )
-
-
-class SFTDataset(Dataset):
-    """Prepared samples (see the module docstring) for a DataLoader; batch them with `get_collate_fn`."""
-
-    def __init__(self, samples: list[dict]) -> None:
-        self.samples = samples
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.samples[index]
 
 
 def get_collate_fn(

@@ -5,6 +5,7 @@ metrics and the progress line. The training loops themselves stay in the scripts
 from __future__ import annotations
 
 import csv
+import io
 import math
 import random
 import shutil
@@ -185,22 +186,6 @@ def latest_checkpoint(out_dir: Path) -> Optional[Path]:
     return steps[-1] if steps else None
 
 
-def resolve_resume(resume: bool | str | Path, out_dir: Path) -> Optional[Path]:
-    """`--resume false`: start fresh; `true`/`auto`: the latest checkpoint in out_dir (auto: none is fine);
-    a path: that checkpoint directory."""
-    if resume is False or resume in ("false", "False"):
-        return None
-    if resume is True or resume in ("auto", "true", "True"):
-        found = latest_checkpoint(out_dir)
-        if found is None and resume != "auto":
-            raise FileNotFoundError(f"--resume: no checkpoint (step-*/training_state.pt) in {out_dir}")
-        return found
-    path = Path(resume)
-    if not (path / TRAINING_STATE).exists():
-        raise FileNotFoundError(f"--resume {path}: {path / TRAINING_STATE} not found")
-    return path
-
-
 def load_training_state(fabric, path: Path, state: dict, trainable_only: bool) -> None:
     """Restore `state` in place from a checkpoint of `save_training_state`. A sharded (FSDP) checkpoint loads onto
     any number of FSDP processes; a one-file checkpoint and a sharded one do not load into each other's strategy."""
@@ -217,6 +202,28 @@ def load_training_state(fabric, path: Path, state: dict, trainable_only: bool) -
         fabric.load(path / TRAINING_STATE, state, strict=not trainable_only, weights_only=True)
 
 
+def check_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], checkpoint_dir: Path) -> None:
+    """The weights of `checkpoint_dir` must fit the model its model_config.yaml describes, and be finite: one line
+    naming the first tensor that does not, instead of a shape error deep in load_state_dict or a NaN loss later."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing = [name for name in expected if name not in state_dict and name != "lm_head.weight"]
+    unexpected = [name for name in state_dict if name not in expected]
+    where = f"{checkpoint_dir}: model_config.yaml does not match the weights"
+    if missing or unexpected:
+        first = f"{missing[0]} is missing" if missing else f"{unexpected[0]} is not in the model"
+        raise ValueError(f"{where} ({first}; {len(missing)} missing, {len(unexpected)} unexpected tensors). Convert"
+                         " the checkpoint again, or restore its model_config.yaml")
+    for name, tensor in state_dict.items():
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(f"{where}: {name} is {list(tensor.shape)} in the weights, {list(expected[name])} in the"
+                             " config. Convert the checkpoint again, or restore its model_config.yaml")
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{checkpoint_dir}: the weights hold NaN/inf values ({bad} in {name}); the checkpoint is"
+                             " damaged. Download or convert it again")
+
+
 def save_run_weights(run_dir: Path, tensors: dict[str, torch.Tensor], weights_name: str, hparams: dict) -> None:
     """A run's trained weights and its hparams.yaml, the two files `model.weights.load` reads back."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -226,8 +233,20 @@ def save_run_weights(run_dir: Path, tensors: dict[str, torch.Tensor], weights_na
 
 def save_hparams(out_dir: Path, hparams: dict) -> None:
     """Every flag of the run, so later scripts (merge, generate, export) never ask the user to repeat them."""
-    plain = {k: (str(v) if isinstance(v, Path) else v) for k, v in hparams.items()}
+    plain = {k: _plain(v) for k, v in hparams.items()}
     atomic_write_text(Path(out_dir) / "hparams.yaml", yaml.safe_dump(plain, sort_keys=False))
+
+
+def _plain(value):
+    """A flag's value as YAML writes it: paths as strings, validated numbers (PositiveInt is an int subclass) as
+    plain numbers."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, int) and not isinstance(value, bool) and type(value) is not int:
+        return int(value)
+    if isinstance(value, float) and type(value) is not float:
+        return float(value)
+    return value
 
 
 class MetricsLogger:
@@ -245,12 +264,17 @@ class MetricsLogger:
             return
         rows = []
         if resume_step is not None and self.path.is_file():
-            with open(self.path, newline="") as fp:
-                rows = [r for r in csv.DictReader(fp) if int(r["step"]) <= resume_step]
-        with open(self.path, "w", newline="") as fp:
-            writer = csv.DictWriter(fp, fieldnames=fieldnames)
-            writer.writeheader()
-            writer.writerows(rows)
+            text = self.path.read_text()
+            # a row torn by a kill mid-append lacks its line end: dropped with the rows after the checkpoint
+            complete = text[:text.rfind("\n") + 1]
+            rows = [r for r in csv.DictReader(io.StringIO(complete, newline=""))
+                    if _step(r) is not None and _step(r) <= resume_step]
+        # rewritten through a temporary file: a kill here leaves the old file whole, never a truncated one
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, fieldnames=fieldnames, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.path, buffer.getvalue())
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -267,6 +291,13 @@ class MetricsLogger:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.tensorboard.add_scalar(key, value, row["step"])
+
+
+def _step(row: dict) -> Optional[int]:
+    try:
+        return int(row["step"])
+    except (TypeError, ValueError, KeyError):
+        return None
 
 
 @dataclass

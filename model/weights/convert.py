@@ -5,6 +5,7 @@ derived from `config.json`, and streamed conversion into a checkpoint directory.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -13,6 +14,13 @@ from safetensors import SafetensorError, safe_open
 
 from model.config import Config
 from model.device import parse_dtype
+from model.gpt import GPT
+from model.prompts import (
+    PromptStyle,
+    has_prompt_style,
+    load_prompt_style,
+    save_prompt_style,
+)
 from model.weights.checkpoint import save_sharded
 
 
@@ -41,7 +49,7 @@ def _falcon_qkv(config: Config) -> tuple[Callable, Callable]:
     """Falcon fuses q, k, v per key/value group: [q_1..q_m, k, v] for each group (new architecture, and old
     multi-head with m=1), or [all q, k, v] for multi-query, which is already our layout."""
     n_head, groups, hs = config.n_head, config.n_query_groups, config.head_size
-    new_arch = config.extra.get("falcon_new_decoder_architecture", False)
+    new_arch = config.falcon_new_decoder_architecture
     if groups == 1 and not new_arch:
         return (lambda ts: ts), (lambda ts: ts)
     q_per_kv = n_head // groups
@@ -72,7 +80,7 @@ def weight_maps(config: Config) -> list[WeightMap]:
         maps.append(WeightMap("transformer.wte.weight", ["transformer.word_embeddings.weight"]))
         for i in range(config.n_layer):
             hf, lit = f"transformer.h.{i}", f"transformer.h.{i}"
-            if config.extra.get("falcon_new_decoder_architecture") and not config.shared_attention_norm:
+            if config.falcon_new_decoder_architecture and not config.shared_attention_norm:
                 norms = [("norm_1", "ln_attn"), ("norm_2", "ln_mlp")]
             elif config.shared_attention_norm:
                 norms = [("norm_1", "input_layernorm")]
@@ -211,6 +219,15 @@ def config_for_hf_checkpoint(checkpoint_dir: Path, model_name: Optional[str] = N
             if model_name:
                 raise
             continue
+        if hf_config is not None:
+            differing = _config_differences(config, hf_config)
+            if differing and model_name:
+                raise ValueError(f"--model_name {model_name} does not match {hf_config_path} ({differing}); omit"
+                                 " --model_name to take the config from config.json")
+            if differing:
+                print(f"{checkpoint_dir.name!r} is named like {config.name}, but {hf_config_path} differs"
+                      f" ({differing}): converting with the config of config.json")
+                return Config.from_hf_config(hf_config, name=checkpoint_dir.name)
         if hf_config is not None and config.hf_architecture == "Phi3ForCausalLM":
             config.rope_scaling = Config.from_hf_config(hf_config).rope_scaling
         return config
@@ -222,17 +239,55 @@ def config_for_hf_checkpoint(checkpoint_dir: Path, model_name: Optional[str] = N
     return Config.from_hf_config(hf_config, name=checkpoint_dir.name)
 
 
+# the config fields that decide the tensors' shapes
+SHAPE_FIELDS = ("hf_architecture", "vocab_size", "n_layer", "n_head", "n_embd", "n_query_groups", "head_size",
+                "intermediate_size", "n_expert")
+
+
+def _config_differences(config: Config, hf_config: dict) -> str:
+    """The shape fields on which a table config and the checkpoint's config.json disagree ('' when none)."""
+    try:
+        derived = Config.from_hf_config(hf_config, name=config.name)
+    except (ValueError, KeyError, TypeError):
+        return ""  # config.json cannot be read as a config; the tensor shapes are still checked
+    return ", ".join(f"{key} {getattr(config, key)} vs {getattr(derived, key)}" for key in SHAPE_FIELDS
+                     if getattr(config, key) != getattr(derived, key))
+
+
+def _checked_shapes(tensors: Iterator[tuple[str, torch.Tensor]], config: Config, checkpoint_dir: Path):
+    """The converted tensors, each checked against the shape the config gives it: a config that does not describe
+    these weights is one error naming the tensor, before anything is written."""
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in GPT(config).state_dict().items()}
+    for name, tensor in tensors:
+        if name in expected and tuple(tensor.shape) != expected[name]:
+            raise ValueError(f"The weights in {checkpoint_dir} do not fit the {config.name!r} config: {name} is"
+                             f" {list(tensor.shape)}, the config expects {list(expected[name])}. Check config.json"
+                             " (or --model_name)")
+        yield name, tensor
+
+
 def convert_hf_checkpoint(
     checkpoint_dir: Path | str, model_name: Optional[str] = None, dtype: Optional[str] = None
 ) -> Config:
-    """HF weights in `checkpoint_dir` -> `model_config.yaml` + `lit_model.safetensors` in the same directory."""
+    """HF weights in `checkpoint_dir` -> `model_config.yaml` + `lit_model.safetensors` + `prompt_style.yaml` in the
+    same directory (an existing prompt_style.yaml is kept: it may be the user's choice)."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(f"Checkpoint directory {checkpoint_dir} does not exist")
+    for leftover in checkpoint_dir.glob(".convert-*"):  # the temporary shards of an interrupted conversion
+        shutil.rmtree(leftover, ignore_errors=True)
     config = config_for_hf_checkpoint(checkpoint_dir, model_name)
     weights = HFWeights(checkpoint_dir)
-    save_sharded(_progress(hf_to_lit(config, weights, parse_dtype(dtype)), len(weight_maps(config))), checkpoint_dir)
+    tensors = _checked_shapes(hf_to_lit(config, weights, parse_dtype(dtype)), config, checkpoint_dir)
+    save_sharded(_progress(tensors, len(weight_maps(config))), checkpoint_dir)
     config.save(checkpoint_dir)
+    if not has_prompt_style(checkpoint_dir):
+        # the checkpoint's own chat template decides; without one, the model's name does
+        style = load_prompt_style(checkpoint_dir)
+        if style.name == "default":
+            style = PromptStyle.from_config(config.hf_repo or config.name)
+        save_prompt_style(style, checkpoint_dir)
     return config
 
 
@@ -256,7 +311,7 @@ def hf_config_dict(config: Config) -> dict:
         "tie_word_embeddings": config.tie_embeddings,
     }
     if arch == "FalconForCausalLM":
-        new_arch = config.extra.get("falcon_new_decoder_architecture", False)
+        new_arch = config.falcon_new_decoder_architecture
         return dict(
             c, model_type="falcon", num_kv_heads=config.n_query_groups, new_decoder_architecture=new_arch,
             multi_query=config.n_query_groups == 1, parallel_attn=config.parallel_residual, bias=config.bias,

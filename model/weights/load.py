@@ -89,9 +89,11 @@ def run_output_dir(path: Path | str, weights_name: str) -> Path:
         return path
     if (path / "final" / weights_name).is_file():
         return path / "final"
+    kinds = {kind.weights: kind for kind in RUN_KINDS}
+    made_by = f" ({kinds[weights_name].name}, written by {kinds[weights_name].made_by})" if weights_name in kinds else ""
     raise FileNotFoundError(
         f"No {weights_name} in {path} or {path / 'final'}: pass the output directory of a finished fine-tuning run"
-        " (or one of its step-* checkpoints)"
+        f"{made_by}, or one of its step-* checkpoints"
     )
 
 
@@ -120,7 +122,13 @@ def detect(path: Path | str) -> tuple[Optional[RunKind], Path]:
     if (path / "final" / MODEL_CONFIG).is_file():  # a full fine-tune's out_dir
         return None, path / "final"
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise FileNotFoundError(f"{path} does not exist: pass a checkpoint (make one with `python scripts/download.py`)"
+                                " or the output directory of a fine-tuning run")
+    if (path / "training_state.pt").is_file():
+        raise FileNotFoundError(
+            f"{path} is a step checkpoint of a full fine-tune: it holds the training state for --resume only; use the"
+            f" run's final/ once it has finished (`--checkpoint_dir {path.parent}`)"
+        )
     names = ", ".join(kind.weights for kind in RUN_KINDS)
     raise FileNotFoundError(
         f"{path} is neither a checkpoint ({MODEL_CONFIG}) nor a fine-tuning run ({names} in it or in its final/);"

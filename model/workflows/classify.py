@@ -40,11 +40,6 @@ from model.files import atomic_save_figure, atomic_save_safetensors
 from model.gpt import GPT
 
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
-
-
-MODES = ("features", "head", "last_layers", "full", "lora")
-
-
 POOLINGS = ("last", "mean")
 
 

@@ -147,20 +147,20 @@ class ScoreCache:
 
 
 class Judge:
-    """Greedy 1-10 scores from a Forge checkpoint, many pairs per forward pass (`generate_batch`)."""
+    """Greedy 1-10 scores from a Forge checkpoint or fine-tuning run, many pairs per forward pass (`generate_batch`)."""
 
     def __init__(self, checkpoint_dir: Path | str, device: str = "auto", precision: Optional[str] = None,
                  max_new_tokens: int = 8, max_prompt_tokens: int = 1536, template: str = JUDGE_TEMPLATE,
                  prefill: str = "Score:") -> None:
         from model.prompts import load_prompt_style
         from model.tokenizer import Tokenizer
-        from model.weights.load import load_model
+        from model.weights.load import load_any
 
         self.checkpoint_dir = Path(checkpoint_dir)
-        self.tokenizer = Tokenizer(self.checkpoint_dir)
-        self.style = load_prompt_style(self.checkpoint_dir)
-        self.model = load_model(self.checkpoint_dir, device=device, precision=precision)
-        self.model.eval()
+        loaded = load_any(self.checkpoint_dir, device=device, precision=precision)
+        self.tokenizer = Tokenizer(loaded.checkpoint_dir)
+        self.style = load_prompt_style(loaded.checkpoint_dir)
+        self.model = loaded.model
         self.device = self.model.transformer.wte.weight.device
         self.max_new_tokens = max_new_tokens
         self.max_prompt_tokens = min(max_prompt_tokens, self.model.config.block_size - max_new_tokens)

@@ -1,5 +1,6 @@
-"""Model merging: the methods on hand-made tensors, scripts/merge_models.py on tiny random checkpoints, bad input,
-and the peak memory of a streamed merge."""
+"""scripts/merge_models.py: mergekit 0.1.5's output reproduced on tiny Llama (GQA) and Phi-3 checkpoints, fused
+tensors merged per Hugging Face tensor, slices and gradients, the random methods seeded, bad input, and the peak
+memory of a streamed merge. The methods themselves: tests/test_merge_methods.py."""
 
 import json
 import re
@@ -11,26 +12,18 @@ import pytest
 import torch
 import yaml
 from conftest import load_script
+from safetensors.torch import load_file
 
 from model import GPT, Config
 from model.cli import run_cli
 from model.generate import generate
 from model.weights.checkpoint import load_state_dict, save_sharded
-from model.workflows.merge import (
-    dare,
-    drop_and_rescale,
-    elect_sign,
-    gradient_value,
-    linear,
-    resolve_parameter,
-    slerp,
-    task_arithmetic,
-    ties,
-    trim_by_magnitude,
-)
+from model.workflows.merge import linear, slerp, task_arithmetic
 
 ROOT = Path(__file__).parent.parent
 merge_script = load_script("scripts/merge_models.py")
+mergekit_check = load_script("examples/merge/compare_with_mergekit.py")
+MERGEKIT_REFERENCE = ROOT / "tests/data/merge/mergekit-0.1.5.safetensors"
 TINY = dict(name="tiny", vocab_size=64, n_layer=3, n_head=2, n_query_groups=1, n_embd=16, intermediate_size=24,
             block_size=64, tie_embeddings=True)
 
@@ -65,96 +58,39 @@ def run_merge(tmp_path: Path, spec: dict, name: str = "merged") -> Path:
     return out_dir
 
 
-# ----------------------------------------------------------------------------------------------- the methods
-
-
-def test_slerp_endpoints_unit_norm_and_lerp_fallback():
-    torch.manual_seed(0)
-    a, b = torch.randn(5, 7), torch.randn(5, 7)
-    assert torch.allclose(slerp(a, b, 0.0), a, atol=1e-6)
-    assert torch.allclose(slerp(a, b, 1.0), b, atol=1e-6)
-    a_unit, b_unit = a / a.norm(), b / b.norm()
-    for t in (0.1, 0.3, 0.5, 0.9):
-        mid = slerp(a_unit, b_unit, t)
-        assert mid.norm().item() == pytest.approx(1.0, abs=1e-6)  # stays on the sphere
-        # the angle to each end grows linearly in t
-        total = torch.arccos((a_unit * b_unit).sum())
-        assert torch.arccos((a_unit * mid).sum().clamp(-1, 1)).item() == pytest.approx(t * total.item(), abs=1e-4)
-        assert ((1 - t) * a_unit + t * b_unit).norm().item() < 1.0 - 1e-3  # where lerp would shrink it
-    nearly_the_same = a + 1e-4 * b
-    assert torch.equal(slerp(a, nearly_the_same, 0.25), 0.75 * a + 0.25 * nearly_the_same)
-    opposite = slerp(a, -a * 2, 0.5)  # colinear the other way: lerp too (no division by sin(pi) ~ 0)
-    assert torch.isfinite(opposite).all() and torch.allclose(opposite, -0.5 * a, atol=1e-6)
-
-
-def test_linear_and_task_arithmetic_values():
-    x, y = torch.tensor([1.0, 2.0]), torch.tensor([3.0, -2.0])
-    assert torch.equal(linear([x, y], [1.0, 3.0]), torch.tensor([2.5, -1.0]))
-    assert torch.equal(linear([x, y], [1.0, 3.0], normalize=False), torch.tensor([10.0, -4.0]))
-    base = torch.tensor([1.0, 1.0])
-    # base + 0.5 * (x - base) + 1.0 * (y - base), scaled by lambda = 2
-    assert torch.equal(task_arithmetic(base, [x, y], [0.5, 1.0], lambda_=2.0), torch.tensor([1.0 + 2 * 2.0, 1 + 2 * -2.5]))
-
-
-def test_ties_trims_elects_the_sign_and_takes_the_disjoint_mean():
-    base = torch.tensor([10.0, 10.0, 10.0, 10.0, 10.0])
-    a = base + torch.tensor([3.0, -1.0, 0.5, 2.0, 1.0])
-    b = base + torch.tensor([-2.0, -2.0, 1.0, 0.1, -4.0])
-    c = base + torch.tensor([-2.0, 0.2, 0.1, 0.3, 3.5])
-    assert torch.equal(trim_by_magnitude(a - base, 0.4), torch.tensor([3.0, 0, 0, 2.0, 0]))
-    assert torch.equal(trim_by_magnitude(a - base, 0.0), torch.zeros(5))
-    assert torch.equal(elect_sign(torch.tensor([[1.0, -3.0], [-2.0, 1.0]])), torch.tensor([-1.0, -1.0]))
-    merged = ties(base, [a, b, c], weights=[1.0, 1.0, 1.0], densities=[0.4, 0.4, 0.4])
-    # trimmed: a [3, 0, 0, 2, 0], b [-2, -2, 0, 0, -4], c [-2, 0, 0, 0, 3.5]
-    # elected signs: [-1 (3-2-2), -1, + (0 >= 0), +, - (-4+3.5)]; mean over the agreeing, non-zero entries
-    assert torch.equal(merged - base, torch.tensor([-2.0, -2.0, 0.0, 2.0, -4.0]))
-    # weights count in the election and in the mean: a weighted 3x wins the first entry on its own
-    weighted = ties(base, [a, b, c], weights=[3.0, 1.0, 1.0], densities=[0.4, 0.4, 0.4])
-    assert (weighted - base)[0].item() == pytest.approx(3.0)
-    no_normalize = ties(base, [a, b, c], weights=[1.0, 1.0, 1.0], densities=[0.4, 0.4, 0.4], normalize=False)
-    assert torch.equal(no_normalize - base, torch.tensor([-4.0, -2.0, 0.0, 2.0, -4.0]))
-
-
-def test_dare_drops_rescales_and_matches_task_arithmetic_in_expectation():
-    torch.manual_seed(0)
-    delta = torch.randn(200, 50)
-    dropped = drop_and_rescale(delta, 0.3, torch.Generator().manual_seed(1))
-    kept = dropped != 0
-    assert kept.float().mean().item() == pytest.approx(0.3, abs=0.01)
-    assert torch.allclose(dropped[kept], delta[kept] / 0.3)
-    again = drop_and_rescale(delta, 0.3, torch.Generator().manual_seed(1))
-    assert torch.equal(dropped, again)  # seeded
-
-    base = torch.randn(6, 4)
-    tuned = [base + torch.randn(6, 4), base + torch.randn(6, 4)]
-    expected = task_arithmetic(base, tuned, [0.7, 0.5])
-    generator = torch.Generator().manual_seed(0)
-    # entries drop independently, so one call on 20000 stacked copies is 20000 independent merges
-    n = 20000
-    samples = dare(base.expand(n, 6, 4), [t.expand(n, 6, 4) for t in tuned], [0.7, 0.5], [0.4, 0.6], generator,
-                   sign_consensus=False)
-    # the variance of w * drop_and_rescale(delta, d) is w^2 delta^2 (1 - d) / d
-    variance = sum(w**2 * (t - base) ** 2 * (1 - d) / d for w, t, d in zip([0.7, 0.5], tuned, [0.4, 0.6]))
-    assert ((samples.mean(0) - expected).abs() <= 4.5 * (variance / n).sqrt() + 1e-6).all()
-    assert not torch.allclose(samples[0], expected)
-    assert torch.equal(dare(base, tuned, [0.7, 0.5], [1.0, 1.0], generator, sign_consensus=False), expected)
-    assert torch.equal(dare(base, tuned, [1, 1], [1.0, 1.0], generator, sign_consensus=True, normalize=True),
-                       ties(base, tuned, [1, 1], [1.0, 1.0]))
-
-
-def test_parameters_as_gradients_and_filters():
-    assert gradient_value([0.0, 1.0], 0.25) == 0.25
-    assert gradient_value([0.0, 1.0, 0.0], 0.75) == 0.5
-    assert gradient_value([0.2, 0.4, 0.8], 1.0) == pytest.approx(0.8)
-    value = [{"filter": "self_attn", "value": [0.0, 1.0]}, {"filter": "mlp", "value": 0.3}, {"value": 0.5}]
-    assert resolve_parameter(value, "transformer.h.2.attn.qkv.weight", 0.5, "t") == 0.5
-    assert resolve_parameter(value, "transformer.h.2.mlp.fc_1.weight", 0.5, "t") == 0.3
-    assert resolve_parameter(value, "transformer.ln_f.weight", 1.0, "t") == 0.5
-    with pytest.raises(ValueError, match="no entry matches tensor 'transformer.ln_f.weight'"):
-        resolve_parameter(value[:2], "transformer.ln_f.weight", 1.0, "t")
-
-
 # ----------------------------------------------------------------------------------------------- the script
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "phi-3"])
+def test_every_config_equals_mergekit_0_1_5_tensor_by_tensor(family, tmp_path):
+    """What examples/merge/compare_with_mergekit.py showed, encoded: its inputs and mergekit 0.1.5's outputs (all
+    the deterministic methods, random ones at density 1, slices with filters and gradients) are stored; we
+    convert the inputs, merge them with every config, export to HF, and must match (it measured 0.0)."""
+    reference = load_file(MERGEKIT_REFERENCE)
+    models = {name: {k.split("/", 3)[3]: v for k, v in reference.items() if k.startswith(f"{family}/input/{name}/")}
+              for name in mergekit_check.MODELS}
+    forge_dirs = mergekit_check.forge_inputs(family, models, tmp_path)
+    for label in mergekit_check.METHODS:
+        theirs = {k.split("/", 2)[2]: v for k, v in reference.items() if k.startswith(f"{family}/{label}/")}
+        ours = mergekit_check.merge_ours(label, forge_dirs, tmp_path / label)
+        assert ours.keys() == theirs.keys(), label
+        for name, tensor in theirs.items():
+            assert torch.allclose(ours[name], tensor, rtol=0, atol=1e-6), (label, name)
+
+
+def split_qkv(qkv: torch.Tensor) -> list[torch.Tensor]:
+    return list(qkv.split((16, 8, 8)))  # TINY: 2 query heads and 1 key/value head of 8
+
+
+def test_fused_qkv_is_merged_per_hf_tensor(models, tmp_path):
+    a, b = load_state_dict(models["a"]), load_state_dict(models["b"])
+    spec = {"merge_method": "slerp", "base_model": str(models["a"]), "parameters": {"t": 0.3},
+            "models": [{"model": str(models["a"])}, {"model": str(models["b"])}]}
+    merged = load_state_dict(run_merge(tmp_path, spec))
+    name = "transformer.h.1.attn.qkv.weight"
+    per_tensor = torch.cat([slerp(x, y, 0.3) for x, y in zip(split_qkv(a[name]), split_qkv(b[name]))])
+    assert torch.allclose(merged[name], per_tensor, atol=1e-6)
+    assert not torch.allclose(merged[name], slerp(a[name], b[name], 0.3), atol=1e-4)  # one angle for q, k, v
 
 
 def test_slerp_script_endpoints_and_per_layer_gradient(models, tmp_path):
@@ -175,7 +111,8 @@ def test_slerp_script_endpoints_and_per_layer_gradient(models, tmp_path):
     qkv = "transformer.h.{}.attn.qkv.weight"
     assert torch.allclose(merged[qkv.format(0)], a[qkv.format(0)], atol=1e-6)
     assert torch.allclose(merged[qkv.format(2)], b[qkv.format(2)], atol=1e-6)
-    assert torch.allclose(merged[qkv.format(1)], slerp(a[qkv.format(1)], b[qkv.format(1)], 0.5), atol=1e-6)
+    middle = [slerp(x, y, 0.5) for x, y in zip(split_qkv(a[qkv.format(1)]), split_qkv(b[qkv.format(1)]))]
+    assert torch.allclose(merged[qkv.format(1)], torch.cat(middle), atol=1e-6)
     fc = "transformer.h.0.mlp.fc_1.weight"
     assert torch.allclose(merged[fc], slerp(a[fc], b[fc], 0.5), atol=1e-6)
     assert (out / "prompt_style.yaml").is_file()
@@ -183,30 +120,37 @@ def test_slerp_script_endpoints_and_per_layer_gradient(models, tmp_path):
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear"])
-def test_each_method_applies_its_function_to_every_tensor(method, models, tmp_path):
-    base, a, b = (load_state_dict(models[name]) for name in ("base", "a", "b"))
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della", "della_linear"])
+def test_random_methods_are_seeded(method, models, tmp_path):
+    base = load_state_dict(models["base"])
     spec = {"merge_method": method, "base_model": str(models["base"]), "seed": 3,
             "models": [{"model": str(models["a"]), "parameters": {"weight": 0.6, "density": 0.5}},
                        {"model": str(models["b"]), "parameters": {"weight": 0.4, "density": 0.7}}]}
-    if method in ("linear", "task_arithmetic"):
-        spec["models"] = [{"model": m["model"], "parameters": {"weight": m["parameters"]["weight"]}} for m in spec["models"]]
     merged = load_state_dict(run_merge(tmp_path, spec))
+    again = load_state_dict(run_merge(tmp_path, spec, "again"))
+    other = load_state_dict(run_merge(tmp_path, dict(spec, seed=4), "other"))
     name = "transformer.h.1.mlp.proj.weight"
-    expected = {
-        "linear": linear([a[name], b[name]], [0.6, 0.4]),
-        "task_arithmetic": task_arithmetic(base[name], [a[name], b[name]], [0.6, 0.4]),
-        "ties": ties(base[name], [a[name], b[name]], [0.6, 0.4], [0.5, 0.7]),
-    }
-    if method in expected:
-        assert torch.allclose(merged[name], expected[method], atol=1e-6)
-    else:  # seeded: the same config gives the same merge, another seed other drops
-        again = load_state_dict(run_merge(tmp_path, spec, "again"))
-        other = load_state_dict(run_merge(tmp_path, dict(spec, seed=4), "other"))
-        assert torch.equal(merged[name], again[name]) and not torch.equal(merged[name], other[name])
-        delta = merged[name] - base[name]
-        assert 0 < (delta == 0).float().mean().item() < 0.5  # some entries dropped by both models
     assert set(merged) == set(base)
+    assert all(torch.equal(merged[k], again[k]) for k in merged) and not torch.equal(merged[name], other[name])
+    delta = merged[name] - base[name]
+    assert 0 < (delta == 0).float().mean().item() < 0.5  # some entries dropped by both models
+
+
+def test_linear_and_task_arithmetic_through_the_script(models, tmp_path):
+    base, a, b = (load_state_dict(models[name]) for name in ("base", "a", "b"))
+    weighted = [{"model": str(models["a"]), "parameters": {"weight": 0.6}},
+                {"model": str(models["b"]), "parameters": {"weight": 0.4}}]
+    merged = load_state_dict(run_merge(tmp_path, {"merge_method": "linear", "models": weighted}, "linear"))
+    tasks = load_state_dict(run_merge(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(models["base"]),
+                                                 "models": weighted, "parameters": {"lambda": 0.5}}, "tasks"))
+    # a base_model not among the models joins them where the method has no base (mergekit does the same)
+    with_base = load_state_dict(run_merge(tmp_path, {"merge_method": "linear", "base_model": str(models["base"]),
+                                                     "models": weighted}, "with_base"))
+    for name in ("transformer.h.1.mlp.proj.weight", "transformer.h.0.attn.qkv.weight", "transformer.wte.weight"):
+        assert torch.allclose(merged[name], linear([a[name], b[name]], [0.6, 0.4]), atol=1e-6)
+        assert torch.allclose(with_base[name], linear([a[name], b[name], base[name]], [0.6, 0.4, 1.0]), atol=1e-6)
+        assert torch.allclose(tasks[name], task_arithmetic(base[name], [a[name], b[name]], [0.6, 0.4], lambda_=0.5),
+                              atol=1e-6)
 
 
 def test_passthrough_self_merge_repeats_layers_loads_and_generates(models, tmp_path):
@@ -248,7 +192,13 @@ def cli_error(capsys, args: list[str]) -> str:
      "is a fine-tuning run, not a checkpoint; merge it into one first with `python scripts/merge_lora.py"),
     (lambda s, m: {"merge_method": "passthrough", "slices": [{"sources": [{"model": str(m["a"]), "layer_range": [1, 4]}]}]},
      r"slices\[0\].sources\[0\].layer_range \[1, 4\] is out of bounds: model .* has 3 layers"),
-    (lambda s, m: dict(s, parameters={"t": 0.5}), r"unknown parameters \['t'\] for this merge_method"),
+    (lambda s, m: dict(s, parameters={"t": 0.5}), r"parameters.t: ties has no such parameter"),
+    (lambda s, m: dict(s, models=[{"model": str(m["a"]), "density": 0.5}]), r"models\[0\]: unknown key 'density'"),
+    (lambda s, m: dict(s, tokenizer_source="union"), "tokenizer_source: union is not supported"),
+    (lambda s, m: dict(s, merge_method="della", models=[{"model": str(m["a"]), "parameters": {"density": 0.1}}]),
+     r"della needs density \+/- epsilon in \(0, 1\), got density 0.1 and epsilon 0.15"),
+    (lambda s, m: dict(s, merge_method="nearswap", models=[{"model": str(m["a"])}]), "nearswap needs the parameter `t`"),
+    (lambda s, m: dict(s, merge_method="model_stock", models=[{"model": str(m["a"])}]), "model_stock needs at least 2 models besides base_model"),
     (lambda s, m: {k: v for k, v in s.items() if k != "base_model"}, "ties needs `base_model`"),
     (lambda s, m: dict(s, models=[{"model": str(m["a"]), "parameters": {"density": 1.5}}]), "density must be in"),
 ])
