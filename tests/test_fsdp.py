@@ -164,7 +164,8 @@ def test_fsdp_resumes_a_two_process_checkpoint_on_one_process(tiny_dir, data_dir
     """DCP reshards on load: the step-2 shards of two ranks continue on one FSDP process to the same adapter."""
     out_dir = tmp_path / "run"
     shutil.copytree(fsdp_run[0] / "step-000002", out_dir / "step-000002")
-    shutil.copy(fsdp_run[0] / "metrics.csv", out_dir / "metrics.csv")
+    for name in ("metrics.csv", "hparams.yaml"):
+        shutil.copy(fsdp_run[0] / name, out_dir / name)
     result = run_lora(tiny_dir, data_dir, out_dir, tmp_path / "ranks", 1, "fsdp", resume="auto", **LORA_FLAGS)
     assert result.returncode == 0, result.stderr[-3000:]
     resumed, uninterrupted = load_file(out_dir / "final" / LORA_WEIGHTS), load_file(fsdp_run[0] / "final" / LORA_WEIGHTS)
