@@ -65,7 +65,7 @@ def setup(
     quantize: Optional[str] = None,
     devices: PositiveInt = 1,
     num_nodes: PositiveInt = 1,
-    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
+    strategy: Literal["auto", "ddp"] = "auto",
     adapter_prompt_length: int = 10,
     adapter_start_layer: int = 2,
     adapter_version: Literal[1, 2] = 1,
@@ -98,7 +98,7 @@ def setup(
             (bnb.int8, bnb.int8-training). Works on CPU and GPU.
         devices: Devices per node (GPUs, or CPU processes with --strategy ddp).
         num_nodes: Number of nodes.
-        strategy: auto, ddp or fsdp.
+        strategy: auto or ddp (FSDP is built for finetune/lora.py, full.py and dpo.py).
         adapter_prompt_length: Learned prompt vectors per adapted block.
         adapter_start_layer: The first block (counting from 0) that gets a prompt; every block after it does too.
         adapter_version: 1 (LLaMA-Adapter) or 2 (LLaMA-Adapter V2: also a scale and bias on the output of every
@@ -132,11 +132,10 @@ def setup(
     args = TrainArgs.from_flags(hparams)
     adapter_config = AdapterConfig.from_hparams(hparams, source="the command line")
     validate_quantize(quantize)
-    if quantize and strategy == "fsdp":
-        raise ValueError("--quantize cannot be combined with --strategy fsdp (bitsandbytes weights do not shard); use ddp")
     require_checkpoint(checkpoint_dir)
     args.precision = hparams["precision"] = precision or default_precision(trains_base_weights=False)
-    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=fabric_strategy(strategy), precision=args.precision)
+    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=fabric_strategy(strategy, devices, num_nodes),
+                      precision=args.precision)
     fabric.launch(main, args, adapter_config, quantize, hparams)
 
 def main(fabric: L.Fabric, args: TrainArgs, adapter_config: AdapterConfig, quantize: Optional[str],

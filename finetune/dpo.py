@@ -80,6 +80,7 @@ from model.training.run import (
     step_dir,
     warmup_cosine,
 )
+from model.training.fsdp import full_tensors, is_fsdp
 from model.training.rundir import StopOnSignal, check_writable, checkpoint_bytes, disk_errors, open_run
 from model.training.strategy import default_precision, fabric_strategy, weights_dtype
 from model.weights.checkpoint import load_state_dict, require_checkpoint
@@ -117,7 +118,7 @@ def setup(
     quantize: Optional[str] = None,
     devices: PositiveInt = 1,
     num_nodes: PositiveInt = 1,
-    strategy: Literal["auto", "ddp"] = "auto",
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
     lora_r: PositiveInt = 8,
     lora_alpha: float = 16,
     lora_dropout: float = 0.0,
@@ -164,9 +165,10 @@ def setup(
             bf16-mixed with --method full (a bf16 weight cannot hold most full fine-tuning updates).
         quantize: With --method lora/qlora, store the frozen base in 4 or 8 bits (bnb.nf4, bnb.nf4-dq, bnb.fp4,
             bnb.fp4-dq, bnb.int8, bnb.int8-training).
-        devices: Devices per node (GPUs, or CPU processes with --strategy ddp).
+        devices: Devices per node (GPUs, or CPU processes with --strategy ddp or fsdp).
         num_nodes: Number of nodes.
-        strategy: auto or ddp.
+        strategy: auto, ddp (a full copy of the model per device) or fsdp (FSDP2: weights, gradients and
+            optimizer state sharded across the devices; LoRA methods, or --method full with --loss orpo).
         lora_r: LoRA rank.
         lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
         lora_dropout: Dropout on the LoRA input (0 by default: dropout makes the policy's log-probs noisy at the
@@ -222,9 +224,14 @@ def setup(
     if precompute_ref and loss == "orpo":
         raise ValueError("--loss orpo uses no reference model; --precompute_ref does not apply")
     lora_config = None if method == "full" else LoRAConfig.from_hparams(hparams, source="the command line")
+    if strategy == "fsdp" and (quantize or precompute_ref or (method == "full" and loss != "orpo")):
+        raise ValueError("--strategy fsdp takes --method lora or dora (the reference is the sharded policy with its"
+                         " adapters off) or --method full with --loss orpo (no reference); not --quantize,"
+                         " --precompute_ref or a full-model reference copy. Use --strategy ddp for those")
     require_checkpoint(checkpoint_dir)
     args.precision = hparams["precision"] = precision or default_precision(trains_base_weights=method == "full")
-    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=fabric_strategy(strategy), precision=args.precision)
+    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, precision=args.precision,
+                      strategy=fabric_strategy(strategy, devices, num_nodes, args.precision, checkpoint_dir))
     fabric.launch(main, args, dpo, lora_config, quantize, hparams)
 
 def main(fabric: L.Fabric, args: TrainArgs, dpo: DPOArgs, lora_config: Optional[LoRAConfig], quantize: Optional[str],
@@ -242,10 +249,11 @@ def main(fabric: L.Fabric, args: TrainArgs, dpo: DPOArgs, lora_config: Optional[
     dtype = weights_dtype(fabric)
     with fabric.init_module(empty_init=True):
         model = GPT(config)
-    base = load_state_dict(args.checkpoint_dir, dtype=dtype)
-    check_weights(model, base, args.checkpoint_dir)
-    model.load_state_dict(base, assign=True)
-    model.reset_rope(fabric.device)
+    if not is_fsdp(fabric):  # FSDP loads each rank's shards in fabric.setup_module
+        base = load_state_dict(args.checkpoint_dir, dtype=dtype)
+        check_weights(model, base, args.checkpoint_dir)
+        model.load_state_dict(base, assign=True)
+        model.reset_rope(fabric.device)
     model.set_gradient_checkpointing(args.gradient_checkpointing)
     if quantize:
         quantize_model(model.to(fabric.device), quantize, compute_dtype=dtype)
@@ -296,12 +304,12 @@ def main(fabric: L.Fabric, args: TrainArgs, dpo: DPOArgs, lora_config: Optional[
     with StopOnSignal() as stop:
         train(fabric, state, args, dpo, reference=reference, train_data=train_data, val_data=val_data, lengths=lengths,
               max_steps=max_steps, accumulate=accumulate, max_seq_length=max_seq_length, hparams=hparams, stop=stop)
-    if fabric.global_rank == 0:
-        if lora_config is not None:
-            save_adapter(model, args.out_dir / "final", hparams)
-        else:
-            save_final_checkpoint(step_dir(args.out_dir, state["step"]), config, args.checkpoint_dir, args.out_dir / "final", hparams)
-        log(f"Saved the {'adapter' if lora_config is not None else 'aligned checkpoint'} to {args.out_dir / 'final'}")
+    if lora_config is not None:
+        save_adapter(fabric, model, args.out_dir / "final", hparams)
+    else:
+        save_final_checkpoint(step_dir(args.out_dir, state["step"]), config, args.checkpoint_dir, args.out_dir / "final",
+                              hparams, fabric=fabric, model=model)
+    log(f"Saved the {'adapter' if lora_config is not None else 'aligned checkpoint'} to {args.out_dir / 'final'}")
     run.close()
 
 
@@ -419,7 +427,7 @@ def train(fabric: L.Fabric, state: dict, args: TrainArgs, dpo: DPOArgs, *, refer
                 with disk_errors(args.out_dir):
                     path = save_training_state(
                         fabric, args.out_dir, step, state, trainable_only=dpo.method != "full",
-                        extra=lambda directory: (save_adapter(model, directory, hparams) if dpo.method != "full"
+                        extra=lambda directory: (save_adapter(fabric, model, directory, hparams) if dpo.method != "full"
                                                  else save_hparams(directory, hparams)),
                     )
                 print_rank0(fabric, f"Saved a checkpoint to {path}")
@@ -478,8 +486,11 @@ def validate(fabric, model, reference, val_data, max_seq_length, args, dpo, metr
     return row
 
 
-def save_adapter(model, run_dir: Path, hparams: dict) -> None:
-    save_run_weights(run_dir, lora_state_dict(getattr(model, "module", model)), LORA_WEIGHTS, hparams)
+def save_adapter(fabric, model, run_dir: Path, hparams: dict) -> None:
+    # under FSDP every rank takes part in gathering the adapter to its true shapes; rank 0 writes it
+    adapter = dict(full_tensors(lora_state_dict(getattr(model, "module", model)).items()))
+    if fabric.global_rank == 0:
+        save_run_weights(run_dir, adapter, LORA_WEIGHTS, hparams)
 
 
 

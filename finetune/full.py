@@ -48,6 +48,7 @@ from model.training.run import (
     warmup_cosine,
     with_answers,
 )
+from model.training.fsdp import is_fsdp
 from model.training.rundir import StopOnSignal, check_writable, checkpoint_bytes, disk_errors, open_run
 from model.training.strategy import default_precision, fabric_strategy, weights_dtype
 from model.weights.checkpoint import load_state_dict, require_checkpoint
@@ -90,9 +91,10 @@ def setup(
             bf16-true halves the memory of weights, gradients and optimizer state, but a bf16 weight cannot hold
             an update much smaller than 1/256 of itself, and at full fine-tuning learning rates most updates are.
         quantize: Not supported: quantization freezes the base; use finetune/lora.py --quantize for QLoRA.
-        devices: Devices per node (GPUs, or CPU processes with --strategy ddp).
+        devices: Devices per node (GPUs, or CPU processes with --strategy ddp or fsdp).
         num_nodes: Number of nodes.
-        strategy: auto, ddp or fsdp.
+        strategy: auto, ddp (a full copy of the model per device) or fsdp (FSDP2: weights, gradients and
+            optimizer state sharded across the devices; see tutorials/multi_gpu.md).
         micro_batch_size: Samples per forward pass per device.
         global_batch_size: Samples per optimizer step (gradient accumulation makes up the difference).
         learning_rate: Peak learning rate (lower than for adapters: every pretrained weight moves).
@@ -124,7 +126,8 @@ def setup(
         raise ValueError("quantization freezes the base; use finetune/lora.py --quantize for QLoRA")
     require_checkpoint(checkpoint_dir)
     args.precision = hparams["precision"] = precision or default_precision(trains_base_weights=True)
-    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=fabric_strategy(strategy), precision=args.precision)
+    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, precision=args.precision,
+                      strategy=fabric_strategy(strategy, devices, num_nodes, args.precision, checkpoint_dir))
     fabric.launch(main, args, hparams)
 
 def main(fabric: L.Fabric, args: TrainArgs, hparams: dict) -> None:
@@ -143,10 +146,11 @@ def main(fabric: L.Fabric, args: TrainArgs, hparams: dict) -> None:
     dtype = weights_dtype(fabric)
     with fabric.init_module(empty_init=True):
         model = GPT(config)
-    base = load_state_dict(args.checkpoint_dir, dtype=dtype)
-    check_weights(model, base, args.checkpoint_dir)
-    model.load_state_dict(base, assign=True)
-    model.reset_rope(fabric.device)
+    if not is_fsdp(fabric):  # FSDP loads each rank's shards in fabric.setup_module
+        base = load_state_dict(args.checkpoint_dir, dtype=dtype)
+        check_weights(model, base, args.checkpoint_dir)
+        model.load_state_dict(base, assign=True)
+        model.reset_rope(fabric.device)
     model.set_gradient_checkpointing(args.gradient_checkpointing)
     print_rank0(fabric, f"Trainable parameters: {count_parameters(model):,}")
     model = fabric.setup_module(model)
@@ -183,10 +187,9 @@ def main(fabric: L.Fabric, args: TrainArgs, hparams: dict) -> None:
     with StopOnSignal() as stop:
         train(fabric, state, args, train_data=train_data, val_data=val_data, lengths=lengths, tokenizer=tokenizer,
               max_steps=max_steps, accumulate=accumulate, max_seq_length=max_seq_length, hparams=hparams, stop=stop)
-    if fabric.global_rank == 0:
-        save_final_checkpoint(step_dir(args.out_dir, state["step"]), config, args.checkpoint_dir, args.out_dir / "final",
-                              hparams)
-        print_rank0(fabric, f"Saved the fine-tuned checkpoint to {args.out_dir / 'final'}")
+    save_final_checkpoint(step_dir(args.out_dir, state["step"]), config, args.checkpoint_dir, args.out_dir / "final",
+                          hparams, fabric=fabric, model=model)
+    print_rank0(fabric, f"Saved the fine-tuned checkpoint to {args.out_dir / 'final'}")
     run.close()
 
 
@@ -218,7 +221,8 @@ def train(fabric: L.Fabric, state: dict, args: TrainArgs, *, train_data: list, v
                     fabric.backward(loss / accumulate)
                 loss_sum += loss.detach()  # read once per step: no host sync per micro-batch
                 throughput.update(int(input_ids.numel()) * fabric.world_size)
-            loss = (loss_sum / accumulate).item()
+            # the global batch's loss: every rank's micro-batches, as one process would report it
+            loss = fabric.all_reduce(loss_sum / accumulate, reduce_op="mean").item()
             # checked before the optimizer step, so a non-finite value never reaches the weights or a checkpoint;
             # the norm is of the all-reduced gradients, so every rank stops together. With 16-mixed an overflow
             # is routine: the grad scaler skips that step and lowers its scale.
@@ -281,15 +285,17 @@ def validate(fabric, model, val_data, collate, tokenizer, args, metrics, step) -
         batch = collate(val_data[i:i + args.micro_batch_size])
         losses.append(next_token_loss(model, batch["input_ids"].to(fabric.device), batch["labels"].to(fabric.device)))
     val_loss = fabric.all_reduce(torch.stack(losses).mean(), reduce_op="mean").item()
-    # a sample generation shows what the numbers mean
-    sample = val_data[0]
-    prompt_ids = tokenizer.encode(sample["prompt"]).to(fabric.device)
-    t0 = time.perf_counter()
-    answer_ids = [t for t in generate(model, prompt_ids, 48, temperature=0.0, stop_ids=tokenizer.stop_ids)
-                  if t not in tokenizer.stop_ids]
-    print_rank0(fabric, f"step {step} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 20)):.2f}"
-                        f" | {time.perf_counter() - t0:.1f}s\n  prompt:   {sample['prompt']!r}\n"
-                        f"  expected: {sample['response']!r}\n  got:      {tokenizer.decode(answer_ids)!r}")
+    line = f"step {step} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 20)):.2f}"
+    if is_fsdp(fabric):  # a generation would all-gather every block for each token: the loss only
+        print_rank0(fabric, line)
+    else:  # a sample generation shows what the numbers mean
+        sample = val_data[0]
+        prompt_ids = tokenizer.encode(sample["prompt"]).to(fabric.device)
+        t0 = time.perf_counter()
+        answer_ids = [t for t in generate(model, prompt_ids, 48, temperature=0.0, stop_ids=tokenizer.stop_ids)
+                      if t not in tokenizer.stop_ids]
+        print_rank0(fabric, f"{line} | {time.perf_counter() - t0:.1f}s\n  prompt:   {sample['prompt']!r}\n"
+                            f"  expected: {sample['response']!r}\n  got:      {tokenizer.decode(answer_ids)!r}")
     metrics.log({"step": step, "val_loss": val_loss})
     model.train()
 

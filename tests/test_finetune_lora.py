@@ -272,11 +272,11 @@ def test_killed_run_resumes_to_the_same_adapter_and_metrics(tiny_dir, make_data,
 def test_a_crash_while_saving_leaves_no_step_dir_without_its_adapter(tiny_dir, make_data, tmp_path, monkeypatch):
     saves = []
 
-    def crash_on_second_save(model, run_dir, hparams):
+    def crash_on_second_save(fabric, model, run_dir, hparams):
         saves.append(run_dir)
         if len(saves) == 2:
             raise KeyboardInterrupt  # as if killed between the training state and the adapter
-        save_adapter(model, run_dir, hparams)
+        save_adapter(fabric, model, run_dir, hparams)
 
     save_adapter = lora.save_adapter
     monkeypatch.setattr(lora, "save_adapter", crash_on_second_save)

@@ -21,6 +21,7 @@ import yaml
 from model.files import atomic_save_safetensors, atomic_write_text
 
 STEP_DIR_PREFIX = "step-"
+TRAINING_STATE = "training_state.pt"  # a file, or under FSDP a distributed-checkpoint directory
 
 
 @dataclass
@@ -131,19 +132,29 @@ def save_training_state(
 ) -> Path:
     """Save everything `--resume` needs into `out_dir/step-NNNNNN/training_state.pt`, atomically: the files are
     written into a temporary directory that is renamed into place only when complete, so a run killed while
-    saving leaves the previous checkpoint as the latest. `extra(directory)`, called on rank 0, adds files that
-    must appear together with the checkpoint (a LoRA run's adapter)."""
+    saving leaves the previous checkpoint as the latest. `extra(directory)` adds files that must appear together
+    with the checkpoint (a LoRA run's adapter): called on rank 0, or under FSDP on every rank, because gathering
+    sharded weights takes all of them (it then writes on rank 0 only).
+
+    Under FSDP `training_state.pt` is a distributed-checkpoint directory: each rank writes its own shards, and no
+    rank gathers the model (`model.training.fsdp.save_sharded_state`)."""
+    from model.training.fsdp import is_fsdp, save_sharded_state
+
     final = step_dir(out_dir, step)
     tmp = final.with_name(f".{final.name}.tmp")
     if fabric.global_rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     fabric.barrier()
-    module = getattr(state["model"], "module", state["model"])  # the model inside Fabric's wrapper
-    trainable = {name for name, param in module.named_parameters() if param.requires_grad}
-    filter_ = {"model": lambda name, _: name in trainable} if trainable_only else None
-    fabric.save(tmp / "training_state.pt", state, filter=filter_)
-    if extra is not None and fabric.global_rank == 0:
+    sharded = is_fsdp(fabric)
+    if sharded:
+        save_sharded_state(fabric, tmp / TRAINING_STATE, state, trainable_only)
+    else:
+        module = getattr(state["model"], "module", state["model"])  # the model inside Fabric's wrapper
+        trainable = {name for name, param in module.named_parameters() if param.requires_grad}
+        filter_ = {"model": lambda name, _: name in trainable} if trainable_only else None
+        fabric.save(tmp / TRAINING_STATE, state, filter=filter_)
+    if extra is not None and (sharded or fabric.global_rank == 0):
         extra(tmp)
     fabric.barrier()
     if fabric.global_rank == 0:
@@ -153,26 +164,45 @@ def save_training_state(
     return final
 
 
-def save_final_checkpoint(step_path: Path, config, source_dir: Path, final_dir: Path, hparams: dict) -> None:
+def save_final_checkpoint(step_path: Path, config, source_dir: Path, final_dir: Path, hparams: dict, fabric=None,
+                          model=None) -> None:
     """A full run's final/: the weights of the checkpoint in `step_path` as a complete checkpoint directory (with the
     tokenizer and prompt style of `source_dir` and the run's hparams.yaml), written all at once.
 
-    The weights come from the training state rather than the model in memory: Fabric saved them there whole,
-    gathered from every device even when FSDP shards them. They keep the training dtype."""
+    The weights come from the training state, which Fabric saved whole, in the training dtype. With `fabric` and
+    `model`, call it on every rank: under FSDP the training state is sharded, so the weights are gathered from the
+    model one tensor at a time instead (every rank takes part, rank 0 writes); otherwise rank 0 writes."""
+    from model.training.fsdp import is_fsdp, stream_full_weights
     from model.weights.checkpoint import write_checkpoint_dir
 
-    weights = torch.load(step_path / "training_state.pt", weights_only=True, mmap=True)["model"]
-    write_checkpoint_dir(iter(weights.items()), config, source_dir, final_dir,
-                         extra=lambda directory: save_hparams(directory, hparams))
+    def write(tensors):
+        write_checkpoint_dir(tensors, config, source_dir, final_dir, extra=lambda directory: save_hparams(directory, hparams))
+
+    if fabric is not None and is_fsdp(fabric):
+        stream_full_weights(fabric, getattr(model, "module", model), write)
+    elif fabric is None or fabric.global_rank == 0:
+        write(iter(torch.load(step_path / TRAINING_STATE, weights_only=True, mmap=True)["model"].items()))
 
 
 def latest_checkpoint(out_dir: Path) -> Optional[Path]:
-    steps = sorted(p for p in Path(out_dir).glob(f"{STEP_DIR_PREFIX}*") if (p / "training_state.pt").is_file())
+    steps = sorted(p for p in Path(out_dir).glob(f"{STEP_DIR_PREFIX}*") if (p / TRAINING_STATE).exists())
     return steps[-1] if steps else None
 
 
 def load_training_state(fabric, path: Path, state: dict, trainable_only: bool) -> None:
-    fabric.load(path / "training_state.pt", state, strict=not trainable_only, weights_only=True)
+    """Restore `state` in place from a checkpoint of `save_training_state`. A sharded (FSDP) checkpoint loads onto
+    any number of FSDP processes; a one-file checkpoint and a sharded one do not load into each other's strategy."""
+    from model.training.fsdp import is_fsdp, load_sharded_state
+
+    saved_sharded = (path / TRAINING_STATE).is_dir()
+    if saved_sharded != is_fsdp(fabric):
+        saved, now = ("--strategy fsdp", "another strategy") if saved_sharded else ("another strategy", "--strategy fsdp")
+        raise ValueError(f"--resume {path}: the checkpoint was saved with {saved} and this run uses {now}; resume it"
+                         " with the strategy it was saved with")
+    if saved_sharded:
+        load_sharded_state(fabric, path / TRAINING_STATE, state, trainable_only)
+    else:
+        fabric.load(path / TRAINING_STATE, state, strict=not trainable_only, weights_only=True)
 
 
 def check_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], checkpoint_dir: Path) -> None:

@@ -292,7 +292,9 @@ def check_resume_flags(run_dir: Path, hparams: dict) -> dict:
         old, now = _normalized(key, saved[key]), _normalized(key, new[key])
         if old == now:
             continue
-        if key in RESUME_CHANGEABLE:
+        # a sharded (FSDP) checkpoint reshards onto another number of processes (model.training.fsdp)
+        resharded = key in ("devices", "num_nodes") and saved.get("strategy") == new.get("strategy") == "fsdp"
+        if key in RESUME_CHANGEABLE or resharded:
             if key not in ("resume", "overwrite", "out_dir"):
                 changed[key] = (saved[key], new[key])
         else:

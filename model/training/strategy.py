@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import lightning as L
 import torch
 
 from model.device import PRECISIONS
+from model.training.fsdp import fsdp_strategy, validate_devices
 
 
 def default_precision(trains_base_weights: bool) -> str:
@@ -18,15 +22,17 @@ def default_precision(trains_base_weights: bool) -> str:
     return "bf16-mixed" if trains_base_weights else "bf16-true"
 
 
-def fabric_strategy(strategy: str):
-    """The Fabric strategy for `--strategy` (auto, ddp or fsdp)."""
+def fabric_strategy(strategy: str, devices: int = 1, num_nodes: int = 1, precision: Optional[str] = None,
+                    checkpoint_dir: Optional[Path] = None):
+    """The Fabric strategy for `--strategy` (auto, ddp or fsdp), after checking that the machine has `--devices`.
+
+    fsdp is FSDP2 through Fabric's ModelParallelStrategy (`model.training.fsdp`): build the model under
+    `fabric.init_module(empty_init=True)` (the meta device) and `fabric.setup_module` shards it and loads each
+    rank's shards of `checkpoint_dir`."""
+    validate_devices(devices, num_nodes, strategy, precision)
     if strategy != "fsdp":
         return strategy
-    from lightning.fabric.strategies import FSDPStrategy
-
-    from model.gpt import Block
-
-    return FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", sharding_strategy="FULL_SHARD")
+    return fsdp_strategy(checkpoint_dir, devices, num_nodes, precision or "32-true")
 
 
 def weights_dtype(fabric: L.Fabric) -> torch.dtype:
