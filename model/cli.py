@@ -36,6 +36,7 @@ REMOVED_FLAGS = {
     "lora_dir": "pass the run directory as --checkpoint_dir",
     "adapter_dir": "pass the run directory as --checkpoint_dir",
     "csv_file": "pass the CSV file as --data_file",
+    "output_dir": "pass the output directory as --out_dir",
 }
 
 

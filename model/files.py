@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from safetensors.torch import save_file
@@ -98,3 +100,25 @@ def publish_dir(tmp_dir: Path, out_dir: Path) -> None:
     if out_dir.exists():
         out_dir.rmdir()
     tmp_dir.rename(out_dir)
+
+
+@contextmanager
+def staged_dir(output_dir: Path | str) -> Iterator[Path]:
+    """A folder to write an export into, built beside `output_dir` and moved into place when the block ends without
+    an error (into an existing `output_dir`, file by file): never a half-written export. The folder has the
+    permissions of one the user made (mkdtemp's are private)."""
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_dir, 0o777 & ~umask)
+    try:
+        yield tmp_dir
+        if output_dir.exists():
+            for item in tmp_dir.iterdir():
+                item.replace(output_dir / item.name)
+        else:
+            tmp_dir.rename(output_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -1,9 +1,9 @@
 """Export a Forge checkpoint as a Hugging Face transformers folder.
 
-    python scripts/convert_to_hf.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct --output_dir out/hf
+    python scripts/convert_to_hf.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct --out_dir out/hf
 
 The output has config.json, model.safetensors and the tokenizer files, and loads with
-`transformers.AutoModelForCausalLM.from_pretrained(output_dir)` (and so with vLLM, TGI, llama.cpp's converter).
+`transformers.AutoModelForCausalLM.from_pretrained(out_dir)` (and so with vLLM, TGI, llama.cpp's converter).
 
 With `--classifier_dir out/classify/lora/final` (a finetune/classify.py run on this checkpoint) it exports the
 classifier instead, as the matching *ForSequenceClassification (LlamaForSequenceClassification, ...) with
@@ -11,16 +11,14 @@ classifier instead, as the matching *ForSequenceClassification (LlamaForSequence
 """
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal, Optional
 
 from model.cli import run_cli
 from model.config import Config
 from model.device import DTYPES
-from model.files import atomic_save_safetensors, atomic_write_text
+from model.files import atomic_save_safetensors, atomic_write_text, staged_dir
 from model.weights.checkpoint import load_state_dict
 from model.weights.convert import hf_config_dict, lit_to_hf
 from model.weights.load import detect
@@ -31,15 +29,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 def convert_to_hf(
     checkpoint_dir: Path,
-    output_dir: Path,
+    out_dir: Path,
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
     classifier_dir: Optional[Path] = None,
 ) -> None:
-    """Write `checkpoint_dir`'s model as an HF folder in `output_dir`.
+    """Write `checkpoint_dir`'s model as an HF folder in `out_dir`.
 
     Args:
         checkpoint_dir: A Forge checkpoint (model_config.yaml + lit_model.safetensors), or a full fine-tune's out_dir.
-        output_dir: Where to write config.json, model.safetensors and the tokenizer files.
+        out_dir: Where to write config.json, model.safetensors and the tokenizer files.
         dtype: Save the weights in this dtype; by default the checkpoint's own.
         classifier_dir: Export this classifier (a finetune/classify.py run's final/ or step-*/ directory, built on
             checkpoint_dir) as a transformers *ForSequenceClassification model instead of the causal LM.
@@ -71,27 +69,13 @@ def convert_to_hf(
             if key in (ids := json.loads(generation_config.read_text())):
                 hf_config[key] = ids[key]
 
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    # build the folder beside its destination and move it into place at the end: never a half-written export
-    tmp_dir = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp's directory is private; the output is an ordinary folder
-    try:
+    with staged_dir(out_dir) as tmp_dir:  # never a half-written export
         atomic_save_safetensors(hf_state_dict, tmp_dir / "model.safetensors", metadata={"format": "pt"})
         atomic_write_text(tmp_dir / "config.json", json.dumps(hf_config, indent=2))
         for name in TOKENIZER_FILES:
             if (Path(checkpoint_dir) / name).is_file():
                 shutil.copy2(Path(checkpoint_dir) / name, tmp_dir / name)
-        if output_dir.exists():
-            for item in tmp_dir.iterdir():
-                item.replace(output_dir / item.name)
-        else:
-            tmp_dir.rename(output_dir)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    print(f"Saved {hf_config['architectures'][0]} to {output_dir}")
+    print(f"Saved {hf_config['architectures'][0]} to {out_dir}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Export a Forge LoRA/DoRA adapter as a PEFT adapter folder.
 
-    python scripts/export_peft.py --checkpoint_dir out/lora --output_dir out/peft-adapter
+    python scripts/export_peft.py --checkpoint_dir out/lora --out_dir out/peft-adapter
 
 `--checkpoint_dir` is a LoRA/DoRA run (its out_dir, final/ or a step-* directory): `lora.safetensors` (the
 adapter, as saved from `model.lora.lora_state_dict`) and `hparams.yaml` (its LoRA settings under the keys `lora_r`,
@@ -21,9 +21,6 @@ parameters that PEFT adapts without DoRA or dropout). Merge those with the base 
 """
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -31,20 +28,20 @@ import torch
 
 from model.cli import run_cli
 from model.config import Config
-from model.files import atomic_save_safetensors
+from model.files import atomic_save_safetensors, staged_dir
 from model.gpt import GPT
 from model.lora import LORA_WEIGHTS, LoRALinear, inject_lora, load_lora_state_dict
 from model.weights.convert import WeightMap, weight_maps
 from model.weights.load import load_hparams, load_lora_run, run_output_dir
 
 
-def export_peft(checkpoint_dir: Path, output_dir: Path, base_model_name_or_path: Optional[str] = None) -> None:
-    """Write the LoRA/DoRA run at `checkpoint_dir` as a PEFT adapter in `output_dir`.
+def export_peft(checkpoint_dir: Path, out_dir: Path, base_model_name_or_path: Optional[str] = None) -> None:
+    """Write the LoRA/DoRA run at `checkpoint_dir` as a PEFT adapter in `out_dir`.
 
     Args:
         checkpoint_dir: The LoRA/DoRA run: its output directory, its final/ or a step-* directory (lora.safetensors
             + hparams.yaml, which names the base checkpoint it trained on).
-        output_dir: Where to write adapter_config.json and adapter_model.safetensors.
+        out_dir: Where to write adapter_config.json and adapter_model.safetensors.
         base_model_name_or_path: Recorded in adapter_config.json for `AutoPeftModelForCausalLM`; by default the
             base checkpoint's Hugging Face repo, or the base checkpoint directory.
     """
@@ -101,25 +98,11 @@ def export_peft(checkpoint_dir: Path, output_dir: Path, base_model_name_or_path:
         "inference_mode": True,
     }
 
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    # build the folder beside its destination and move it into place at the end: never a half-written export
-    tmp_dir = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp's directory is private; the output is an ordinary folder
-    try:
+    with staged_dir(out_dir) as tmp_dir:  # never a half-written export
         atomic_save_safetensors(tensors, tmp_dir / "adapter_model.safetensors",
                   metadata={"format": "pt"})
         (tmp_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
-        if output_dir.exists():
-            for item in tmp_dir.iterdir():
-                item.replace(output_dir / item.name)
-        else:
-            tmp_dir.rename(output_dir)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    print(f"Saved a PEFT adapter for {len(ranks)} kinds of layers ({', '.join(sorted(ranks))}) to {output_dir}")
+    print(f"Saved a PEFT adapter for {len(ranks)} kinds of layers ({', '.join(sorted(ranks))}) to {out_dir}")
 
 
 def fused_adapters(

@@ -261,7 +261,7 @@ def test_export_to_transformers_gives_the_same_logits(tiny_dir, data_dir, tmp_pa
 
     save_classifier(classifier, run / "final", hparams)
     exported = tmp_path / "hf"
-    convert_to_hf.convert_to_hf(checkpoint_dir=tiny_dir, output_dir=exported, classifier_dir=run)
+    convert_to_hf.convert_to_hf(checkpoint_dir=tiny_dir, out_dir=exported, classifier_dir=run)
     config = json.loads((exported / "config.json").read_text())
     assert config["architectures"] == ["LlamaForSequenceClassification"]
     assert config["id2label"] == {"0": "negative", "1": "positive"}
@@ -278,7 +278,7 @@ def test_export_to_transformers_gives_the_same_logits(tiny_dir, data_dir, tmp_pa
 
     features_run = tmp_path / "features"
     classify.setup(checkpoint_dir=tiny_dir, data_dir=data_dir, out_dir=features_run, mode="features")
-    error = cli_error(capsys, convert_to_hf.convert_to_hf, ["--checkpoint_dir", str(tiny_dir), "--output_dir",
+    error = cli_error(capsys, convert_to_hf.convert_to_hf, ["--checkpoint_dir", str(tiny_dir), "--out_dir",
                                                             str(tmp_path / "hf2"), "--classifier_dir", str(features_run)])
     assert "has a bias" in error and not (tmp_path / "hf2").exists()
 

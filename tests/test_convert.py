@@ -38,7 +38,7 @@ def test_logits_match_transformers_and_round_trip(family, tmp_path):
     assert (actual - expected).abs().max() <= 1e-4
 
     out = tmp_path / "hf"
-    result = run_script("scripts/convert_to_hf.py", "--checkpoint_dir", str(checkpoint_dir), "--output_dir", str(out))
+    result = run_script("scripts/convert_to_hf.py", "--checkpoint_dir", str(checkpoint_dir), "--out_dir", str(out))
     assert result.returncode == 0, result.stderr
     exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(exported).__name__ == type(hf_model).__name__
@@ -173,7 +173,7 @@ def test_convert_to_hf_takes_a_full_fine_tunes_out_dir_and_refuses_an_adapter_ru
 
     (tmp_path / "lora" / "final").mkdir(parents=True)
     (tmp_path / "lora" / "final" / "lora.safetensors").write_bytes(b"")
-    error = cli_error(capsys, convert_to_hf, ["--checkpoint_dir", str(tmp_path / "lora"), "--output_dir",
+    error = cli_error(capsys, convert_to_hf, ["--checkpoint_dir", str(tmp_path / "lora"), "--out_dir",
                                               str(tmp_path / "hf2")])
     assert "is a LoRA/DoRA run, not a checkpoint" in error and "merge_lora.py" in error
     assert not (tmp_path / "hf2").exists()

@@ -327,8 +327,8 @@ def test_export_peft_reproduces_our_logits(case, tmp_path):
 
     hf_dir, adapter_dir = tmp_path / "hf", tmp_path / "adapter"
     if case == "llama2":  # the command lines, once
-        for script, args in (("scripts/convert_to_hf.py", ["--checkpoint_dir", checkpoint_dir, "--output_dir", hf_dir]),
-                             ("scripts/export_peft.py", ["--checkpoint_dir", tmp_path / "run", "--output_dir", adapter_dir])):
+        for script, args in (("scripts/convert_to_hf.py", ["--checkpoint_dir", checkpoint_dir, "--out_dir", hf_dir]),
+                             ("scripts/export_peft.py", ["--checkpoint_dir", tmp_path / "run", "--out_dir", adapter_dir])):
             result = run_script(script, *map(str, args))
             assert result.returncode == 0, result.stderr
     else:
@@ -381,7 +381,7 @@ def test_export_refuses_what_peft_cannot_express(tmp_path, capsys):
     phi3 = checkpoint("phi3", hf_architecture="Phi3ForCausalLM")
     partial_dora = run_dir("partial-dora", phi3, LoRAConfig(query=True, value=True, dora=True))
     with pytest.raises(SystemExit) as exit_info:  # the command line: one error line, exit status 1, no output
-        run_cli(export_peft, ["--checkpoint_dir", str(partial_dora), "--output_dir", str(tmp_path / "out")])
+        run_cli(export_peft, ["--checkpoint_dir", str(partial_dora), "--out_dir", str(tmp_path / "out")])
     assert exit_info.value.code == 1
     assert "error: DoRA on only part of model.layers.0.self_attn.qkv_proj" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -107,7 +107,7 @@ def test_moe_exports_to_transformers_mixtral_with_our_logits(models, tmp_path):
     out, _ = build(tmp_path, base_model=str(models["base"]), experts_per_token=1, gate_mode="cheap_embed", experts=[
         expert(models["numbers"], NUMBER_PROMPTS), expert(models["shout"], SHOUT_PROMPTS, negative=NUMBER_PROMPTS)])
     hf_dir = tmp_path / "hf"
-    load_script("scripts/convert_to_hf.py").convert_to_hf(checkpoint_dir=out, output_dir=hf_dir)
+    load_script("scripts/convert_to_hf.py").convert_to_hf(checkpoint_dir=out, out_dir=hf_dir)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     assert type(hf_model).__name__ == "MixtralForCausalLM"
     ours = GPT.from_checkpoint(out)
