@@ -50,11 +50,11 @@ def test_a_kill_mid_merge_leaves_no_checkpoint_and_the_rerun_cleans_up(lora_run,
     monkeypatch.setattr(checkpoint, "save_sharded", killed_after_the_weights)
     monkeypatch.setattr(shutil, "rmtree", lambda *args, **kwargs: None)  # SIGKILL: no cleanup runs
     with pytest.raises(KeyboardInterrupt):
-        merge_lora.merge(lora_dir=lora_run, out_dir=out_dir)
+        merge_lora.merge(checkpoint_dir=lora_run, out_dir=out_dir)
     monkeypatch.undo()
     # no checkpoint at out_dir, only a hidden temporary directory that no script reads as a checkpoint
     assert sorted(p.name for p in tmp_path.iterdir()) == [".merged.tmp"]
-    merge_lora.merge(lora_dir=lora_run, out_dir=out_dir)
+    merge_lora.merge(checkpoint_dir=lora_run, out_dir=out_dir)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # the rerun removed it
     assert {"lit_model.safetensors", "model_config.yaml"} <= {p.name for p in out_dir.iterdir()}
     base = Path((lora_run / "final" / "hparams.yaml").read_text().split("checkpoint_dir: ")[1].split("\n")[0])
