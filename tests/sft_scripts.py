@@ -16,6 +16,7 @@ from model.cli import run_cli
 from model.data.sft import encode_example, save_dataset
 from model.prompts import load_prompt_style
 from model.tokenizer import Tokenizer
+from model.training.run import latest_checkpoint
 from model.weights.convert import convert_hf_checkpoint
 
 WORDS = ["apple", "violet", "engine", "planet", "ribbon", "marble", "saddle", "tunnel"]
@@ -163,3 +164,36 @@ def infinite_gradient_stops_and_keeps_the_last_good_checkpoint(script, tiny_dir,
     if script != "full":
         adapter = load_file(tmp_path / "step-000002" / "adapter.safetensors")
         assert all(torch.equal(state["model"][key], adapter[key]) for key in adapter)
+
+
+def bad_input_is_one_clear_error(script, args, message, tiny_dir, tmp_path, capsys):
+    data_dir = tmp_path / "no-data" if message == "prepare_tasks.py" else None
+    with pytest.raises(SystemExit) as exit_info:
+        finetune(script, tiny_dir, tmp_path / "out", *args, data_dir=data_dir)
+    assert exit_info.value.code == 1
+    stderr = capsys.readouterr().err
+    assert message in stderr
+    assert len([line for line in stderr.splitlines() if line.startswith("error:")]) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def a_crash_while_saving_leaves_no_incomplete_step_dir(script, function, crash_at, tiny_dir, tmp_path):
+    """Killed between the training state and the file saved beside it (full: hparams.yaml; adapters: the adapter):
+    the step directory is not there, and the previous one is the latest."""
+    module = load_finetune_script(script)
+    save, saves = getattr(module, function), []
+
+    def crash(*args):
+        saves.append(None)
+        if len(saves) == crash_at:
+            raise KeyboardInterrupt
+        save(*args)
+
+    setattr(module, function, crash)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(script, tiny_dir, tmp_path, "--max_steps", "3", "--save_interval", "1", module=module)
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-000001"
+    expected = ["hparams.yaml", "training_state.pt"] if script == "full" else [
+        "adapter.safetensors", "hparams.yaml", "training_state.pt"]
+    for step_dir in tmp_path.glob("step-*"):
+        assert sorted(p.name for p in step_dir.iterdir()) == expected

@@ -8,6 +8,8 @@ import torch
 from conftest import load_script
 from sft_scripts import (  # noqa: F401  (tiny_dir, overfit_run: fixtures)
     OVERFIT,
+    a_crash_while_saving_leaves_no_incomplete_step_dir,
+    bad_input_is_one_clear_error,
     finetune,
     infinite_gradient_stops_and_keeps_the_last_good_checkpoint,
     load_finetune_script,
@@ -27,7 +29,6 @@ from model.cli import run_cli
 from model.generate import generate
 from model.prompts import load_prompt_style
 from model.tokenizer import Tokenizer
-from model.training.run import latest_checkpoint
 from model.weights.load import load_adapter_run
 
 
@@ -88,37 +89,12 @@ def test_infinite_gradient_stops_and_keeps_the_last_good_checkpoint(script, tiny
     ("adapter", ["--quantize", "bnb.nf5"], "Unknown quantize mode 'bnb.nf5'; choose one of bnb.nf4, "),
 ])
 def test_bad_input_is_one_clear_error(script, args, message, tiny_dir, tmp_path, capsys):
-    data_dir = tmp_path / "no-data" if message == "prepare_tasks.py" else None
-    with pytest.raises(SystemExit) as exit_info:
-        finetune(script, tiny_dir, tmp_path / "out", *args, data_dir=data_dir)
-    assert exit_info.value.code == 1
-    stderr = capsys.readouterr().err
-    assert message in stderr
-    assert len([line for line in stderr.splitlines() if line.startswith("error:")]) == 1
-    assert not (tmp_path / "out").exists()
+    bad_input_is_one_clear_error(script, args, message, tiny_dir, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("script, function, crash_at", [("adapter", "save_adapter", 2)])
 def test_a_crash_while_saving_leaves_no_incomplete_step_dir(script, function, crash_at, tiny_dir, tmp_path):
-    """Killed between the training state and the file saved beside it (full: hparams.yaml; adapters: the adapter):
-    the step directory is not there, and the previous one is the latest."""
-    module = load_finetune_script(script)
-    save, saves = getattr(module, function), []
-
-    def crash(*args):
-        saves.append(None)
-        if len(saves) == crash_at:
-            raise KeyboardInterrupt
-        save(*args)
-
-    setattr(module, function, crash)
-    with pytest.raises(KeyboardInterrupt):
-        finetune(script, tiny_dir, tmp_path, "--max_steps", "3", "--save_interval", "1", module=module)
-    assert latest_checkpoint(tmp_path) == tmp_path / "step-000001"
-    expected = ["hparams.yaml", "training_state.pt"] if script == "full" else [
-        "adapter.safetensors", "hparams.yaml", "training_state.pt"]
-    for step_dir in tmp_path.glob("step-*"):
-        assert sorted(p.name for p in step_dir.iterdir()) == expected
+    a_crash_while_saving_leaves_no_incomplete_step_dir(script, function, crash_at, tiny_dir, tmp_path)
 
 
 @pytest.mark.real_model
