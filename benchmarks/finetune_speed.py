@@ -10,10 +10,17 @@ into rows of `seq_len` tokens), the loss on the answers only (the prompts' label
 supervised fine-tune computes; every engine gets the same rows and labels. Each engine runs in its own process (so
 peak memory is its own:
 GPU max allocated, or CPU peak resident set), warms up, then times `steps` optimizer steps; the engines take turns
-over `rounds` and the table shows the median tokens/s. Each library keeps its own defaults otherwise (PEFT keeps
-the adapter weights in float32, Forge in the base weights' dtype).
+over `rounds` and the table shows the median tokens/s. Each library keeps its own defaults otherwise, with one
+exception shown as its own row: PEFT keeps the adapter weights in float32 by default (`transformers+peft`), which
+makes every LoRA matmul mix float32 and the base dtype; `transformers+peft-bf16` keeps them in the base weights'
+dtype (`autocast_adapter_dtype=False`), as Forge does, and is the stronger peer in bf16.
+
+The matmul FLOPs each engine executes in one step are counted with `torch.utils.flop_counter` (so an engine that
+skips the output head at unlabelled positions is not credited with them), and the table gives the achieved FLOP/s as
+a fraction of the peak this machine reaches on one large square matmul in `dtype` with the same threads.
 """
 
+import contextlib
 import json
 import os
 import statistics
@@ -24,6 +31,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 # the litgpt engine runs in litgpt's own environment, where Forge is not installed: its subprocess imports `model`
 # from this checkout through PYTHONPATH
@@ -107,7 +115,8 @@ def run_engine(engine: str, checkpoint_dir: Path, micro_batch_size: int, seq_len
 
         base = transformers.AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=DTYPES[dtype]).to(device_)
         model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
-                                                          target_modules="all-linear", task_type="CAUSAL_LM"))
+                                                          target_modules="all-linear", task_type="CAUSAL_LM"),
+                                    autocast_adapter_dtype=engine == "transformers+peft")
 
         def loss_fn(input_ids, labels):
             return model(input_ids=input_ids, labels=labels).loss
@@ -117,13 +126,18 @@ def run_engine(engine: str, checkpoint_dir: Path, micro_batch_size: int, seq_len
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     batches = make_batches(data, data_dir, warmup + steps, micro_batch_size, seq_len)
     times, losses = [], []
+    flops = 0
     for i, (batch, labels) in enumerate(batches):
         batch, labels = batch.to(device_), labels.to(device_)
         if device_.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss = loss_fn(batch, labels)
-        loss.backward()
+        # the first warm-up step counts the matmul FLOPs of a step (all batches have the same shape)
+        with FlopCounterMode(display=False) if i == 0 else contextlib.nullcontext() as counter:
+            loss = loss_fn(batch, labels)
+            loss.backward()
+        if i == 0:
+            flops = counter.get_total_flops()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device_.type == "cuda":
@@ -133,7 +147,24 @@ def run_engine(engine: str, checkpoint_dir: Path, micro_batch_size: int, seq_len
             losses.append(loss.item())
     tokens = micro_batch_size * seq_len * steps
     return {"engine": engine, "tokens_per_s": tokens / sum(times), "peak_memory_gb": peak_memory_gb(device_),
-            "trainable_params": sum(p.numel() for p in trainable), "first_loss": losses[0]}
+            "trainable_params": sum(p.numel() for p in trainable), "first_loss": losses[0],
+            "flop_per_s": flops * steps / sum(times)}
+
+
+def matmul_peak_flop_per_s(dtype: torch.dtype, device: torch.device, size: int = 4096, repeats: int = 10) -> float:
+    """The FLOP/s of one large square matmul, the best of `repeats`: the roof the engines are measured against."""
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
 
 
 def main(
@@ -145,18 +176,21 @@ def main(
     dtype: Literal["float32", "bfloat16"] = "bfloat16",
     rounds: int = 3,
     device: str = "auto",
-    engine: Literal["both", "forge", "transformers+peft", "litgpt"] = "both",
+    engine: Literal["all", "forge", "transformers+peft", "transformers+peft-bf16", "litgpt"] = "all",
     data: Literal["random", "tasks"] = "random",
     data_dir: Path = Path("data/tasks"),
     litgpt_python: Optional[Path] = None,
 ) -> None:
     """Compare LoRA training tokens/s and peak memory of Forge and transformers+PEFT (and litgpt, installed in its own
     virtual environment: `--litgpt_python /path/to/litgpt-venv/bin/python`)."""
-    if engine != "both":
+    if engine != "all":
         print(json.dumps(run_engine(engine, checkpoint_dir, micro_batch_size, seq_len, steps, warmup, dtype, device,
                                     data, data_dir)))
         return
-    runs: dict[str, list[dict]] = {"forge": [], "transformers+peft": []}
+    from model.device import resolve_device
+
+    peak = matmul_peak_flop_per_s(DTYPES[dtype], resolve_device(device))
+    runs: dict[str, list[dict]] = {"forge": [], "transformers+peft": [], "transformers+peft-bf16": []}
     if litgpt_python:
         runs["litgpt"] = []
     for _ in range(rounds):
@@ -173,19 +207,18 @@ def main(
                 raise SystemExit(f"{name} failed:\n{out.stderr}")
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     results = {name: dict(r[0], tokens_per_s=statistics.median(x["tokens_per_s"] for x in r),
+                          flop_per_s=statistics.median(x["flop_per_s"] for x in r),
                           peak_memory_gb=max(x["peak_memory_gb"] for x in r)) for name, r in runs.items()}
-    forge, hf = results["forge"], results["transformers+peft"]
-    others = [results["litgpt"]] if "litgpt" in results else []
+    forge = results.pop("forge")
     print(f"checkpoint: {checkpoint_dir}  data: {data}  dtype: {dtype}  batch: {micro_batch_size} x {seq_len} tokens  steps: {steps}"
           f" (+{warmup} warm-up)  rounds: {rounds}  threads: {torch.get_num_threads()}")
-    print("| engine | tokens/s | peak memory (GB) | trainable parameters | first loss |")
-    print("|---|---|---|---|---|")
-    for r in (forge, hf, *others):
+    print(f"{dtype} matmul peak ({4096}^3): {peak / 1e12:.2f} TFLOP/s")
+    print("| engine | tokens/s | peak memory (GB) | trainable parameters | first loss | % of matmul peak |")
+    print("|---|---|---|---|---|---|")
+    for r in (forge, *results.values()):
         print(f"| {r['engine']} | {r['tokens_per_s']:.1f} | {r['peak_memory_gb']:.2f} | {r['trainable_params']:,} |"
-              f" {r['first_loss']:.3f} |")
-    print(f"speed ratio forge/(transformers+peft): {forge['tokens_per_s'] / hf['tokens_per_s']:.2f}x;"
-          f" memory ratio: {forge['peak_memory_gb'] / hf['peak_memory_gb']:.2f}x")
-    for r in others:
+              f" {r['first_loss']:.3f} | {100 * r['flop_per_s'] / peak:.0f}% |")
+    for r in results.values():
         print(f"speed ratio forge/{r['engine']}: {forge['tokens_per_s'] / r['tokens_per_s']:.2f}x;"
               f" memory ratio: {forge['peak_memory_gb'] / r['peak_memory_gb']:.2f}x")
 
