@@ -2,9 +2,11 @@
 reader, round-trip through our own GGUF importer and load in transformers' GGUF loader to the same logits; the real
 SmolLM2 export's tokenizer and chat template; real llama.cpp (llama-cpp-python) where it is installed; the errors."""
 
+import importlib.util
 import shutil
 import subprocess
 import sys
+from typing import Optional
 
 import pytest
 import sentencepiece
@@ -237,6 +239,76 @@ def test_smollm2_f16_in_llama_cpp_gives_forge_greedy_tokens(tmp_path, smollm2_di
             break
     assert llama == forge
     assert "Paris" in tokenizer.decode(forge)
+
+
+# llama.cpp runs in a subprocess: a crash inside it (its q8_0/Q4_1 CPU path has segfaulted here) fails one test
+# instead of taking pytest down. It writes the logits of every position of `ids` (KV cache in f32, no flash attention).
+LLAMA_CPP_LOGITS = """
+import sys, numpy, llama_cpp
+gguf_path, ids_path, out_path = sys.argv[1:]
+ids = numpy.load(ids_path).tolist()
+llm = llama_cpp.Llama(model_path=gguf_path, n_ctx=128, n_threads=1, logits_all=True, type_k=0, type_v=0,
+                      flash_attn=False, verbose=False)
+llm.eval(ids)
+numpy.save(out_path, llm.scores[: len(ids)])
+"""
+needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                     reason="llama-cpp-python is not installed")
+
+
+def llama_cpp_logits(gguf_path, ids: torch.Tensor) -> tuple[subprocess.CompletedProcess, Optional[torch.Tensor]]:
+    """llama.cpp's logits `(T, vocab)` for the token ids `ids` `(T,)`, or None when it failed (see the result)."""
+    import numpy
+
+    ids_path, out_path = gguf_path.with_suffix(".ids.npy"), gguf_path.with_suffix(".logits.npy")
+    numpy.save(ids_path, ids.numpy())
+    result = subprocess.run([sys.executable, "-c", LLAMA_CPP_LOGITS, str(gguf_path), str(ids_path), str(out_path)],
+                            capture_output=True, text=True, timeout=300)
+    return result, torch.from_numpy(numpy.load(out_path)) if result.returncode == 0 else None
+
+
+# every family the exporter writes for llama.cpp, with what the tiny model needs to fit llama.cpp's reading of it
+LLAMA_CPP_FAMILIES = {
+    "llama2": {},
+    "llama3.1-scaled-rope": {},  # rope_freqs: Llama 3.1's scaling, past the original context (48 > 32)
+    "smollm2": {},
+    "mixtral": {},
+    "phi-2": {},
+    "phi-3-4k": {"sliding_window": 64},  # llama.cpp's phi3 windows every layer: equal while the text fits in it
+    "phi-3-128k-longrope": {},  # 40 tokens > the original 32: the long factors, in llama.cpp as in Forge
+    "falcon-7b": {},
+    "falcon-40b": {},
+}
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("family", LLAMA_CPP_FAMILIES)
+def test_tiny_exports_run_in_llama_cpp_with_forge_logits(tmp_path, tiny_sentencepiece_model, family):
+    checkpoint_dir, seq_len = tiny_checkpoint(tmp_path, family, tiny_sentencepiece_model,
+                                              **LLAMA_CPP_FAMILIES[family])
+    gguf_path = tmp_path / "tiny.gguf"
+    exporter.convert_to_gguf(checkpoint_dir, gguf_path, outtype="f32")
+    ids = torch.randint(3, 100, (seq_len,), generator=torch.Generator().manual_seed(1))
+    result, logits = llama_cpp_logits(gguf_path, ids)
+    assert logits is not None, result.stderr[-2000:]
+    expected = forge_logits(checkpoint_dir, ids.unsqueeze(0))[0]
+    assert (logits - expected).abs().max() / expected.std() <= 1e-4
+    assert logits.argmax(-1).tolist() == expected.argmax(-1).tolist()
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize(("outtype", "tolerance"), [("f16", 0.01), ("q8_0", 0.05)])
+def test_quantized_exports_in_llama_cpp(tmp_path, tiny_sentencepiece_model, outtype, tolerance):
+    """f16 and q8_0 exports in llama.cpp, within the type's tolerance of Forge's float32 logits. q8_0 segfaulted in
+    llama.cpp's CPU path on the AVX-512/AMX machine of the last session: that shows as a failure with its signal."""
+    checkpoint_dir, seq_len = tiny_checkpoint(tmp_path, "llama2", tiny_sentencepiece_model)
+    gguf_path = tmp_path / f"tiny-{outtype}.gguf"
+    exporter.convert_to_gguf(checkpoint_dir, gguf_path, outtype=outtype)
+    ids = torch.randint(3, 100, (seq_len,), generator=torch.Generator().manual_seed(1))
+    result, logits = llama_cpp_logits(gguf_path, ids)
+    assert logits is not None, f"llama.cpp exited with {result.returncode}: {result.stderr[-2000:]}"
+    expected = forge_logits(checkpoint_dir, ids.unsqueeze(0))[0]
+    assert (logits - expected).abs().max() / expected.std() <= tolerance
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
