@@ -272,6 +272,7 @@ class ContinuousBatch:
                 row.position += 1
         return tokens
 
+    @torch.inference_mode()
     def remove(self, key: Hashable) -> None:
         """Take a request out at once (it ended, or its client left): the last row moves into its row."""
         index = next(i for i, row in enumerate(self.rows) if row.key is key)

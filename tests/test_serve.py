@@ -144,16 +144,43 @@ def idle_soon(engine, seconds: float = 30) -> bool:
     return False
 
 
-def test_a_client_leaving_mid_stream_frees_its_row(server):
-    client, engine, _ = server
+def test_a_client_leaving_mid_stream_frees_its_row(server, smollm2_dir):
+    """A streaming client that disconnects leaves the batch at once; the request beside it, whose row moves into the
+    freed one, still gets its sequential answer."""
+    client, engine, model = server
+    expected = forge_answer(model, smollm2_dir, QUESTIONS[4], 40)  # before the engine runs: they share the model
     stream = client.completions.create(model="smollm2", prompt="1, 2, 3, 4, 5, 6, 7,", max_tokens=2000,
                                        temperature=0.0, stream=True)
     pieces = [next(stream).choices[0].text for _ in range(3)]
-    assert "".join(pieces).strip() and len(engine.batch) == 1
-    steps_at_close = len(engine.batch_sizes)
-    stream.close()
+    with ThreadPoolExecutor(1) as pool:
+        beside = pool.submit(chat, client, QUESTIONS[4], 40)
+        while len(engine.batch) < 2:
+            time.sleep(0.01)
+        assert "".join(pieces).strip()
+        steps_at_close = len(engine.batch_sizes)
+        stream.close()  # the first row: the other request moves into it
+        assert beside.result().choices[0].message.content == expected
     assert idle_soon(engine)
-    assert len(engine.batch_sizes) - steps_at_close < 50  # of the 2000 tokens asked for
+    assert len(engine.batch_sizes) - steps_at_close < 60  # of the 2000 tokens asked for
+    assert chat(client, "Still alive?", max_tokens=2).choices[0].message.content
+
+
+def test_a_failing_step_answers_500_and_the_engine_goes_on(server, monkeypatch):
+    from model.generate import ContinuousBatch
+
+    client, engine, _ = server
+    step, failures = ContinuousBatch.step, []
+
+    def fails_once(batch):
+        if not failures:
+            failures.append(len(batch))
+            raise RuntimeError("out of memory")
+        return step(batch)
+
+    monkeypatch.setattr(ContinuousBatch, "step", fails_once)
+    with pytest.raises(openai.InternalServerError, match="RuntimeError: out of memory"):
+        chat(client, QUESTIONS[0])
+    assert failures == [1] and idle_soon(engine)
     assert chat(client, "Still alive?", max_tokens=2).choices[0].message.content
 
 

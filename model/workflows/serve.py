@@ -92,11 +92,17 @@ class BatchingEngine:
 
     def run(self) -> None:
         while self.take_queued_jobs():
-            for job in self.batch.keys():
-                if job.cancelled:
-                    self.batch.remove(job)
-            if len(self.batch):
-                self.step()
+            try:
+                for job in self.batch.keys():
+                    if job.cancelled:
+                        self.batch.remove(job)
+                if len(self.batch):
+                    self.step()
+            except Exception as error:  # answers every running request with a 500 and starts afresh
+                for job in self.batch.keys():
+                    job.emit(("error", f"{type(error).__name__}: {error}"))
+                self.batch = ContinuousBatch(self.model, stop_ids=self.tokenizer.stop_ids)
+                self.model.clear_kv_cache()
         for job in self.batch.keys():
             self.batch.remove(job)
 
@@ -124,14 +130,7 @@ class BatchingEngine:
 
     def step(self) -> None:
         self.batch_sizes.append(len(self.batch))
-        try:
-            tokens = self.batch.step()
-        except Exception as error:  # answers every running request with a 500 and starts afresh
-            for job in self.batch.keys():
-                job.emit(("error", f"{type(error).__name__}: {error}"))
-                self.batch.remove(job)
-            return
-        for job, token, ended in tokens:
+        for job, token, ended in self.batch.step():
             self.advance(job, token)
             if job.finished and not ended:  # a stop string
                 self.batch.remove(job)
