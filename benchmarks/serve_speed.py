@@ -1,13 +1,18 @@
-"""Server throughput: 1, 4 and 8 concurrent OpenAI clients against generate/serve.py's engine, batched vs one by one.
+"""Server throughput: 1, 4 and 8 concurrent OpenAI clients against generate/serve.py's engine, continuous batching vs
+one by one, and where a decode step's time goes.
 
     python benchmarks/serve_speed.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
 
 The server runs in this process (uvicorn on a free localhost port, the engine of model/workflows/serve.py) and
-the clients are threads using the official `openai` client. Every level sends the same greedy chat requests; the
-baseline is the same server with `max_batch_size=1`, which answers the requests one after another. Both run in
-this one process on the same machine, alternating, so their ratio holds even on a busy machine (absolute numbers
-do not). With `--gguf_file` (and llama-cpp-python installed) it also times llama.cpp generating from that GGUF
-against Forge's `generate` on the same prompt, the same number of tokens and threads.
+the clients are threads using the official `openai` client. Every level sends the same greedy chat requests (8
+questions that take long answers of different lengths); the baseline is the same server with `max_batch_size=1`,
+which answers the requests one after another. Both run in this one process on the same machine, alternating, so
+their ratio holds even on a busy machine (absolute numbers do not).
+
+The second table times the model alone (`ContinuousBatch`, no HTTP): a prompt's prefill, and one decode step at
+1, 2, 4 and 8 rows, split into the forward pass and the rest (sampling, bookkeeping). 8 x step(1) / step(8) is the
+most 8 clients can gain from batching. With `--gguf_file` (and llama-cpp-python installed) it also times llama.cpp
+generating from that GGUF against Forge's `generate` on the same prompt, the same number of tokens and threads.
 """
 
 import socket
@@ -20,8 +25,10 @@ from typing import Optional
 
 import torch
 
-QUESTIONS = ["What is the capital of France?", "What is 2 + 2?", "Name a color.", "Say hello.",
-             "What is the capital of Germany?", "Name a fruit.", "What is the opposite of hot?", "Count to three."]
+QUESTIONS = ["Write a short story about a robot who learns to paint.", "Explain how photosynthesis works.",
+             "Describe the water cycle step by step.", "Give me three tips for learning a new language.",
+             "Summarize the plot of Romeo and Juliet.", "Why is the sky blue?",
+             "What are the benefits of regular exercise?", "How does a computer store information?"]
 
 
 def start_server(checkpoint_dir: Path, max_batch_size: int):
@@ -43,8 +50,8 @@ def start_server(checkpoint_dir: Path, max_batch_size: int):
     while not server.started:
         time.sleep(0.05)
     client = OpenAI(base_url=f"http://127.0.0.1:{listener.getsockname()[1]}/v1", api_key="none", max_retries=0,
-                    timeout=600)
-    return client, engine
+                    timeout=1800)
+    return client, engine, loaded
 
 
 def load_level(client, clients: int, requests_per_client: int, max_tokens: int) -> dict:
@@ -65,8 +72,47 @@ def load_level(client, clients: int, requests_per_client: int, max_tokens: int) 
     with ThreadPoolExecutor(clients) as pool:
         results = [item for items in pool.map(one_client, range(clients)) for item in items]
     wall = time.perf_counter() - start
-    tokens = sum(n for _, n in results)
-    return {"tokens_per_s": tokens / wall, "latency_s": statistics.mean(t for t, _ in results), "tokens": tokens}
+    lengths = [n for _, n in results]
+    return {"tokens_per_s": sum(lengths) / wall, "latency_s": statistics.mean(t for t, _ in results),
+            "lengths": lengths}
+
+
+def step_profile(model, tokenizer, style, max_tokens: int) -> None:
+    """The model alone: prefill of one prompt, and decode steps at 1, 2, 4, 8 rows (forward pass vs the rest)."""
+    from model.generate import ContinuousBatch
+
+    prompts = [tokenizer.encode(style.apply([{"role": "user", "content": q}])) for q in QUESTIONS]
+    print(f"\n| rows | prefill ms (one prompt, {prompts[0].numel()} tokens) | decode step ms | of which forward ms |"
+          " tokens/s | vs 1 row |\n|---|---|---|---|---|---|")
+    forward = model.forward
+    base = None
+    for rows in (1, 2, 4, 8):
+        batch = ContinuousBatch(model)
+        start = time.perf_counter()
+        for key in range(rows):
+            batch.add(key, prompts[key], max_tokens, temperature=0.0)
+        prefill_ms = (time.perf_counter() - start) * 1000 / rows
+        forward_s = []
+
+        def timed_forward(*args, **kwargs):
+            start = time.perf_counter()
+            out = forward(*args, **kwargs)
+            forward_s.append(time.perf_counter() - start)
+            return out
+
+        model.forward = timed_forward
+        steps = 0
+        start = time.perf_counter()
+        while len(batch) == rows and steps < 32:  # full rows only (an answer that ends would shrink the batch)
+            batch.step()
+            steps += 1
+        step_s = (time.perf_counter() - start) / steps
+        del model.forward
+        for key in batch.keys():
+            batch.remove(key)
+        base = base or step_s
+        print(f"| {rows} | {prefill_ms:.0f} | {step_s * 1000:.1f} | {statistics.mean(forward_s) * 1000:.1f} |"
+              f" {rows / step_s:.1f} | {rows * base / step_s:.2f}x |")
 
 
 def llama_cpp_vs_forge(checkpoint_dir: Path, gguf_file: Path, max_tokens: int, threads: int) -> None:
@@ -105,34 +151,42 @@ def llama_cpp_vs_forge(checkpoint_dir: Path, gguf_file: Path, max_tokens: int, t
         print(f"| {name} | {statistics.median(values):.1f} |")
 
 
-def main(checkpoint_dir: Path, max_tokens: int = 32, requests_per_client: int = 2, threads: int = 1,
-         gguf_file: Optional[Path] = None) -> None:
-    """Print the throughput table (and llama.cpp vs Forge with `gguf_file`).
+def main(checkpoint_dir: Path, max_tokens: int = 160, requests_per_client: int = 2, threads: int = 1,
+         levels: tuple[int, ...] = (1, 4, 8), gguf_file: Optional[Path] = None) -> None:
+    """Print the throughput table, the decode-step profile (and llama.cpp vs Forge with `gguf_file`).
 
     Args:
         checkpoint_dir: A checkpoint or fine-tuning run.
         max_tokens: The most tokens per answer (greedy; answers that end earlier count what they produced).
-        requests_per_client: Requests each client sends one after another at every level.
+        requests_per_client: Requests each client sends one after another at every level (a client's next request
+            joins the running batch when its previous answer ends).
         threads: torch (and llama.cpp) threads.
+        levels: The numbers of concurrent clients to measure.
         gguf_file: A GGUF export of the same checkpoint to time in llama.cpp.
     """
+    from model.prompts import load_prompt_style
+
     torch.set_num_threads(threads)
-    client, engine = start_server(Path(checkpoint_dir), max_batch_size=8)
+    client, engine, loaded = start_server(Path(checkpoint_dir), max_batch_size=max(levels))
     rows = []
-    for clients in (1, 4, 8):
+    for clients in levels:
         engine.max_batch_size = 1
         one_by_one = load_level(client, clients, requests_per_client, max_tokens)
-        engine.max_batch_size = 8
+        engine.max_batch_size = clients
         engine.batch_sizes.clear()
         batched = load_level(client, clients, requests_per_client, max_tokens)
-        rows.append((clients, one_by_one, batched, max(engine.batch_sizes)))
-    print("| concurrent clients | one by one: tokens/s | latency s | batched: tokens/s | latency s | largest batch |"
-          " batched / one by one |\n|---|---|---|---|---|---|---|")
-    for clients, one_by_one, batched, largest in rows:
-        print(f"| {clients} | {one_by_one['tokens_per_s']:.1f} | {one_by_one['latency_s']:.2f} |"
-              f" {batched['tokens_per_s']:.1f} | {batched['latency_s']:.2f} | {largest} |"
+        rows.append((clients, one_by_one, batched, statistics.mean(engine.batch_sizes)))
+    print(f"| concurrent clients | answer tokens (min-max, mean) | one by one: tokens/s | latency s |"
+          " continuous batching: tokens/s | latency s | mean rows per step | batched / one by one |"
+          "\n|---|---|---|---|---|---|---|---|")
+    for clients, one_by_one, batched, mean_rows in rows:
+        lengths = batched["lengths"]
+        print(f"| {clients} | {min(lengths)}-{max(lengths)}, {statistics.mean(lengths):.0f} |"
+              f" {one_by_one['tokens_per_s']:.1f} | {one_by_one['latency_s']:.2f} |"
+              f" {batched['tokens_per_s']:.1f} | {batched['latency_s']:.2f} | {mean_rows:.1f} |"
               f" {batched['tokens_per_s'] / one_by_one['tokens_per_s']:.2f}x |")
     engine.close()
+    step_profile(loaded.model, engine.tokenizer, load_prompt_style(loaded.checkpoint_dir), max_tokens)
     if gguf_file is not None:
         llama_cpp_vs_forge(Path(checkpoint_dir), Path(gguf_file), max_tokens, threads)
 

@@ -4,8 +4,9 @@
 
 Then use any OpenAI client: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")`, model name = the
 `--name` printed at start. Endpoints: /v1/chat/completions (the checkpoint's prompt style; "stream": true sends
-server-sent events), /v1/completions, /v1/models, /health. Requests that arrive together are decoded together in
-one batch with a KV cache (see model/workflows/serve.py).
+server-sent events), /v1/completions, /v1/models, /health. Concurrent requests are decoded together with continuous
+batching: a new request joins the running batch at the next token, a finished one leaves at once (see
+model/workflows/serve.py).
 """
 
 import socket
@@ -24,7 +25,6 @@ def serve(
     port: int = 8000,
     name: Optional[str] = None,
     max_batch_size: int = 8,
-    batch_wait_ms: float = 20.0,
     max_new_tokens: int = 256,
     device: str = "auto",
     precision: Optional[str] = None,
@@ -37,9 +37,7 @@ def serve(
         host: The interface to listen on; 127.0.0.1 serves this machine only, 0.0.0.0 every network.
         port: The TCP port.
         name: The model id clients pass as `model` (default: the checkpoint directory's name).
-        max_batch_size: The most requests decoded together; more wait for the next batch.
-        batch_wait_ms: A batch keeps taking requests while each next one arrives within this many milliseconds of
-            the previous (a request that arrives while a batch is decoding waits for the next batch).
+        max_batch_size: The most requests decoded together (each holds a KV cache row); more wait for a free row.
         max_new_tokens: The answer length when a request does not set max_tokens (capped by the context).
         device: "auto" (GPU if there is one), "cpu", "cuda", "cuda:1", ...
         precision: The weights' precision: "32-true", "bf16-true" or "16-true" (default: bf16 on a GPU, fp32 on CPU).
@@ -63,8 +61,7 @@ def serve(
         style = load_prompt_style(style_dir)
         tokenizer = Tokenizer(loaded.checkpoint_dir)
         model_name = name or Path(checkpoint_dir).resolve().name
-        engine = BatchingEngine(loaded.model, tokenizer, max_batch_size=max_batch_size,
-                                batch_wait_s=batch_wait_ms / 1000)
+        engine = BatchingEngine(loaded.model, tokenizer, max_batch_size=max_batch_size)
         app = create_app(engine, style, model_name, default_max_tokens=max_new_tokens)
         print(f"Serving {model_name!r} ({loaded.kind}, prompt style {style.name}) on http://{host}:{port}/v1")
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))

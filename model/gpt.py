@@ -112,6 +112,8 @@ class GPT(nn.Module):
 
         `input_pos` `(T,)` gives the positions of `idx` in the sequence; with a KV cache (`set_kv_cache`) it says
         where to write the new keys and values. Without it, `idx` is a whole sequence starting at position 0.
+        With a KV cache, `input_pos` may also be `(B, T)`: each row at its own positions (continuous batching, where
+        each row is a request of its own length; see `model.generate.ContinuousBatch`).
         `return_hidden=True` returns the final normalized hidden states `(B, T, n_embd)` (`(N, n_embd)` with
         `logits_mask`) instead of logits: `model.training.loss.head_cross_entropy` turns them into a loss without
         the full-vocabulary logits.
@@ -127,8 +129,9 @@ class GPT(nn.Module):
         T = idx.size(1)
         if input_pos is None:
             input_pos = torch.arange(T, device=idx.device)
-        if T > self.config.block_size or int(input_pos[-1]) >= self.config.block_size:
-            raise ValueError(f"Sequence position {int(input_pos[-1])} is beyond the model's block_size {self.config.block_size}")
+        if T > self.config.block_size or int(input_pos.max()) >= self.config.block_size:
+            raise ValueError(
+                f"Sequence position {int(input_pos.max())} is beyond the model's block_size {self.config.block_size}")
         x = self.transformer.wte(idx)
         rope_pos = input_pos
         cache = self.transformer.h[0].attn.kv_cache
@@ -195,6 +198,10 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.kv_cache = None
 
+    def kv_caches(self) -> list["KVCache"]:
+        """Every block's KV cache (set by `set_kv_cache`), for callers that move rows or grow them."""
+        return [block.attn.kv_cache for block in self.transformer.h]
+
 
 class Block(nn.Module):
     def __init__(self, config: Config, block_idx: int) -> None:
@@ -243,10 +250,15 @@ class CausalSelfAttention(nn.Module):
         if self.kv_cache is not None:
             k, v = self.kv_cache(input_pos, k, v)
             pad_lengths = self.kv_cache.pad_lengths
-            # one new token sees the whole filled cache: it needs a mask only when the window or padding cuts it
-            if T > 1 or pad_lengths is not None or (c.sliding_window is not None and k.size(2) > c.sliding_window):
+            # one new token sees the whole filled cache: it needs a mask only when the window or padding cuts it, or
+            # when the rows are at different positions (each then sees only its own filled part)
+            per_row = input_pos.dim() == 2
+            window_cuts = c.sliding_window is not None and k.size(2) > c.sliding_window
+            if T > 1 or per_row or pad_lengths is not None or window_cuts:
                 key_pos = torch.arange(k.size(2), device=x.device)
                 mask = attention_mask(input_pos, key_pos, c.sliding_window)
+                if per_row:
+                    mask = mask.unsqueeze(1)  # (B, 1, T, keys): the same for every head
                 if pad_lengths is not None:
                     # no attending to padding; a padding position attends to itself so no row is empty (NaN)
                     keep = key_pos.view(1, 1, 1, -1) >= pad_lengths.view(-1, 1, 1, 1)
@@ -372,7 +384,10 @@ class OffloadedCheckpoint(torch.autograd.Function):
 
 
 class KVCache(nn.Module):
-    """Keys and values of past positions, `(B, n_query_groups, max_seq_length, head_size)`."""
+    """Keys and values of past positions, `(B, n_query_groups, max_seq_length, head_size)`.
+
+    A forward pass over `n` rows uses the cache rows `first_row .. first_row + n - 1` (`first_row` is 0 unless a
+    caller prefills one request into its own row of a running batch)."""
 
     def __init__(self, batch_size, n_query_groups, max_seq_length, head_size, device, dtype, pad_lengths=None) -> None:
         super().__init__()
@@ -380,15 +395,38 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.pad_lengths = None if pad_lengths is None else pad_lengths.to(device)
+        self.first_row = 0
 
     def forward(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if int(input_pos[-1]) >= self.k.size(2):
-            raise ValueError(f"Position {int(input_pos[-1])} does not fit the KV cache of length {self.k.size(2)}")
-        self.k[: k.size(0)].index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v[: v.size(0)].index_copy_(2, input_pos, v.to(self.v.dtype))
-        # attend only over the filled part of the cache
-        end = int(input_pos[-1]) + 1
-        return self.k[: k.size(0), :, :end], self.v[: v.size(0), :, :end]
+        end = int(input_pos.max()) + 1
+        if end > self.k.size(2):
+            raise ValueError(f"Position {end - 1} does not fit the KV cache of length {self.k.size(2)}")
+        rows = slice(self.first_row, self.first_row + k.size(0))
+        if input_pos.dim() == 2:  # (B, T): each row writes at its own positions
+            index = input_pos[:, None, :, None].expand(-1, k.size(1), -1, k.size(3))
+            self.k[rows].scatter_(2, index, k.to(self.k.dtype))
+            self.v[rows].scatter_(2, index, v.to(self.v.dtype))
+        else:
+            self.k[rows].index_copy_(2, input_pos, k.to(self.k.dtype))
+            self.v[rows].index_copy_(2, input_pos, v.to(self.v.dtype))
+        # attend only over the filled part of the cache (a row behind the others masks the rest out)
+        return self.k[rows, :, :end], self.v[rows, :, :end]
+
+    def grow(self, batch_size: int, max_seq_length: int) -> None:
+        """Make room for at least `batch_size` rows of `max_seq_length` positions, keeping what is cached."""
+        old_rows, _, old_length, _ = self.k.shape
+        if batch_size <= old_rows and max_seq_length <= old_length:
+            return
+        shape = (max(batch_size, old_rows), self.k.size(1), max(max_seq_length, old_length), self.k.size(3))
+        for name in ("k", "v"):
+            grown = self.k.new_zeros(shape)
+            grown[:old_rows, :, :old_length] = getattr(self, name)
+            setattr(self, name, grown)
+
+    def move_row(self, source: int, target: int, length: int) -> None:
+        """Copy the first `length` positions of row `source` into row `target` (a finished request's row reused)."""
+        self.k[target, :, :length] = self.k[source, :, :length]
+        self.v[target, :, :length] = self.v[source, :, :length]
 
 
 class RMSNorm(nn.Module):

@@ -2,9 +2,11 @@
 reader, round-trip through our own GGUF importer and load in transformers' GGUF loader to the same logits; the real
 SmolLM2 export's tokenizer and chat template; real llama.cpp (llama-cpp-python) where it is installed; the errors."""
 
+import importlib.util
 import shutil
 import subprocess
 import sys
+from typing import Optional
 
 import pytest
 import sentencepiece
@@ -237,6 +239,107 @@ def test_smollm2_f16_in_llama_cpp_gives_forge_greedy_tokens(tmp_path, smollm2_di
             break
     assert llama == forge
     assert "Paris" in tokenizer.decode(forge)
+
+
+# llama.cpp runs in a subprocess: a crash inside it fails one test instead of taking pytest down. It writes the
+# logits of every position of `ids` (KV cache in f32, no flash attention). `extra_buffers=0` turns off llama.cpp's
+# "extra buffer types" (weights repacked for its AMX / AVX-512 kernels; `--no-repack` in llama-cli), in which its
+# quantized CPU path segfaults on this AVX-512/AMX machine.
+LLAMA_CPP_LOGITS = """
+import sys, numpy, llama_cpp
+import llama_cpp.llama_cpp as low_level
+gguf_path, ids_path, out_path, extra_buffers = sys.argv[1:]
+default_params = low_level.llama_model_default_params
+def model_params():
+    params = default_params()
+    params.use_extra_bufts = extra_buffers == "1"
+    return params
+low_level.llama_model_default_params = model_params
+ids = numpy.load(ids_path).tolist()
+llm = llama_cpp.Llama(model_path=gguf_path, n_ctx=128, n_threads=1, logits_all=True, type_k=0, type_v=0,
+                      flash_attn=False, verbose=False)
+llm.eval(ids)
+numpy.save(out_path, llm.scores[: len(ids)])
+"""
+needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                     reason="llama-cpp-python is not installed")
+
+
+def llama_cpp_logits(gguf_path, ids: torch.Tensor,
+                     extra_buffers: bool = True) -> tuple[subprocess.CompletedProcess, Optional[torch.Tensor]]:
+    """llama.cpp's logits `(T, vocab)` for the token ids `ids` `(T,)`, or None when it failed (see the result)."""
+    import numpy
+
+    ids_path, out_path = gguf_path.with_suffix(".ids.npy"), gguf_path.with_suffix(".logits.npy")
+    numpy.save(ids_path, ids.numpy())
+    result = subprocess.run([sys.executable, "-c", LLAMA_CPP_LOGITS, str(gguf_path), str(ids_path), str(out_path),
+                             str(int(extra_buffers))], capture_output=True, text=True, timeout=300)
+    return result, torch.from_numpy(numpy.load(out_path)) if result.returncode == 0 else None
+
+
+# every family the exporter writes for llama.cpp, with what the tiny model needs to fit llama.cpp's reading of it
+LLAMA_CPP_FAMILIES = {
+    "llama2": {},
+    "llama3.1-scaled-rope": {},  # rope_freqs: Llama 3.1's scaling, past the original context (48 > 32)
+    "smollm2": {},
+    "mixtral": {},
+    "phi-2": {},
+    # llama.cpp's phi3 has its sliding window switched off: equal while the text fits in it; the tiny config's EOS
+    # (32000) lies outside the tiny vocabulary
+    "phi-3-4k": {"sliding_window": 64, "eos_token_id": 2},
+    "phi-3-128k-longrope": {"eos_token_id": 2},  # 40 tokens > the original 32: the long factors, as in Forge
+    "falcon-7b": {},
+    "falcon-40b": {},
+}
+
+
+def llama_cpp_gelu(x: torch.Tensor, approximate: str = "none", exact=torch.nn.functional.gelu) -> torch.Tensor:
+    """GELU as llama.cpp's CPU computes it for every GELU model: the tanh approximation, looked up in an f16 table."""
+    return exact(x.half().float(), approximate="tanh").half().float()
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("family", LLAMA_CPP_FAMILIES)
+def test_tiny_exports_run_in_llama_cpp_with_forge_logits(tmp_path, tiny_sentencepiece_model, family, monkeypatch):
+    checkpoint_dir, seq_len = tiny_checkpoint(tmp_path, family, tiny_sentencepiece_model,
+                                              **LLAMA_CPP_FAMILIES[family])
+    gguf_path = tmp_path / "tiny.gguf"
+    # llama.cpp gives a model named like Phi-3 the token attributes of Phi-3's vocabulary, which the tiny one lacks
+    exporter.convert_to_gguf(checkpoint_dir, gguf_path, outtype="f32", name="tiny")
+    ids = torch.randint(3, 100, (seq_len,), generator=torch.Generator().manual_seed(1))
+    result, logits = llama_cpp_logits(gguf_path, ids)
+    assert logits is not None, result.stderr[-2000:]
+    expected = forge_logits(checkpoint_dir, ids.unsqueeze(0))[0]
+    assert logits.argmax(-1).tolist() == expected.argmax(-1).tolist()
+    if family.startswith(("phi-2", "falcon")):
+        # llama.cpp's GELU (tanh approximation through an f16 table; Falcon's own is exact) moves the logits by
+        # ~1e-3; with that GELU in Forge the export is exact
+        assert (logits - expected).abs().max() / expected.std() <= 3e-3
+        monkeypatch.setattr(torch.nn.functional, "gelu", llama_cpp_gelu)
+        expected = forge_logits(checkpoint_dir, ids.unsqueeze(0))[0]
+    assert (logits - expected).abs().max() / expected.std() <= 1e-4
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize(("outtype", "tolerance"), [("f16", 0.01), ("q8_0", 0.15), ("q4_0", 1.0)])
+def test_quantized_exports_in_llama_cpp(tmp_path, tiny_sentencepiece_model, outtype, tolerance):
+    """f16, q8_0 and q4_0 exports in llama.cpp give what Forge gives with the weights our importer reads back from the
+    same file (q4_0 is far from float32, 0.8 std on this tiny model, yet within 0.05 of its own dequantized weights),
+    and stay within the type's error of Forge's float32 logits. The quantized ones run with llama.cpp's extra buffer
+    types off: with them on, its CPU path segfaults here (see the comment above)."""
+    checkpoint_dir, seq_len = tiny_checkpoint(tmp_path, "llama2", tiny_sentencepiece_model)
+    gguf_path = tmp_path / f"tiny-{outtype}.gguf"
+    exporter.convert_to_gguf(checkpoint_dir, gguf_path, outtype=outtype)
+    ids = torch.randint(3, 100, (seq_len,), generator=torch.Generator().manual_seed(1))
+    result, logits = llama_cpp_logits(gguf_path, ids, extra_buffers=outtype == "f16")
+    assert logits is not None, f"llama.cpp exited with {result.returncode}: {result.stderr[-2000:]}"
+    expected = forge_logits(checkpoint_dir, ids.unsqueeze(0))[0]
+    imported = tmp_path / "imported" / "org" / "tiny"
+    convert_gguf_checkpoint(gguf_path, imported, dtype="float32")
+    dequantized = forge_logits(imported, ids.unsqueeze(0))[0]
+    assert 0 < (logits - expected).abs().max() / expected.std() <= tolerance
+    # llama.cpp's quantized dot products quantize the activations to 8 bits too (its f16 ones round them to f16)
+    assert (logits - dequantized).abs().max() / expected.std() <= (0.002 if outtype == "f16" else 0.05)
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:

@@ -185,3 +185,74 @@ def test_batched_generation_equals_one_at_a_time(sliding_window):
     stop = alone[1][2]
     expected = [a[: a.index(stop)] if stop in a else a for a in alone]
     assert generate_batch(model, prompts, 12, temperature=0.0, stop_ids={stop}) == expected
+
+
+def run_continuous(batch, arrivals: dict[int, list[tuple]]) -> dict:
+    """Drive a ContinuousBatch: before step s, add the requests `arrivals[s]`; returns each key's tokens."""
+    out: dict = {}
+    step = 0
+    while len(batch) or any(s >= step for s in arrivals):
+        for key, prompt, n, kwargs in arrivals.pop(step, []):
+            batch.add(key, prompt, n, **kwargs)
+        for key, token, _ in batch.step() if len(batch) else []:
+            out.setdefault(key, []).append(token)
+        step += 1
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama3.1-scaled-rope", "mistral-sliding-window", "mixtral", "phi-2", "falcon-40b"])
+def test_continuous_batch_equals_one_at_a_time(family, tmp_path):
+    """Requests of different lengths join a running decode at different steps and leave when they end; each
+    gets the tokens `generate` gives it alone, rows are reused, and the cache is freed when the batch empties."""
+    from model.generate import ContinuousBatch
+
+    checkpoint_dir = tmp_path / "org" / f"tiny-{family}"
+    save_tiny_model(family, checkpoint_dir)
+    convert_hf_checkpoint(checkpoint_dir)
+    model = GPT.from_checkpoint(checkpoint_dir)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(n)) for n in (3, 11, 6, 1, 8)]
+    lengths = [14, 5, 20, 9, 12]
+    alone = [list(generate(model, p, n, temperature=0.0)) for p, n in zip(prompts, lengths)]
+    # 0 and 1 start together, 2 joins mid-decode, 3 and 4 join after 1 has left (reusing its row)
+    arrivals = {0: [0, 1], 3: [2], 7: [3, 4]}
+    arrivals = {s: [(k, prompts[k], lengths[k], {"temperature": 0.0}) for k in keys] for s, keys in arrivals.items()}
+    batch = ContinuousBatch(model)
+    assert run_continuous(batch, arrivals) == dict(enumerate(alone))
+    assert model.kv_caches() == [None] * model.config.n_layer
+
+    # a stop token ends one request (its stop token included) and the others go on
+    stop = alone[2][4]
+    batch = ContinuousBatch(model, stop_ids={stop})
+    out = run_continuous(batch, {0: [(k, prompts[k], lengths[k], {"temperature": 0.0}) for k in range(5)]})
+    assert out == {k: a[: a.index(stop) + 1] if stop in a else a for k, a in enumerate(alone)}
+
+
+def test_continuous_batch_sampling_follows_each_requests_generator():
+    """A seeded request samples the same tokens whether it runs alone or next to others with other settings."""
+    from model.generate import ContinuousBatch
+
+    torch.manual_seed(0)
+    model = GPT(Config(name="t", vocab_size=VOCAB, n_layer=2, n_head=4, n_query_groups=2, n_embd=32,
+                       intermediate_size=64, block_size=64)).eval()
+    prompt, other = torch.tensor([1, 2, 3]), torch.tensor([5, 4])
+
+    def seeded():
+        return {"temperature": 0.8, "top_p": 0.9, "generator": torch.Generator().manual_seed(7)}
+
+    alone = run_continuous(ContinuousBatch(model), {0: [(0, prompt, 10, seeded())]})
+    together = run_continuous(ContinuousBatch(model), {
+        0: [(1, other, 6, {"temperature": 0.0}), (0, prompt, 10, seeded())],
+        2: [(2, other, 8, {"temperature": 1.5, "generator": torch.Generator().manual_seed(1)})],
+    })
+    assert together[0] == alone[0] and together[1] == list(generate(model, other, 6, temperature=0.0))
+
+
+def test_continuous_batch_refuses_a_request_beyond_the_context():
+    from model.generate import ContinuousBatch
+
+    model = GPT(Config(name="t", vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=16, intermediate_size=32,
+                       block_size=32)).eval()
+    batch = ContinuousBatch(model)
+    with pytest.raises(ValueError, match="exceeds the model's context of 32"):
+        batch.add("a", torch.tensor([1, 2, 3]), 30)
+    assert len(batch) == 0

@@ -1,6 +1,7 @@
 """generate/serve.py and model/workflows/serve.py: the real SmolLM2 behind the server, spoken to with the official
 `openai` client (chat, streaming chat, completions, stop sequences, bad and over-long requests), concurrent
-clients answered in batches with the same greedy answers as one by one, and a port in use."""
+clients answered with continuous batching with the same greedy answers as one by one, a client leaving mid-stream,
+and a port in use."""
 
 import socket
 import subprocess
@@ -107,20 +108,80 @@ def test_bad_requests_get_openai_errors(server):
     assert chat(client, "Still alive?", max_tokens=2).choices[0].message.content  # the server survived
 
 
-def test_concurrent_clients_are_batched_and_match_sequential(server):
+def test_concurrent_clients_join_a_running_batch_and_match_sequential(server):
+    """Continuous batching: 8 clients with different prompts and max_tokens, the last arriving mid-decode, get the
+    sequential greedy answers; the batch holds several requests at once and the latecomer joins it running."""
     client, engine, _ = server
+    lengths = [40, 8, 24, 16, 48, 12, 32, 20]
     start = time.perf_counter()
-    sequential = [chat(client, question).choices[0].message.content for question in QUESTIONS]
+    sequential = [chat(client, q, max_tokens=n).choices[0].message.content for q, n in zip(QUESTIONS, lengths)]
     sequential_s = time.perf_counter() - start
     engine.batch_sizes.clear()
     start = time.perf_counter()
     with ThreadPoolExecutor(len(QUESTIONS)) as pool:
-        concurrent = list(pool.map(lambda q: chat(client, q).choices[0].message.content, QUESTIONS))
+        first = [pool.submit(chat, client, q, n) for q, n in zip(QUESTIONS[:-1], lengths[:-1])]
+        while len(engine.batch_sizes) < 4:  # the first seven are decoding
+            time.sleep(0.01)
+        running_when_it_arrived = len(engine.batch)
+        last = pool.submit(chat, client, QUESTIONS[-1], lengths[-1])
+        concurrent = [future.result().choices[0].message.content for future in first + [last]]
     concurrent_s = time.perf_counter() - start
     assert concurrent == sequential
-    assert max(engine.batch_sizes) > 1 and sum(engine.batch_sizes) == len(QUESTIONS)
+    assert running_when_it_arrived > 0 and max(engine.batch_sizes) > 1
+    assert idle_soon(engine)
     print(f"\n8 requests: sequential {sequential_s:.1f}s, concurrent {concurrent_s:.1f}s"
-          f" ({sequential_s / concurrent_s:.2f}x; batches {engine.batch_sizes}; shared machine)")
+          f" ({sequential_s / concurrent_s:.2f}x; {len(engine.batch_sizes)} steps, mean batch"
+          f" {sum(engine.batch_sizes) / len(engine.batch_sizes):.1f}; shared machine)")
+
+
+def idle_soon(engine, seconds: float = 30) -> bool:
+    """Whether the engine holds no request and has freed the KV cache within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if len(engine.batch) == 0 and all(cache is None for cache in engine.model.kv_caches()):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_a_client_leaving_mid_stream_frees_its_row(server, smollm2_dir):
+    """A streaming client that disconnects leaves the batch at once; the request beside it, whose row moves into the
+    freed one, still gets its sequential answer."""
+    client, engine, model = server
+    expected = forge_answer(model, smollm2_dir, QUESTIONS[4], 40)  # before the engine runs: they share the model
+    stream = client.completions.create(model="smollm2", prompt="1, 2, 3, 4, 5, 6, 7,", max_tokens=2000,
+                                       temperature=0.0, stream=True)
+    pieces = [next(stream).choices[0].text for _ in range(3)]
+    with ThreadPoolExecutor(1) as pool:
+        beside = pool.submit(chat, client, QUESTIONS[4], 40)
+        while len(engine.batch) < 2:
+            time.sleep(0.01)
+        assert "".join(pieces).strip()
+        steps_at_close = len(engine.batch_sizes)
+        stream.close()  # the first row: the other request moves into it
+        assert beside.result().choices[0].message.content == expected
+    assert idle_soon(engine)
+    assert len(engine.batch_sizes) - steps_at_close < 60  # of the 2000 tokens asked for
+    assert chat(client, "Still alive?", max_tokens=2).choices[0].message.content
+
+
+def test_a_failing_step_answers_500_and_the_engine_goes_on(server, monkeypatch):
+    from model.generate import ContinuousBatch
+
+    client, engine, _ = server
+    step, failures = ContinuousBatch.step, []
+
+    def fails_once(batch):
+        if not failures:
+            failures.append(len(batch))
+            raise RuntimeError("out of memory")
+        return step(batch)
+
+    monkeypatch.setattr(ContinuousBatch, "step", fails_once)
+    with pytest.raises(openai.InternalServerError, match="RuntimeError: out of memory"):
+        chat(client, QUESTIONS[0])
+    assert failures == [1] and idle_soon(engine)
+    assert chat(client, "Still alive?", max_tokens=2).choices[0].message.content
 
 
 def test_port_in_use_is_one_error_line(tmp_path):

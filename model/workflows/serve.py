@@ -1,10 +1,11 @@
-"""An OpenAI-compatible HTTP API over one model, answering requests that arrive together in one batch.
+"""An OpenAI-compatible HTTP API over one model, with continuous batching.
 
-`BatchingEngine` owns the model. A background thread takes every pending request (up to `max_batch_size`) and
-decodes them together with `model.generate.generate_batch_steps` and a KV cache; each request gets its text as it
-is decoded (for streaming) through an asyncio queue. Requests that cannot share a batch run in turn: a seeded
-sampling request runs alone (so the same seed gives the same answer as in a batch of one), and requests with
-different temperature/top_p are grouped apart, because one batch samples with one setting.
+`BatchingEngine` owns the model. A background thread runs one decode (`model.generate.ContinuousBatch`, one KV
+cache row per request): each step decodes one token for every running request; new requests join at the next step
+boundary (their prompt prefilled into a free row) and a request leaves as soon as it ends, so concurrent clients
+of different lengths keep the batch full. Each request gets its text as it is decoded (for streaming) through an
+asyncio queue. Each request samples with its own settings (a seed gives it its own generator), so any requests
+can share the batch.
 
 `create_app` is the FastAPI app: /v1/chat/completions (prompt style of the checkpoint; streaming as server-sent
 events), /v1/completions, /v1/models and /health; errors come back as OpenAI-style JSON with a 4xx status.
@@ -28,7 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from model.generate import generate_batch_steps
+from model.generate import ContinuousBatch
 from model.prompts import PromptStyle
 from model.tokenizer import Tokenizer
 
@@ -45,7 +46,7 @@ def error_body(message: str, kind: str = "invalid_request_error", param=None, co
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """One request inside the engine: its prompt, sampling settings, and where its text goes."""
 
@@ -60,26 +61,25 @@ class Job:
     tokens: list[int] = field(default_factory=list)
     sent: str = ""  # the text already handed to the client
     finished: bool = False
-
-    def batch_key(self) -> tuple:
-        """Requests with equal keys may share a batch."""
-        if self.temperature == 0.0:
-            return ("greedy",)
-        return ("sample", self.temperature, self.top_p, self.seed if self.seed is None else id(self))
+    cancelled: bool = False  # the client went away: the engine drops the request at the next step
 
     def emit(self, event: tuple) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
 class BatchingEngine:
-    """Decodes queued jobs in batches on a background thread."""
+    """Continuous batching on a background thread: every decode step takes one token for each running request,
+    queued requests join at step boundaries (up to `max_batch_size` rows), and a request leaves as soon as it ends
+    (stop token, stop string, max_tokens, or its client disconnecting)."""
 
-    def __init__(self, model, tokenizer: Tokenizer, max_batch_size: int = 8, batch_wait_s: float = 0.02):
-        self.model, self.tokenizer = model, tokenizer
-        self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
+    def __init__(self, model, tokenizer: Tokenizer, max_batch_size: int = 8):
+        self.model, self.tokenizer, self.max_batch_size = model, tokenizer, max_batch_size
         self.device = next(model.parameters()).device
         self.pending: queue.Queue[Optional[Job]] = queue.Queue()
-        self.batch_sizes: list[int] = []  # the size of every batch decoded, for tests and the benchmark
+        # for tests and the benchmark: the rows of every decode step, and how many requests joined a running batch
+        self.batch_sizes: list[int] = []
+        self.joined_running = 0
+        self.batch = ContinuousBatch(model, stop_ids=tokenizer.stop_ids)
         self.thread = threading.Thread(target=self.run, name="forge-batching-engine", daemon=True)
         self.thread.start()
 
@@ -91,67 +91,52 @@ class BatchingEngine:
         self.thread.join()
 
     def run(self) -> None:
-        while True:
-            job = self.pending.get()
+        while self.take_queued_jobs():
+            try:
+                for job in self.batch.keys():
+                    if job.cancelled:
+                        self.batch.remove(job)
+                if len(self.batch):
+                    self.step()
+            except Exception as error:  # answers every running request with a 500 and starts afresh
+                for job in self.batch.keys():
+                    job.emit(("error", f"{type(error).__name__}: {error}"))
+                self.batch = ContinuousBatch(self.model, stop_ids=self.tokenizer.stop_ids)
+                self.model.clear_kv_cache()
+        for job in self.batch.keys():
+            self.batch.remove(job)
+
+    def take_queued_jobs(self) -> bool:
+        """Prefill queued requests into free rows: wait for one when idle, take only those already waiting when
+        busy (the running requests should not stall). False once `close` was called."""
+        while len(self.batch) < self.max_batch_size:
+            try:
+                job = self.pending.get(block=not len(self.batch))
+            except queue.Empty:
+                return True
             if job is None:
-                return
-            # requests that arrive together are decoded together: keep collecting while each next one comes within
-            # `batch_wait_s` of the previous (on a busy machine the requests of one burst trickle in)
-            jobs = [job]
-            while len(jobs) < self.max_batch_size:
-                try:
-                    job = self.pending.get(timeout=self.batch_wait_s)
-                except queue.Empty:
-                    break
-                if job is None:
-                    self.pending.put(None)
-                    break
-                jobs.append(job)
-            for batch in self.batches(jobs):
-                try:
-                    self.decode(batch)
-                except Exception as error:  # a failure answers the batch's requests with a 500, never kills the loop
-                    for job in batch:
-                        job.emit(("error", f"{type(error).__name__}: {error}"))
+                return False
+            if job.cancelled:
+                continue
+            generator = None if job.seed is None else torch.Generator(self.device).manual_seed(job.seed)
+            if len(self.batch):
+                self.joined_running += 1
+            try:
+                self.batch.add(job, job.prompt.to(self.device), job.max_tokens, temperature=job.temperature,
+                               top_p=job.top_p, generator=generator)
+            except Exception as error:  # a failure answers the request with a 500, never kills the loop
+                job.emit(("error", f"{type(error).__name__}: {error}"))
+        return True
 
-    def batches(self, jobs: list[Job]) -> list[list[Job]]:
-        """Jobs grouped into batches that share sampling settings and fit in the context together."""
-        groups: dict[tuple, list[list[Job]]] = {}
-        for job in jobs:
-            batches = groups.setdefault(job.batch_key(), [[]])
-            batch = batches[-1]
-            longest = max([j.prompt.numel() for j in batch] + [job.prompt.numel()])
-            steps = max([j.max_tokens for j in batch] + [job.max_tokens])
-            if batch and longest + steps > self.model.config.block_size:
-                batches.append([])
-            batches[-1].append(job)
-        return [batch for batches in groups.values() for batch in batches]
+    def step(self) -> None:
+        self.batch_sizes.append(len(self.batch))
+        for job, token, ended in self.batch.step():
+            self.advance(job, token)
+            if job.finished and not ended:  # a stop string
+                self.batch.remove(job)
 
-    def decode(self, batch: list[Job]) -> None:
-        self.batch_sizes.append(len(batch))
-        first = batch[0]
-        generator = None
-        if first.seed is not None and first.temperature > 0:
-            generator = torch.Generator(self.device).manual_seed(first.seed)
-        steps = generate_batch_steps(
-            self.model, [job.prompt.to(self.device) for job in batch], max(job.max_tokens for job in batch),
-            temperature=first.temperature, top_p=first.top_p, stop_ids=self.tokenizer.stop_ids, generator=generator,
-        )
-        try:
-            for step in steps:
-                for job, token in zip(batch, step):
-                    if not job.finished:
-                        self.advance(job, token)
-                if all(job.finished for job in batch):
-                    break
-        finally:
-            steps.close()
-        for job in batch:
-            if not job.finished:
-                self.finish(job, "length")
-
-    def advance(self, job: Job, token: Optional[int]) -> None:
-        if token is None:  # the stop token
+    def advance(self, job: Job, token: int) -> None:
+        if token in self.tokenizer.stop_ids:
             self.finish(job, "stop")
             return
         job.tokens.append(token)
@@ -161,13 +146,14 @@ class BatchingEngine:
             self.send(job, text[: min(hits)])
             self.finish(job, "stop")
             return
+        if len(job.tokens) >= job.max_tokens:
+            self.send(job, text.rstrip("\ufffd"))
+            self.finish(job, "length")
+            return
         # hold back an incomplete character and a tail that may become a stop string
         ready = len(text.rstrip("\ufffd"))
         hold = max((k for stop in job.stop for k in range(1, len(stop)) if text[:ready].endswith(stop[:k])), default=0)
         self.send(job, text[: ready - hold])
-        if len(job.tokens) >= job.max_tokens:
-            self.send(job, text.rstrip("\ufffd"))
-            self.finish(job, "length")
 
     def send(self, job: Job, text: str) -> None:
         if len(text) > len(job.sent):
@@ -272,13 +258,17 @@ def create_app(engine: BatchingEngine, style: PromptStyle, model_name: str, defa
 
     async def events(job: Job) -> AsyncIterator[tuple]:
         engine.submit(job)
-        while True:
-            event = await job.events.get()
-            if event[0] == "error":
-                raise APIError(500, event[1])
-            yield event
-            if event[0] == "done":
-                return
+        try:
+            while True:
+                event = await job.events.get()
+                if event[0] == "error":
+                    raise APIError(500, event[1])
+                yield event
+                if event[0] == "done":
+                    return
+        finally:
+            # a client that disconnects mid-stream closes this generator: its row is freed at the next step
+            job.cancelled = not job.finished
 
     async def answer(job: Job) -> tuple[str, str, int]:
         text, reason, n_tokens = "", "length", 0
