@@ -46,6 +46,7 @@ class GPT(nn.Module):
         # position 4096), so a run would train on other angles than it is evaluated on.
         self.rope_cache: dict[tuple[torch.device, bool], torch.Tensor] = {}
         self.gradient_checkpointing = "none"
+        self.compiled_blocks: Optional[list[Callable[..., torch.Tensor]]] = None
 
     @classmethod
     def from_checkpoint(
@@ -99,6 +100,17 @@ class GPT(nn.Module):
         self.gradient_checkpointing = mode
         return self
 
+    def compile_blocks(self) -> "GPT":
+        """`torch.compile` each Block for the forward passes that record gradients (training); evaluation and
+        generation (no gradients, or a KV cache) keep the eager Blocks, so they never trigger a compilation.
+
+        Shapes are dynamic, so micro-batches of other lengths reuse one graph instead of compiling again (a batch
+        dimension of 1 is specialized: at most one more graph). The compiled Blocks wrap the same modules, so the
+        weights, their names and FSDP's hooks stay as they are: call it after `fabric.setup_module`. A checkpointed
+        Block (`set_gradient_checkpointing`) recomputes through the compiled Block."""
+        self.compiled_blocks = [torch.compile(block, dynamic=True) for block in self.transformer.h]
+        return self
+
     def forward(
         self,
         idx: torch.Tensor,
@@ -125,10 +137,12 @@ class GPT(nn.Module):
         loss without ever holding the full-vocabulary logits.
         """
         T = idx.size(1)
+        # the last position, read from the device only when given: a training step makes no host-device sync here
+        last = T - 1 if input_pos is None else int(input_pos[-1])
         if input_pos is None:
             input_pos = torch.arange(T, device=idx.device)
-        if T > self.config.block_size or int(input_pos[-1]) >= self.config.block_size:
-            raise ValueError(f"Sequence position {int(input_pos[-1])} is beyond the model's block_size {self.config.block_size}")
+        if T > self.config.block_size or last >= self.config.block_size:
+            raise ValueError(f"Sequence position {last} is beyond the model's block_size {self.config.block_size}")
         x = self.transformer.wte(idx)
         rope_pos = input_pos
         cache = self.transformer.h[0].attn.kv_cache
@@ -154,8 +168,10 @@ class GPT(nn.Module):
         """The hidden states `(B, T, n_embd)` through every Block, checkpointed as `gradient_checkpointing` says
         when gradients are being recorded (never with a KV cache)."""
         cache = self.transformer.h[0].attn.kv_cache
-        checkpointing = self.gradient_checkpointing if torch.is_grad_enabled() and cache is None else "none"
-        for block in self.transformer.h:
+        training = torch.is_grad_enabled() and cache is None
+        checkpointing = self.gradient_checkpointing if training else "none"
+        blocks = self.compiled_blocks if training and self.compiled_blocks is not None else self.transformer.h
+        for block in blocks:
             if checkpointing == "block":
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, input_pos, None, spans, use_reentrant=False)
             elif checkpointing == "offload":
