@@ -280,8 +280,13 @@ class CausalSelfAttention(nn.Module):
         """The heads' outputs `(B, n_head, T, head_size)`; `mask=None` is causal. A method so that LLaMA-Adapter
         (model/adapter.py) can add its prompt's term to it."""
         c = self.config
+        # a branch, not an expression: under torch.compile's dynamic shapes the length is symbolic, and SDPA takes a
+        # plain bool (a branch on it becomes a guard of the compiled graph)
+        is_causal = False
+        if mask is None and q.size(2) > 1:
+            is_causal = True
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and q.size(2) > 1, scale=1.0 / math.sqrt(c.head_size),
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=1.0 / math.sqrt(c.head_size),
             enable_gqa=c.n_query_groups != c.n_head,
         )
 
