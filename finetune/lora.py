@@ -141,7 +141,8 @@ def setup(
             ~150-180 KB to 8 KB per token per layer at 8B width, for about one more forward pass of compute); offload
             (block, and each Block's input waits in pinned CPU memory: activations no longer grow with depth).
         compile: torch.compile each Block of the training forward and backward pass (dynamic shapes: one graph for
-            every sequence length; validation and generation stay eager). Costs a compilation at step 1.
+            every sequence length; validation, generation and --packing's rows stay eager). Costs a compilation at
+            step 1.
         optimizer: adamw; adamw_fused (one fused kernel per step); adamw8bit (bitsandbytes: 8-bit moments, 2 instead
             of 8 bytes of state per trained parameter); paged_adamw8bit (adamw8bit paged to host memory on CUDA).
         eval_interval: Validate (loss + a sample generation) every this many optimizer steps.

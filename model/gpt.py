@@ -107,7 +107,8 @@ class GPT(nn.Module):
         Shapes are dynamic, so micro-batches of other lengths reuse one graph instead of compiling again (a batch
         dimension of 1 is specialized: at most one more graph). The compiled Blocks wrap the same modules, so the
         weights, their names and FSDP's hooks stay as they are: call it after `fabric.setup_module`. A checkpointed
-        Block (`set_gradient_checkpointing`) recomputes through the compiled Block."""
+        Block (`set_gradient_checkpointing`) recomputes through the compiled Block. Packed rows (`segment_ids`) run
+        the eager Blocks."""
         self.compiled_blocks = [torch.compile(block, dynamic=True) for block in self.transformer.h]
         return self
 
@@ -170,7 +171,10 @@ class GPT(nn.Module):
         cache = self.transformer.h[0].attn.kv_cache
         training = torch.is_grad_enabled() and cache is None
         checkpointing = self.gradient_checkpointing if training else "none"
-        blocks = self.compiled_blocks if training and self.compiled_blocks is not None else self.transformer.h
+        # packed rows run eager: their per-sample attention calls are shaped by the sample boundaries, which a
+        # compiled Block would guard on and compile again for every layout of samples
+        compiled = training and self.compiled_blocks is not None and spans is None
+        blocks = self.compiled_blocks if compiled else self.transformer.h
         for block in blocks:
             if checkpointing == "block":
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, input_pos, None, spans, use_reentrant=False)

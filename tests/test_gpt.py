@@ -107,4 +107,7 @@ def test_compiled_blocks_give_the_loss_and_lora_gradients_of_eager_at_every_leng
     assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
     with torch.no_grad():  # no gradients: the eager Blocks, no compilation
         compiled(torch.randint(0, VOCAB, (1, 9)))
+    # packed rows: the eager Blocks too (a compiled one would compile again for every layout of samples)
+    for segment_ids in (torch.tensor([[0] * 10 + [1] * 14] * 2), torch.tensor([[0] * 3 + [1] * 9 + [2] * 12] * 2)):
+        assert lora_loss_and_grads(compiled, 24, segment_ids)[0] == lora_loss_and_grads(eager, 24, segment_ids)[0]
     assert dict(counters["stats"]) == graphs
