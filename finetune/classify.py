@@ -93,6 +93,8 @@ class ClassifyArgs:
     overwrite: bool
     gradient_checkpointing: str
     optimizer: str
+    group_by_length: bool
+    compile: bool
 
 
 def setup(
@@ -120,12 +122,14 @@ def setup(
     max_steps: Optional[PositiveInt] = None,
     epochs: PositiveInt = 1,
     max_seq_length: Optional[PositiveInt] = None,
+    group_by_length: bool = True,
     eval_interval: PositiveInt = 50,
     eval_iters: PositiveInt = 8,
     save_interval: PositiveInt = 100,
     logistic_c: float = 1.0,
     feature_batch_size: PositiveInt = 16,
     gradient_checkpointing: Literal["none", "block", "offload"] = "none",
+    compile: bool = False,
     optimizer: Literal["adamw", "adamw_fused", "adamw8bit", "paged_adamw8bit"] = "adamw",
     seed: int = 1337,
     resume: Union[bool, Literal["auto"], Path] = False,
@@ -165,6 +169,9 @@ def setup(
         max_steps: Optimizer steps to run; default: `epochs` over the training set.
         epochs: Passes over the training set (when max_steps is not given).
         max_seq_length: Cut texts to this many tokens; default: as prepared (up to the model's context).
+        group_by_length: Cut micro-batches from texts of similar length (sorted within windows of 50 micro-batches
+            of the shuffled texts, the batch order shuffled again), so little padding is computed; false: a plain
+            shuffle.
         eval_interval: Validate (loss and accuracy on part of the test split) every this many optimizer steps.
         eval_iters: Validation batches per evaluation.
         save_interval: Save a resumable checkpoint every this many optimizer steps.
@@ -174,6 +181,8 @@ def setup(
         gradient_checkpointing: none; block (recompute each Block in the backward pass: activation memory from
             ~150-180 KB to 8 KB per token per layer at 8B width, for about one more forward pass of compute); offload
             (block, and each Block's input waits in pinned CPU memory: activations no longer grow with depth).
+        compile: torch.compile each Block of the training forward and backward pass (dynamic shapes: one graph for
+            every sequence length; validation and prediction stay eager). Costs a compilation at step 1.
         optimizer: adamw; adamw_fused (one fused kernel per step); adamw8bit (bitsandbytes: 8-bit moments, 2 instead
             of 8 bytes of state per trained parameter); paged_adamw8bit (adamw8bit paged to host memory on CUDA).
         seed: Random seed (data order, dropout, initialization).
@@ -328,6 +337,8 @@ def train_classifier(fabric, classifier, train_data, test_data, max_seq_length: 
     learning_rate = args.learning_rate or DEFAULT_LEARNING_RATES.get(args.mode, 0.0)
     groups = [{"params": head, "lr": args.head_learning_rate}] + ([{"params": body, "lr": learning_rate}] if body else [])
     model = fabric.setup_module(classifier)
+    if args.compile:
+        classifier.gpt.compile_blocks()
     check_writable(args.out_dir, checkpoint_bytes(model, trainable_only=True))
     optimizer = build_optimizer(args.optimizer, groups, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     optimizer = fabric.setup_optimizers(optimizer)
@@ -351,9 +362,10 @@ def train_classifier(fabric, classifier, train_data, test_data, max_seq_length: 
     started = time.perf_counter()
     model.train()
     if state["step"] == 0:
-        validate(fabric, model, test_data, max_seq_length, args, metrics, step=0)
+        with throughput.paused():  # tokens/s counts training time only
+            validate(fabric, model, test_data, max_seq_length, args, metrics, step=0)
     while state["step"] < max_steps:
-        batches = epoch_batches(lengths, args.micro_batch_size, state["epoch"], args.seed)
+        batches = epoch_batches(lengths, args.micro_batch_size, state["epoch"], args.seed, args.group_by_length)
         while state["batch_in_epoch"] + accumulate <= len(batches) and state["step"] < max_steps:
             loss_sum = 0.0
             for i in range(accumulate):
@@ -362,9 +374,9 @@ def train_classifier(fabric, classifier, train_data, test_data, max_seq_length: 
                 logits = model(batch["input_ids"].to(fabric.device), batch["attention_mask"].to(fabric.device))
                 loss = F.cross_entropy(logits.float(), batch["labels"].to(fabric.device))
                 fabric.backward(loss / accumulate)
-                loss_sum += loss.item()
-                throughput.update(int(batch["attention_mask"].sum()))
-            loss = loss_sum / accumulate
+                loss_sum += loss.detach()  # read once per step: no host sync per micro-batch
+                throughput.update(int(batch["attention_mask"].sum()))  # real tokens (a host tensor: no sync)
+            loss = (loss_sum / accumulate).item()
             # checked before the optimizer step, so a non-finite value never reaches the weights or a checkpoint
             grad_norm = fabric.clip_gradients(model, optimizer, max_norm=1.0, error_if_nonfinite=False).item()
             skips_overflow = getattr(fabric.strategy.precision, "scaler", None) is not None
@@ -385,11 +397,12 @@ def train_classifier(fabric, classifier, train_data, test_data, max_seq_length: 
             metrics.log({"step": step, "epoch": state["epoch"], "loss": loss, "lr": lr,
                          "tokens_per_s": throughput.tokens_per_s(), "memory_gb": memory})
             if step % args.eval_interval == 0 or step == max_steps:
-                validate(fabric, model, test_data, max_seq_length, args, metrics, step)
+                with throughput.paused():
+                    validate(fabric, model, test_data, max_seq_length, args, metrics, step)
             stopping = stop.requested(fabric)
             if step % args.save_interval == 0 or step == max_steps or stopping:
                 state["rng"] = rng_state()
-                with disk_errors(args.out_dir):
+                with throughput.paused(), disk_errors(args.out_dir):
                     path = save_training_state(fabric, args.out_dir, step, state, trainable_only=True,
                                                extra=lambda directory: save_classifier(model, directory, hparams))
                 print_rank0(fabric, f"Saved a checkpoint to {path}")

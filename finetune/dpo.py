@@ -40,7 +40,7 @@ import torch
 
 from model.cli import NonNegativeInt, PositiveInt, run_cli
 from model.config import Config
-from model.data.preference import collate_pairs, load_pairs, pair_lengths, with_answers
+from model.data.preference import collate_pairs, load_pairs, pair_lengths, pair_tokens, with_answers
 from model.data.prepare import check_prepared_data
 from model.device import peak_memory_gb
 from model.gpt import GPT
@@ -137,10 +137,12 @@ def setup(
     max_steps: Optional[PositiveInt] = None,
     epochs: PositiveInt = 1,
     max_seq_length: Optional[PositiveInt] = None,
+    group_by_length: bool = True,
     eval_interval: PositiveInt = 25,
     eval_iters: PositiveInt = 25,
     save_interval: PositiveInt = 100,
     gradient_checkpointing: Literal["none", "block", "offload"] = "none",
+    compile: bool = False,
     optimizer: Literal["adamw", "adamw_fused", "adamw8bit", "paged_adamw8bit"] = "adamw",
     seed: int = 1337,
     resume: Union[bool, Literal["auto"], Path] = False,
@@ -188,12 +190,17 @@ def setup(
         max_steps: Optimizer steps to run; default: `epochs` over the training pairs.
         epochs: Passes over the training pairs (when max_steps is not given).
         max_seq_length: Cut sequences to this many tokens; default: the longest (up to the model's context).
+        group_by_length: Cut micro-batches from pairs of similar length (sorted within windows of 50 micro-batches
+            of the shuffled pairs, the batch order shuffled again), so little padding is computed; false: a plain
+            shuffle.
         eval_interval: Validate every this many optimizer steps (and at the first and the last).
         eval_iters: Validation batches per evaluation (the first eval_iters * micro_batch_size pairs of test.pt).
         save_interval: Save a resumable checkpoint every this many optimizer steps.
         gradient_checkpointing: none; block (recompute each Block in the backward pass: activation memory from
             ~150-180 KB to 8 KB per token per layer at 8B width, for about one more forward pass of compute); offload
             (block, and each Block's input waits in pinned CPU memory: activations no longer grow with depth).
+        compile: torch.compile each Block of the training forward and backward pass (dynamic shapes: one graph for
+            every sequence length; validation and generation stay eager). Costs a compilation at step 1.
         optimizer: adamw; adamw_fused (one fused kernel per step); adamw8bit (bitsandbytes: 8-bit moments, 2 instead
             of 8 bytes of state per trained parameter); paged_adamw8bit (adamw8bit paged to host memory on CUDA).
         seed: Random seed (data order, dropout, initialization).
@@ -262,6 +269,8 @@ def main(fabric: L.Fabric, args: TrainArgs, dpo: DPOArgs, lora_config: Optional[
         mark_only_lora_as_trainable(model)
     log(f"Trainable parameters: {count_parameters(model):,} of {count_parameters(model, None):,}")
     model = fabric.setup_module(model)
+    if args.compile:  # after setup: under FSDP the compiled Blocks are the sharded ones
+        model.module.compile_blocks()
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(args.optimizer, trainable, lr=args.learning_rate, weight_decay=args.weight_decay,
@@ -374,12 +383,14 @@ def train(fabric: L.Fabric, state: dict, args: TrainArgs, dpo: DPOArgs, *, refer
     model.train()
 
     if state["step"] == 0:
-        validate(fabric, model, reference, val_data, max_seq_length, args, dpo, metrics, step=0)
+        with throughput.paused():  # tokens/s counts training time only
+            validate(fabric, model, reference, val_data, max_seq_length, args, dpo, metrics, step=0)
     while state["step"] < max_steps:
-        batches = epoch_batches(lengths, args.micro_batch_size, state["epoch"], args.seed)
+        batches = epoch_batches(lengths, args.micro_batch_size, state["epoch"], args.seed, args.group_by_length)
         batches = batches[fabric.global_rank::fabric.world_size][: len(batches) // fabric.world_size]
         while state["batch_in_epoch"] + accumulate <= len(batches) and state["step"] < max_steps:
-            totals = torch.zeros(5)  # loss, reward_chosen, reward_rejected, accuracy, pairs
+            # loss, reward_chosen, reward_rejected, accuracy, pairs: summed on the device, read once per step
+            totals = torch.zeros(5, device=fabric.device)
             for i in range(accumulate):
                 indices = batches[state["batch_in_epoch"] + i]
                 batch = collate_pairs([train_data[j] for j in indices], max_seq_length)
@@ -389,11 +400,11 @@ def train(fabric: L.Fabric, state: dict, args: TrainArgs, dpo: DPOArgs, *, refer
                     loss, chosen_rewards, rejected_rewards = pair_loss(model, reference, "train", indices, input_ids,
                                                                        labels, dpo)
                     fabric.backward(loss / accumulate)
-                totals += torch.tensor([loss.item() * len(indices), chosen_rewards.sum().item(),
-                                        rejected_rewards.sum().item(),
-                                        (chosen_rewards > rejected_rewards).sum().item(), len(indices)])
-                throughput.update(int(input_ids.numel()) * fabric.world_size)
-            totals = fabric.all_reduce(totals.to(fabric.device), reduce_op="sum").cpu()
+                totals[:4] += torch.stack([loss.detach().float() * len(indices), chosen_rewards.sum(),
+                                           rejected_rewards.sum(), (chosen_rewards > rejected_rewards).sum()]).float()
+                totals[4] += len(indices)
+                throughput.update(pair_tokens([train_data[j] for j in indices], max_seq_length) * fabric.world_size)
+            totals = fabric.all_reduce(totals, reduce_op="sum").cpu()
             loss, reward_chosen, reward_rejected, accuracy = (totals[:4] / totals[4]).tolist()
             # checked before the optimizer step, so a non-finite value never reaches the weights or a checkpoint
             grad_norm = fabric.clip_gradients(model, optimizer, max_norm=1.0, error_if_nonfinite=False).item()
@@ -420,11 +431,12 @@ def train(fabric: L.Fabric, state: dict, args: TrainArgs, dpo: DPOArgs, *, refer
                          "reward_rejected": reward_rejected, "reward_margin": reward_chosen - reward_rejected,
                          "accuracy": accuracy, "memory_gb": memory})
             if step % args.eval_interval == 0 or step == max_steps:
-                validate(fabric, model, reference, val_data, max_seq_length, args, dpo, metrics, step)
+                with throughput.paused():
+                    validate(fabric, model, reference, val_data, max_seq_length, args, dpo, metrics, step)
             stopping = stop.requested(fabric)
             if step % args.save_interval == 0 or step == max_steps or stopping:
                 state["rng"] = rng_state()
-                with disk_errors(args.out_dir):
+                with throughput.paused(), disk_errors(args.out_dir):
                     path = save_training_state(
                         fabric, args.out_dir, step, state, trainable_only=dpo.method != "full",
                         extra=lambda directory: (save_adapter(fabric, model, directory, hparams) if dpo.method != "full"

@@ -72,7 +72,9 @@ def setup(
     epochs: PositiveInt = 1,
     max_seq_length: Optional[PositiveInt] = None,
     packing: bool = False,
+    group_by_length: bool = True,
     gradient_checkpointing: Literal["none", "block", "offload"] = "none",
+    compile: bool = False,
     optimizer: Literal["adamw", "adamw_fused", "adamw8bit", "paged_adamw8bit"] = "adamw",
     eval_interval: PositiveInt = 50,
     eval_iters: PositiveInt = 20,
@@ -106,9 +108,15 @@ def setup(
         packing: Pack several samples into each row of up to max_seq_length tokens, each sample attending only to
             itself with its positions restarting (no padding wasted; the loss is unchanged). micro_batch_size and
             global_batch_size then count rows.
+        group_by_length: Cut micro-batches from samples of similar length (sorted within windows of 50
+            micro-batches of the shuffled data, the batch order shuffled again), so little padding is computed;
+            false: a plain shuffle. With --packing it groups the packed rows.
         gradient_checkpointing: none; block (recompute each Block in the backward pass: activation memory from
             ~150-180 KB to 8 KB per token per layer at 8B width, for about one more forward pass of compute); offload
             (block, and each Block's input waits in pinned CPU memory: activations no longer grow with depth).
+        compile: torch.compile each Block of the training forward and backward pass (dynamic shapes: one graph for
+            every sequence length; validation, generation and --packing's rows stay eager). Costs a compilation at
+            step 1.
         optimizer: adamw; adamw_fused (one fused kernel per step); adamw8bit (bitsandbytes: 8-bit moments, 2 instead
             of 8 bytes of state per trained parameter); paged_adamw8bit (adamw8bit paged to host memory on CUDA).
         eval_interval: Validate (loss + a sample generation) every this many optimizer steps.
@@ -154,6 +162,8 @@ def main(fabric: L.Fabric, args: TrainArgs, hparams: dict) -> None:
     model.set_gradient_checkpointing(args.gradient_checkpointing)
     print_rank0(fabric, f"Trainable parameters: {count_parameters(model):,}")
     model = fabric.setup_module(model)
+    if args.compile:  # after setup: under FSDP the compiled Blocks are the sharded ones
+        model.module.compile_blocks()
 
     optimizer = build_optimizer(args.optimizer, model.parameters(), lr=args.learning_rate,
                                 weight_decay=args.weight_decay, betas=(0.9, 0.95))
@@ -205,9 +215,10 @@ def train(fabric: L.Fabric, state: dict, args: TrainArgs, *, train_data: list, v
     model.train()
 
     if state["step"] == 0:
-        validate(fabric, model, val_data, collate, tokenizer, args, metrics, step=0)
+        with throughput.paused():  # tokens/s counts training time only
+            validate(fabric, model, val_data, collate, tokenizer, args, metrics, step=0)
     while state["step"] < max_steps:
-        batches = epoch_batches(lengths, args.micro_batch_size, state["epoch"], args.seed)
+        batches = epoch_batches(lengths, args.micro_batch_size, state["epoch"], args.seed, args.group_by_length)
         batches = batches[fabric.global_rank::fabric.world_size][: len(batches) // fabric.world_size]
         while state["batch_in_epoch"] + accumulate <= len(batches) and state["step"] < max_steps:
             loss_sum = 0.0
@@ -220,7 +231,7 @@ def train(fabric: L.Fabric, state: dict, args: TrainArgs, *, train_data: list, v
                     loss = next_token_loss(model, input_ids, labels, batch.get("segment_ids"))
                     fabric.backward(loss / accumulate)
                 loss_sum += loss.detach()  # read once per step: no host sync per micro-batch
-                throughput.update(int(input_ids.numel()) * fabric.world_size)
+                throughput.update(sum(lengths[j] for j in indices) * fabric.world_size)  # padding excluded
             # the global batch's loss: every rank's micro-batches, as one process would report it
             loss = fabric.all_reduce(loss_sum / accumulate, reduce_op="mean").item()
             # checked before the optimizer step, so a non-finite value never reaches the weights or a checkpoint;
@@ -247,11 +258,12 @@ def train(fabric: L.Fabric, state: dict, args: TrainArgs, *, train_data: list, v
             metrics.log({"step": step, "epoch": state["epoch"], "loss": loss, "lr": lr,
                          "tokens_per_s": throughput.tokens_per_s(), "memory_gb": memory})
             if step % args.eval_interval == 0 or step == max_steps:
-                validate(fabric, model, val_data, collate, tokenizer, args, metrics, step)
+                with throughput.paused():
+                    validate(fabric, model, val_data, collate, tokenizer, args, metrics, step)
             stopping = stop.requested(fabric)
             if step % args.save_interval == 0 or step == max_steps or stopping:
                 state["rng"] = rng_state()
-                with disk_errors(args.out_dir):
+                with throughput.paused(), disk_errors(args.out_dir):
                     path = save_training_state(fabric, args.out_dir, step, state, trainable_only=False,
                                                extra=lambda directory: save_hparams(directory, hparams))
                 print_rank0(fabric, f"Saved a checkpoint to {path}")

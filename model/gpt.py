@@ -46,6 +46,7 @@ class GPT(nn.Module):
         # position 4096), so a run would train on other angles than it is evaluated on.
         self.rope_cache: dict[tuple[torch.device, bool], torch.Tensor] = {}
         self.gradient_checkpointing = "none"
+        self.compiled_blocks: Optional[list[Callable[..., torch.Tensor]]] = None
 
     @classmethod
     def from_checkpoint(
@@ -99,6 +100,18 @@ class GPT(nn.Module):
         self.gradient_checkpointing = mode
         return self
 
+    def compile_blocks(self) -> "GPT":
+        """`torch.compile` each Block for the forward passes that record gradients (training); evaluation and
+        generation (no gradients, or a KV cache) keep the eager Blocks, so they never trigger a compilation.
+
+        Shapes are dynamic, so micro-batches of other lengths reuse one graph instead of compiling again (a batch
+        dimension of 1 is specialized: at most one more graph). The compiled Blocks wrap the same modules, so the
+        weights, their names and FSDP's hooks stay as they are: call it after `fabric.setup_module`. A checkpointed
+        Block (`set_gradient_checkpointing`) recomputes through the compiled Block. Packed rows (`segment_ids`) run
+        the eager Blocks."""
+        self.compiled_blocks = [torch.compile(block, dynamic=True) for block in self.transformer.h]
+        return self
+
     def forward(
         self,
         idx: torch.Tensor,
@@ -127,11 +140,12 @@ class GPT(nn.Module):
         loss without ever holding the full-vocabulary logits.
         """
         T = idx.size(1)
+        # the last position, read from the device only when given: a training step makes no host-device sync here
+        last = T - 1 if input_pos is None else int(input_pos.max())
         if input_pos is None:
             input_pos = torch.arange(T, device=idx.device)
-        if T > self.config.block_size or int(input_pos.max()) >= self.config.block_size:
-            raise ValueError(
-                f"Sequence position {int(input_pos.max())} is beyond the model's block_size {self.config.block_size}")
+        if T > self.config.block_size or last >= self.config.block_size:
+            raise ValueError(f"Sequence position {last} is beyond the model's block_size {self.config.block_size}")
         x = self.transformer.wte(idx)
         rope_pos = input_pos
         cache = self.transformer.h[0].attn.kv_cache
@@ -157,8 +171,13 @@ class GPT(nn.Module):
         """The hidden states `(B, T, n_embd)` through every Block, checkpointed as `gradient_checkpointing` says
         when gradients are being recorded (never with a KV cache)."""
         cache = self.transformer.h[0].attn.kv_cache
-        checkpointing = self.gradient_checkpointing if torch.is_grad_enabled() and cache is None else "none"
-        for block in self.transformer.h:
+        training = torch.is_grad_enabled() and cache is None
+        checkpointing = self.gradient_checkpointing if training else "none"
+        # packed rows run eager: their per-sample attention calls are shaped by the sample boundaries, which a
+        # compiled Block would guard on and compile again for every layout of samples
+        compiled = training and self.compiled_blocks is not None and spans is None
+        blocks = self.compiled_blocks if compiled else self.transformer.h
+        for block in blocks:
             if checkpointing == "block":
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, input_pos, None, spans, use_reentrant=False)
             elif checkpointing == "offload":
@@ -276,8 +295,13 @@ class CausalSelfAttention(nn.Module):
         """The heads' outputs `(B, n_head, T, head_size)`; `mask=None` is causal. A method so that LLaMA-Adapter
         (model/adapter.py) can add its prompt's term to it."""
         c = self.config
+        # a branch, not an expression: under torch.compile's dynamic shapes the length is symbolic, and SDPA takes a
+        # plain bool (a branch on it becomes a guard of the compiled graph)
+        is_causal = False
+        if mask is None and q.size(2) > 1:
+            is_causal = True
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and q.size(2) > 1, scale=1.0 / math.sqrt(c.head_size),
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=1.0 / math.sqrt(c.head_size),
             enable_gqa=c.n_query_groups != c.n_head,
         )
 

@@ -559,3 +559,24 @@ def test_gradient_checkpointing_trains_exactly_as_without(tiny_dir, make_data, t
         runs[mode] = [float(row["loss"]) for row in training_rows(tmp_path / mode)]
     assert len(runs["none"]) == 3
     assert runs["block"] == pytest.approx(runs["none"], rel=1e-5) and runs["offload"] == pytest.approx(runs["none"], rel=1e-5)
+
+
+def test_compile_trains_two_steps_and_tokens_per_s_counts_real_tokens(tiny_dir, make_data, tmp_path, monkeypatch):
+    """--compile true trains through the compiled Blocks (validation stays eager), and the throughput counts each
+    micro-batch's real tokens, not the padded batch's positions."""
+    torch._dynamo.reset()
+    counted = []
+    update = lora.Throughput.update
+    monkeypatch.setattr(lora.Throughput, "update", lambda self, tokens: (counted.append(tokens), update(self, tokens)))
+    data_dir = make_data(8)
+    out_dir = tmp_path / "compiled"
+    finetune(tiny_dir, data_dir, out_dir, max_steps=2, micro_batch_size=2, global_batch_size=2, compile=True)
+    losses = [float(row["loss"]) for row in training_rows(out_dir)]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    assert (out_dir / "final" / LORA_WEIGHTS).is_file()
+    assert yaml.safe_load((out_dir / "hparams.yaml").read_text())["compile"] is True
+
+    block_size = Config.from_checkpoint(tiny_dir).block_size
+    lengths = [min(len(s["input_ids"]), block_size) for s in load_dataset(data_dir / "train.pt")]
+    batches = lora.epoch_batches(lengths, 2, 0, seed=1337, group_by_length=True)[:2]
+    assert counted == [sum(lengths[i] for i in batch) for batch in batches]  # the padding is not counted

@@ -1,10 +1,17 @@
-"""model/gpt.py: attention is causal and windowed where the config says, and `logits_mask` computes exactly the
-logits it keeps (the logits of every family against transformers are in test_convert.py)."""
+"""model/gpt.py: attention is causal and windowed where the config says, `logits_mask` computes exactly the
+logits it keeps (the logits of every family against transformers are in test_convert.py), and compiled Blocks
+train as the eager ones without compiling again for every sequence length."""
 
+import copy
+
+import pytest
 import torch
+import torch.nn.functional as F
 from hf_models import VOCAB
 
 from model import GPT, Config
+from model.data.sft import IGNORE_INDEX
+from model.lora import LoRAConfig, inject_lora, mark_only_lora_as_trainable
 
 
 def tiny_gpt(**overrides) -> GPT:
@@ -51,3 +58,56 @@ def test_logits_mask_keeps_exactly_the_masked_positions():
         full, masked = model(idx), model(idx, logits_mask=mask)
     assert masked.shape == (3, VOCAB)
     assert torch.allclose(masked, full[mask], atol=1e-5)
+
+
+def lora_loss_and_grads(model: GPT, length: int, segment_ids=None):
+    generator = torch.Generator().manual_seed(length)
+    ids = torch.randint(0, VOCAB, (2, length), generator=generator)
+    targets = torch.randint(0, VOCAB, (2, length), generator=generator)
+    targets[:, :3] = IGNORE_INDEX
+    model.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(ids, segment_ids=segment_ids).flatten(0, 1), targets.flatten(),
+                           ignore_index=IGNORE_INDEX)
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_compiled_blocks_give_the_loss_and_lora_gradients_of_eager_at_every_length(one_thread):
+    """fp32 LoRA through inductor: the loss and every LoRA gradient equal eager's to float32 rounding, without and
+    with gradient checkpointing (the checkpoint recomputes through the compiled Block), at three sequence lengths
+    that reuse the graphs of the first (dynamic shapes); evaluation stays eager."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # graphs of other tests' models would count against the recompile limit
+    counters.clear()
+    eager = tiny_gpt(n_embd=64)
+    inject_lora(eager, LoRAConfig(r=4, alpha=8, dropout=0.0, key=True, mlp=True))
+    mark_only_lora_as_trainable(eager)
+    with torch.no_grad():  # B = 0 at init would give A no gradient
+        for name, param in eager.named_parameters():
+            if name.endswith(".B"):
+                param.normal_(0, 0.1)
+    eager.train()
+    compiled = copy.deepcopy(eager).compile_blocks()
+    for checkpointing in ("none", "block", "offload"):
+        eager.set_gradient_checkpointing(checkpointing)
+        compiled.set_gradient_checkpointing(checkpointing)
+        graphs = None
+        for length in (24, 17, 40):
+            loss, grads = lora_loss_and_grads(eager, length)
+            compiled_loss, compiled_grads = lora_loss_and_grads(compiled, length)
+            torch.testing.assert_close(compiled_loss, loss, atol=1e-6, rtol=1e-5)
+            assert compiled_grads.keys() == grads.keys() and all(grad.abs().sum() > 0 for grad in grads.values())
+            for name, grad in grads.items():
+                torch.testing.assert_close(compiled_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+            graphs = graphs or dict(counters["stats"])
+            assert dict(counters["stats"]) == graphs, f"compiled again for length {length} ({checkpointing})"
+    # one graph for the first Block (its input needs no gradient: the embedding is frozen), one for the others;
+    # offload also runs them without gradients in the forward pass: two more
+    assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+    with torch.no_grad():  # no gradients: the eager Blocks, no compilation
+        compiled(torch.randint(0, VOCAB, (1, 9)))
+    # packed rows: the eager Blocks too (a compiled one would compile again for every layout of samples)
+    for segment_ids in (torch.tensor([[0] * 10 + [1] * 14] * 2), torch.tensor([[0] * 3 + [1] * 9 + [2] * 12] * 2)):
+        assert lora_loss_and_grads(compiled, 24, segment_ids)[0] == lora_loss_and_grads(eager, 24, segment_ids)[0]
+    assert dict(counters["stats"]) == graphs

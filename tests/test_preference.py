@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import Config
-from model.data.preference import collate_pairs
+from model.data.preference import collate_pairs, pair_tokens
 from model.data.sft import IGNORE_INDEX
 from model.gpt import GPT
 from model.lora import LoRAConfig, inject_lora, lora_disabled
@@ -198,6 +198,14 @@ def test_padded_and_unpadded_batches_give_the_same_logps(tiny_gpt):
                 [(p[f"{side}_input_ids"], p[f"{side}_labels"]) for side in ("chosen", "rejected") for p in PAIRS]):
             alone, _ = sequence_logps(tiny_gpt, ids.unsqueeze(0), labels.unsqueeze(0))
             assert alone.item() == pytest.approx(batched[row].item(), abs=1e-5)
+
+
+def test_pair_tokens_are_the_real_tokens_of_the_padded_batch():
+    """finetune/dpo.py's tokens/s counts pair_tokens: both sides of every pair, cut, without their padding."""
+    for max_seq_length in (7, 100):  # 7 cuts the longest rejected answer
+        batch = collate_pairs(PAIRS, max_seq_length=max_seq_length, pad_id=-1)
+        real = int((batch["input_ids"] != -1).sum())
+        assert pair_tokens(PAIRS, max_seq_length) == real < batch["input_ids"].numel()
 
 
 def test_collate_cuts_and_orders_chosen_then_rejected():

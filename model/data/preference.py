@@ -125,3 +125,9 @@ def collate_pairs(samples: list[dict], max_seq_length: int = -1, pad_id: int = 0
 
 def pair_lengths(samples: list[dict], max_seq_length: int) -> list[int]:
     return [min(max(len(s["chosen_input_ids"]), len(s["rejected_input_ids"])), max_seq_length) for s in samples]
+
+
+def pair_tokens(samples: list[dict], max_seq_length: int) -> int:
+    """The real tokens of `collate_pairs(samples, max_seq_length)`: both sequences of every pair, padding excluded."""
+    return sum(min(len(s["chosen_input_ids"]), max_seq_length) + min(len(s["rejected_input_ids"]), max_seq_length)
+               for s in samples)

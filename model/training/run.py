@@ -11,6 +11,7 @@ import random
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -52,6 +53,8 @@ class TrainArgs:
     packing: bool = False
     gradient_checkpointing: str = "none"
     optimizer: str = "adamw"
+    group_by_length: bool = True
+    compile: bool = False
 
     @classmethod
     def from_flags(cls, flags: dict[str, Any]) -> "TrainArgs":
@@ -59,12 +62,30 @@ class TrainArgs:
         return cls(**{f.name: flags[f.name] for f in fields(cls) if f.name in flags})
 
 
-def epoch_batches(lengths: list[int], micro_batch_size: int, epoch: int, seed: int) -> list[list[int]]:
-    """The micro-batches (lists of sample indices) of one epoch: a seeded shuffle, with the batch holding the
-    longest sample moved to the front so that running out of memory happens at step 1, not hours in."""
+# Length grouping sorts samples within windows of this many micro-batches (HF's LengthGroupedSampler uses 50): wide
+# enough that neighbours have similar lengths, narrow enough that each window is still a random draw of the data.
+MEGA_BATCH_MICRO_BATCHES = 50
+
+
+def epoch_batches(lengths: list[int], micro_batch_size: int, epoch: int, seed: int,
+                  group_by_length: bool = False) -> list[list[int]]:
+    """The micro-batches (lists of sample indices) of one epoch, a pure function of `seed + epoch` (so a resumed run
+    cuts the same ones): a seeded shuffle, with the batch holding the longest sample moved to the front so that
+    running out of memory happens at step 1, not hours in.
+
+    `group_by_length`: a micro-batch is padded to its longest sample, so after the shuffle the samples are sorted by
+    length within windows of `MEGA_BATCH_MICRO_BATCHES` micro-batches, cut into micro-batches of similar lengths, and
+    the micro-batches' order is shuffled again (seeded): little padding is computed, and the order stays random at
+    the scale of whole micro-batches."""
     generator = torch.Generator().manual_seed(seed + epoch)
     order = torch.randperm(len(lengths), generator=generator).tolist()
+    if group_by_length:
+        window = micro_batch_size * MEGA_BATCH_MICRO_BATCHES
+        order = [i for start in range(0, len(order), window)
+                 for i in sorted(order[start:start + window], key=lambda i: lengths[i], reverse=True)]
     batches = [order[i:i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+    if group_by_length:
+        batches = [batches[b] for b in torch.randperm(len(batches), generator=generator).tolist()]
     longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
     batches[0], batches[longest] = batches[longest], batches[0]
     return batches
@@ -305,28 +326,46 @@ def _step(row: dict) -> Optional[int]:
 
 @dataclass
 class Throughput:
-    """Tokens per second and time left, over the steps of this process (resumed steps excluded)."""
+    """Training speed in real tokens per second and the time left, over the steps of this process (resumed steps
+    excluded).
+
+    `update` takes the real tokens of a micro-batch (padding excluded: a padded position costs compute but is not
+    data). tokens/s divides them by training time only: time spent inside `paused()` (validation, saving a
+    checkpoint) is left out. The ETA divides wall-clock time, pauses included, by the steps done, because the steps
+    left will validate and save as often. `clock` is injectable for tests."""
 
     start_step: int
     max_steps: int
+    clock: Callable[[], float] = time.perf_counter
     tokens: int = 0
     started: float = 0.0
+    paused_s: float = 0.0
 
     def __post_init__(self):
-        self.started = time.perf_counter()
+        self.started = self.clock()
 
     def update(self, tokens: int) -> None:
         self.tokens += tokens
 
-    def line(self, step: int, loss: float, lr: float, memory_gb: float) -> str:
-        elapsed = time.perf_counter() - self.started
-        done = max(1, step - self.start_step)
-        eta = elapsed / done * (self.max_steps - step)
-        return (f"step {step}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {self.tokens / elapsed:,.0f} tok/s"
-                f" | ETA {_duration(eta)} | mem {memory_gb:.2f} GB")
+    @contextmanager
+    def paused(self):
+        """Time spent in this block counts for the ETA but not for tokens/s."""
+        start = self.clock()
+        try:
+            yield
+        finally:
+            self.paused_s += self.clock() - start
 
     def tokens_per_s(self) -> float:
-        return self.tokens / (time.perf_counter() - self.started)
+        return self.tokens / max(self.clock() - self.started - self.paused_s, 1e-9)
+
+    def eta_s(self, step: int) -> float:
+        done = max(1, step - self.start_step)
+        return (self.clock() - self.started) / done * (self.max_steps - step)
+
+    def line(self, step: int, loss: float, lr: float, memory_gb: float) -> str:
+        return (f"step {step}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {self.tokens_per_s():,.0f} tok/s"
+                f" | ETA {_duration(self.eta_s(step))} | mem {memory_gb:.2f} GB")
 
 
 def _duration(seconds: float) -> str:
