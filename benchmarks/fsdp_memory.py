@@ -67,13 +67,19 @@ def record_run(record_dir: Path, flags: list[str]) -> None:
         from torch.distributed.tensor import DTensor
 
         train(fabric, state, *args, **kwargs)
+        from model.quantize import is_nf4
+
         params = list(state["model"].parameters())
         local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+        # an NF4 weight's bytes are its 4-bit data, int8 block scales and their scales, not numel x its float dtype
+        nbytes = [sum(t.numel() * t.element_size() for t in (p.quantized_data, p.quantized_scalers,
+                                                            p.quantization_factor)) if is_nf4(p)
+                  else p.numel() * p.element_size() for p in local]
         record = {
             "rank": fabric.global_rank, "world_size": fabric.world_size,
             "peak_memory_gb": peak_memory_gb(fabric.device),
             "cpu_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "weights_gb": sum(t.numel() * t.element_size() for t in local) / 2**30,
+            "weights_gb": sum(nbytes) / 2**30,
             # now, not peak: anonymous memory vs pages of memory-mapped files (a one-process run maps the weights)
             **{key: int(line.split()[1]) / 2**20 for line in Path("/proc/self/status").read_text().splitlines()
                for key in ("RssAnon", "RssFile") if line.startswith(key + ":")},
@@ -86,7 +92,8 @@ def record_run(record_dir: Path, flags: list[str]) -> None:
 
 def main(tokenizer_dir: Path, data_dir: Path, work_dir: Path, model_name: str = "Meta-Llama-3-8B",
          n_layer: Optional[int] = 2, devices: int = 2,
-         precision: str = "bf16-true", max_steps: int = 2, max_seq_length: int = 128) -> None:
+         precision: str = "bf16-true", max_steps: int = 2, max_seq_length: int = 128,
+         quantize: Optional[str] = None) -> None:
     """Build the checkpoint, run one process and FSDP on `devices` processes, print the table.
 
     Args:
@@ -99,20 +106,23 @@ def main(tokenizer_dir: Path, data_dir: Path, work_dir: Path, model_name: str = 
         precision: The runs' --precision.
         max_steps: Optimizer steps per run.
         max_seq_length: Longest sample, in tokens.
+        quantize: The runs' --quantize (ao.nf4: QLoRA, the one 4-bit format FSDP shards); default: none.
     """
     checkpoint_dir = work_dir / "checkpoint"
     build_checkpoint(tokenizer_dir, checkpoint_dir, model_name, n_layer)
     results = {}
     for name, strategy, n in (("1 process", "auto", 1), (f"FSDP, {devices} processes", "fsdp", devices)):
-        record_dir, out_dir = work_dir / f"record-{n}", work_dir / f"run-{n}"
+        suffix = f"{n}-{quantize}" if quantize else f"{n}"
+        record_dir, out_dir = work_dir / f"record-{suffix}", work_dir / f"run-{suffix}"
         record_dir.mkdir(parents=True, exist_ok=True)
         flags = ["--checkpoint_dir", checkpoint_dir, "--data_dir", data_dir, "--out_dir", out_dir, "--devices", n,
                  "--strategy", strategy, "--precision", precision, "--max_steps", max_steps, "--micro_batch_size", 1,
                  "--global_batch_size", n, "--max_seq_length", max_seq_length, "--lora_mlp", "true",
-                 "--eval_interval", 1000, "--eval_iters", 1, "--save_interval", 1000, "--resume", "false"]
+                 "--eval_interval", 1000, "--eval_iters", 1, "--save_interval", 1000, "--resume", "false",
+                 *(["--quantize", quantize] if quantize else [])]
         subprocess.run([sys.executable, __file__, "--record", record_dir, *map(str, flags)], check=True, cwd=ROOT)
         results[name] = [json.loads((record_dir / f"rank{r}.json").read_text()) for r in range(n)]
-    (work_dir / "fsdp_memory.json").write_text(json.dumps(results, indent=2))
+    (work_dir / f"fsdp_memory{'-' + quantize if quantize else ''}.json").write_text(json.dumps(results, indent=2))
     print("| run | rank | weights held (GB) | peak memory (GB) |\n|---|---|---|---|")
     for name, ranks in results.items():
         for r in ranks:

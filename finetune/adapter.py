@@ -52,6 +52,7 @@ from model.training.run import (
     warmup_cosine,
     with_answers,
 )
+from model.training.fsdp import full_tensors, is_fsdp
 from model.training.rundir import StopOnSignal, check_writable, checkpoint_bytes, disk_errors, open_run
 from model.training.strategy import default_precision, fabric_strategy, weights_dtype
 from model.weights.checkpoint import load_state_dict, require_checkpoint
@@ -65,7 +66,7 @@ def setup(
     quantize: Optional[str] = None,
     devices: PositiveInt = 1,
     num_nodes: PositiveInt = 1,
-    strategy: Literal["auto", "ddp"] = "auto",
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
     adapter_prompt_length: int = 10,
     adapter_start_layer: int = 2,
     adapter_version: Literal[1, 2] = 1,
@@ -98,9 +99,10 @@ def setup(
         precision: 32-true, bf16-true, bf16-mixed or 16-mixed. Default: bf16-true on GPU, 32-true on CPU.
         quantize: Store the frozen base in 4 bits (bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq) or 8 bits
             (bnb.int8, bnb.int8-training). Works on CPU and GPU.
-        devices: Devices per node (GPUs, or CPU processes with --strategy ddp).
+        devices: Devices per node (GPUs, or CPU processes with --strategy ddp or fsdp).
         num_nodes: Number of nodes.
-        strategy: auto or ddp (FSDP is built for finetune/lora.py, full.py and dpo.py).
+        strategy: auto, ddp (a full copy of the model per device) or fsdp (FSDP2: the frozen weights, the adapter
+            and its optimizer state sharded across the devices; see tutorials/multi_gpu.md).
         adapter_prompt_length: Learned prompt vectors per adapted block.
         adapter_start_layer: The first block (counting from 0) that gets a prompt; every block after it does too.
         adapter_version: 1 (LLaMA-Adapter) or 2 (LLaMA-Adapter V2: also a scale and bias on the output of every
@@ -140,10 +142,13 @@ def setup(
     args = TrainArgs.from_flags(hparams)
     adapter_config = AdapterConfig.from_hparams(hparams, source="the command line")
     validate_quantize(quantize)
+    if quantize and strategy == "fsdp":
+        raise ValueError("--quantize cannot be combined with --strategy fsdp in finetune/adapter.py: FSDP2 rebuilds every"
+                         " weight as a sharded DTensor, which drops bitsandbytes' quantization state; use --strategy ddp")
     require_checkpoint(checkpoint_dir)
     args.precision = hparams["precision"] = precision or default_precision(trains_base_weights=False)
-    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=fabric_strategy(strategy, devices, num_nodes),
-                      precision=args.precision)
+    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, precision=args.precision,
+                      strategy=fabric_strategy(strategy, devices, num_nodes, args.precision, checkpoint_dir))
     fabric.launch(main, args, adapter_config, quantize, hparams)
 
 def main(fabric: L.Fabric, args: TrainArgs, adapter_config: AdapterConfig, quantize: Optional[str],
@@ -162,10 +167,11 @@ def main(fabric: L.Fabric, args: TrainArgs, adapter_config: AdapterConfig, quant
     dtype = weights_dtype(fabric)
     with fabric.init_module(empty_init=True):
         model = GPT(config)
-    base = load_state_dict(args.checkpoint_dir, dtype=dtype)
-    check_weights(model, base, args.checkpoint_dir)
-    model.load_state_dict(base, assign=True)
-    model.reset_rope(fabric.device)
+    if not is_fsdp(fabric):  # FSDP loads each rank's shards in fabric.setup_module
+        base = load_state_dict(args.checkpoint_dir, dtype=dtype)
+        check_weights(model, base, args.checkpoint_dir)
+        model.load_state_dict(base, assign=True)
+        model.reset_rope(fabric.device)
     model.set_gradient_checkpointing(args.gradient_checkpointing)
     if quantize:
         quantize_model(model.to(fabric.device), quantize, compute_dtype=dtype)
@@ -209,9 +215,8 @@ def main(fabric: L.Fabric, args: TrainArgs, adapter_config: AdapterConfig, quant
     with StopOnSignal() as stop:
         train(fabric, state, args, train_data=train_data, val_data=val_data, lengths=lengths, tokenizer=tokenizer,
               max_steps=max_steps, accumulate=accumulate, max_seq_length=max_seq_length, hparams=hparams, stop=stop)
-    if fabric.global_rank == 0:
-        save_adapter(model, args.out_dir / "final", hparams)
-        print_rank0(fabric, f"Saved the adapter to {args.out_dir / 'final'}")
+    save_adapter(fabric, model, args.out_dir / "final", hparams)
+    print_rank0(fabric, f"Saved the adapter to {args.out_dir / 'final'}")
     run.close()
 
 
@@ -244,7 +249,8 @@ def train(fabric: L.Fabric, state: dict, args: TrainArgs, *, train_data: list, v
                     fabric.backward(loss / accumulate)
                 loss_sum += loss.detach()  # read once per step: no host sync per micro-batch
                 throughput.update(sum(lengths[j] for j in indices) * fabric.world_size)  # padding excluded
-            loss = (loss_sum / accumulate).item()
+            # the global batch's loss: every rank's micro-batches, as one process would report it
+            loss = fabric.all_reduce(loss_sum / accumulate, reduce_op="mean").item()
             # checked before the optimizer step, so a non-finite value never reaches the weights or a checkpoint;
             # the norm is of the all-reduced gradients, so every rank stops together. With 16-mixed an overflow
             # is routine: the grad scaler skips that step and lowers its scale.
@@ -277,7 +283,7 @@ def train(fabric: L.Fabric, state: dict, args: TrainArgs, *, train_data: list, v
                 # the adapter alone too, so generate/ and eval/ read a step directory as a run
                 with throughput.paused(), disk_errors(args.out_dir):
                     path = save_training_state(fabric, args.out_dir, step, state, trainable_only=True,
-                                               extra=lambda directory: save_adapter(model, directory, hparams))
+                                               extra=lambda directory: save_adapter(fabric, model, directory, hparams))
                 print_rank0(fabric, f"Saved a checkpoint to {path}")
                 if stopping:
                     raise stop.interrupted(step, path)
@@ -309,21 +315,26 @@ def validate(fabric, model, val_data, collate, tokenizer, args, metrics, step) -
         batch = collate(val_data[i:i + args.micro_batch_size])
         losses.append(next_token_loss(model, batch["input_ids"].to(fabric.device), batch["labels"].to(fabric.device)))
     val_loss = fabric.all_reduce(torch.stack(losses).mean(), reduce_op="mean").item()
-    # a sample generation shows what the numbers mean
-    sample = val_data[0]
-    prompt_ids = tokenizer.encode(sample["prompt"]).to(fabric.device)
-    t0 = time.perf_counter()
-    answer_ids = [t for t in generate(model, prompt_ids, 48, temperature=0.0, stop_ids=tokenizer.stop_ids)
-                  if t not in tokenizer.stop_ids]
-    print_rank0(fabric, f"step {step} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 20)):.2f}"
-                        f" | {time.perf_counter() - t0:.1f}s\n  prompt:   {sample['prompt']!r}\n"
-                        f"  expected: {sample['response']!r}\n  got:      {tokenizer.decode(answer_ids)!r}")
+    line = f"step {step} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 20)):.2f}"
+    if is_fsdp(fabric):  # a generation would all-gather every block for each token: the loss only
+        print_rank0(fabric, line)
+    else:  # a sample generation shows what the numbers mean
+        sample = val_data[0]
+        prompt_ids = tokenizer.encode(sample["prompt"]).to(fabric.device)
+        t0 = time.perf_counter()
+        answer_ids = [t for t in generate(model, prompt_ids, 48, temperature=0.0, stop_ids=tokenizer.stop_ids)
+                      if t not in tokenizer.stop_ids]
+        print_rank0(fabric, f"{line} | {time.perf_counter() - t0:.1f}s\n  prompt:   {sample['prompt']!r}\n"
+                            f"  expected: {sample['response']!r}\n  got:      {tokenizer.decode(answer_ids)!r}")
     metrics.log({"step": step, "val_loss": val_loss})
     model.train()
 
 
-def save_adapter(model, run_dir: Path, hparams: dict) -> None:
-    save_run_weights(run_dir, adapter_state_dict(getattr(model, "module", model)), ADAPTER_WEIGHTS, hparams)
+def save_adapter(fabric, model, run_dir: Path, hparams: dict) -> None:
+    # under FSDP every rank takes part in gathering the adapter to its true shapes; rank 0 writes it
+    adapter = dict(full_tensors(adapter_state_dict(getattr(model, "module", model)).items()))
+    if fabric.global_rank == 0:
+        save_run_weights(run_dir, adapter, ADAPTER_WEIGHTS, hparams)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,8 @@ from model.training.run import (
     warmup_cosine,
 )
 from model.training.rundir import Run, StopOnSignal, check_writable, checkpoint_bytes, disk_errors, open_run
-from model.training.strategy import default_precision, weights_dtype
+from model.training.fsdp import is_fsdp
+from model.training.strategy import default_precision, fabric_strategy, weights_dtype
 from model.weights.checkpoint import lit_weight_files, load_state_dict, require_checkpoint
 from model.workflows.classify import (
     Classifier,
@@ -105,6 +106,9 @@ def setup(
     n_layers: PositiveInt = 2,
     pooling: Literal["last", "mean"] = "last",
     precision: Optional[Literal["32-true", "bf16-true", "bf16-mixed", "16-mixed"]] = None,
+    devices: PositiveInt = 1,
+    num_nodes: PositiveInt = 1,
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto",
     lora_r: PositiveInt = 8,
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
@@ -151,6 +155,10 @@ def setup(
             Only `last` exports to transformers' *ForSequenceClassification.
         precision: 32-true, bf16-true, bf16-mixed or 16-mixed. Default on GPU: bf16-mixed for the modes that train
             GPT weights (last_layers, full), bf16-true for the others; 32-true on CPU.
+        devices: Devices per node (GPUs, or CPU processes with --strategy ddp or fsdp); --mode features runs on one.
+        num_nodes: Number of nodes.
+        strategy: auto, ddp (a full copy of the model per device) or fsdp (FSDP2: the model, its gradients and
+            optimizer state sharded across the devices; see tutorials/multi_gpu.md).
         lora_r: LoRA rank (--mode lora).
         lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
         lora_dropout: Dropout on the LoRA input.
@@ -202,11 +210,15 @@ def setup(
     if mode == "features" and resume not in (False, "false", "False"):
         raise ValueError("--mode features has no training steps to resume; rerun it with --overwrite true (the features"
                          " are cached)")
+    if mode == "features" and (devices * num_nodes > 1 or strategy == "fsdp"):
+        raise ValueError("--mode features extracts the features and fits the regression in one process: drop --devices,"
+                         " --num_nodes and --strategy")
     require_checkpoint(checkpoint_dir)
     lora_config = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, query=lora_query, key=lora_key,
                              value=lora_value, projection=lora_projection, mlp=lora_mlp) if mode == "lora" else None
     precision = hparams["precision"] = precision or default_precision(trains_base_weights=mode in ("last_layers", "full"))
-    fabric = L.Fabric(devices=1, precision=precision)
+    fabric = L.Fabric(devices=devices, num_nodes=num_nodes, precision=precision,
+                      strategy=fabric_strategy(strategy, devices, num_nodes, precision, checkpoint_dir))
     args = ClassifyArgs(**{name: hparams[name] for name in ClassifyArgs.__dataclass_fields__})
     fabric.launch(main, args, lora_config, hparams)
 
@@ -228,14 +240,17 @@ def main(fabric: L.Fabric, args: ClassifyArgs, lora_config: Optional[LoRAConfig]
     dtype = weights_dtype(fabric)
     with fabric.init_module(empty_init=True):
         gpt = GPT(config)
-    base = load_state_dict(args.checkpoint_dir, dtype=dtype)
-    check_weights(gpt, base, args.checkpoint_dir)
-    gpt.load_state_dict(base, assign=True)
-    gpt.reset_rope(fabric.device)
+    if not is_fsdp(fabric):  # FSDP loads each rank's shards in fabric.setup_module
+        base = load_state_dict(args.checkpoint_dir, dtype=dtype)
+        check_weights(gpt, base, args.checkpoint_dir)
+        gpt.load_state_dict(base, assign=True)
+        gpt.reset_rope(fabric.device)
     gpt.set_gradient_checkpointing(args.gradient_checkpointing)
     if lora_config is not None:
         inject_lora(gpt, lora_config)
-    classifier = Classifier(gpt, len(label_names), args.pooling, bias=args.mode == "features").to(fabric.device)
+    classifier = Classifier(gpt, len(label_names), args.pooling, bias=args.mode == "features")
+    if not is_fsdp(fabric):
+        classifier = classifier.to(fabric.device)
     mark_trainable(classifier, args.mode, args.n_layers)
     trainable_params = count_parameters(classifier)
     print_rank0(fabric, f"Mode {args.mode}: {trainable_params:,} trainable parameters of"
@@ -253,9 +268,11 @@ def main(fabric: L.Fabric, args: ClassifyArgs, lora_config: Optional[LoRAConfig]
                                       stop)
         classifier = timing.pop("model").eval()
         test_logits = predict(classifier, test_data, args.feature_batch_size, max_seq_length, fabric.device)
-    save_classifier(classifier, args.out_dir / "final", hparams)
+    save_classifier(classifier, args.out_dir / "final", hparams, write=fabric.global_rank == 0)
     print_rank0(fabric, f"Saved the classifier to {args.out_dir / 'final'}")
     run.close()
+    if fabric.global_rank != 0:
+        return
 
     test_labels = [s["label"] for s in test_data]
     result = classification_metrics(test_labels, test_logits.argmax(dim=-1), len(label_names))
@@ -332,20 +349,21 @@ def fit_logistic_regression(fabric, classifier, train_data, args: ClassifyArgs, 
 
 def train_classifier(fabric, classifier, train_data, test_data, max_seq_length: int, args: ClassifyArgs,
                      hparams: dict, run: Run, stop: StopOnSignal) -> dict:
+    model = fabric.setup_module(classifier)
+    classifier = getattr(model, "module", model)  # FSDP replaces the parameters with their shards: take them after
     head = list(classifier.score.parameters())
     body = [p for p in classifier.gpt.parameters() if p.requires_grad]
     learning_rate = args.learning_rate or DEFAULT_LEARNING_RATES.get(args.mode, 0.0)
     groups = [{"params": head, "lr": args.head_learning_rate}] + ([{"params": body, "lr": learning_rate}] if body else [])
-    model = fabric.setup_module(classifier)
     if args.compile:
         classifier.gpt.compile_blocks()
     check_writable(args.out_dir, checkpoint_bytes(model, trainable_only=True))
     optimizer = build_optimizer(args.optimizer, groups, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     optimizer = fabric.setup_optimizers(optimizer)
 
-    accumulate = gradient_accumulation_iters(args.global_batch_size, args.micro_batch_size, 1)
+    accumulate = gradient_accumulation_iters(args.global_batch_size, args.micro_batch_size, fabric.world_size)
     lengths = [min(len(s["input_ids"]), max_seq_length) for s in train_data]
-    batches_per_epoch = len(epoch_batches(lengths, args.micro_batch_size, 0, args.seed))
+    batches_per_epoch = len(epoch_batches(lengths, args.micro_batch_size, 0, args.seed)) // fabric.world_size
     if batches_per_epoch < accumulate:
         raise ValueError(f"{len(train_data)} training texts are too few for one optimizer step of --global_batch_size"
                          f" {args.global_batch_size}; lower it or prepare more texts")
@@ -357,7 +375,8 @@ def train_classifier(fabric, classifier, train_data, test_data, max_seq_length: 
     resume_from = run.load(fabric, state, trainable_only=True, max_steps=max_steps, warmup_steps=args.warmup_steps)
 
     metrics = MetricsLogger(args.out_dir, ["step", "epoch", "loss", "lr", "tokens_per_s", "val_loss", "val_accuracy",
-                                      "memory_gb"], resume_step=state["step"] if resume_from else None)
+                                      "memory_gb"], resume_step=state["step"] if resume_from else None,
+                            enabled=fabric.global_rank == 0)
     throughput = Throughput(start_step=state["step"], max_steps=max_steps)
     started = time.perf_counter()
     model.train()
@@ -366,6 +385,7 @@ def train_classifier(fabric, classifier, train_data, test_data, max_seq_length: 
             validate(fabric, model, test_data, max_seq_length, args, metrics, step=0)
     while state["step"] < max_steps:
         batches = epoch_batches(lengths, args.micro_batch_size, state["epoch"], args.seed, args.group_by_length)
+        batches = batches[fabric.global_rank::fabric.world_size][: len(batches) // fabric.world_size]
         while state["batch_in_epoch"] + accumulate <= len(batches) and state["step"] < max_steps:
             loss_sum = 0.0
             for i in range(accumulate):
@@ -375,8 +395,9 @@ def train_classifier(fabric, classifier, train_data, test_data, max_seq_length: 
                 loss = F.cross_entropy(logits.float(), batch["labels"].to(fabric.device))
                 fabric.backward(loss / accumulate)
                 loss_sum += loss.detach()  # read once per step: no host sync per micro-batch
-                throughput.update(int(batch["attention_mask"].sum()))  # real tokens (a host tensor: no sync)
-            loss = (loss_sum / accumulate).item()
+                throughput.update(int(batch["attention_mask"].sum()) * fabric.world_size)  # real tokens, no sync
+            # the global batch's loss: every rank's micro-batches, as one process would report it
+            loss = fabric.all_reduce(loss_sum / accumulate, reduce_op="mean").item()
             # checked before the optimizer step, so a non-finite value never reaches the weights or a checkpoint
             grad_norm = fabric.clip_gradients(model, optimizer, max_norm=1.0, error_if_nonfinite=False).item()
             skips_overflow = getattr(fabric.strategy.precision, "scaler", None) is not None
@@ -404,7 +425,8 @@ def train_classifier(fabric, classifier, train_data, test_data, max_seq_length: 
                 state["rng"] = rng_state()
                 with throughput.paused(), disk_errors(args.out_dir):
                     path = save_training_state(fabric, args.out_dir, step, state, trainable_only=True,
-                                               extra=lambda directory: save_classifier(model, directory, hparams))
+                                               extra=lambda directory: save_classifier(
+                                                   model, directory, hparams, write=fabric.global_rank == 0))
                 print_rank0(fabric, f"Saved a checkpoint to {path}")
                 if stopping:
                     raise stop.interrupted(step, path)

@@ -105,8 +105,9 @@ def setup(
         data_dir: Prepared data: `train.pt` and `test.pt` from a `scripts/prepare_*.py` script run with this checkpoint.
         out_dir: Where the run writes hparams.yaml, metrics.csv, step-*/ checkpoints and final/.
         precision: 32-true, bf16-true, bf16-mixed or 16-mixed. Default: bf16-true on GPU, 32-true on CPU.
-        quantize: Store the frozen base in 4 bits (QLoRA: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq) or 8 bits
-            (bnb.int8, bnb.int8-training). Works on CPU and GPU.
+        quantize: Store the frozen base in 4 bits (QLoRA: bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq, or torchao's
+            ao.nf4, the one that shards under --strategy fsdp) or 8 bits (bnb.int8, bnb.int8-training). Works on CPU
+            and GPU.
         devices: Devices per node (GPUs, or CPU processes with --strategy ddp or fsdp).
         num_nodes: Number of nodes.
         strategy: auto, ddp (a full copy of the model per device) or fsdp (FSDP2: weights, gradients and
@@ -160,13 +161,14 @@ def setup(
     validate_quantize(quantize)
     if lora_router and quantize:
         raise ValueError("--lora_router trains the routers in full precision; it cannot be combined with --quantize")
-    if quantize and strategy == "fsdp":
-        raise ValueError("--quantize cannot be combined with --strategy fsdp: FSDP2 rebuilds every weight as a sharded"
-                         " DTensor, which drops bitsandbytes' quantization state; use --strategy ddp")
+    if quantize and quantize != "ao.nf4" and strategy == "fsdp":
+        raise ValueError(f"--quantize {quantize} cannot be combined with --strategy fsdp: FSDP2 rebuilds every weight as"
+                         " a sharded DTensor, which drops bitsandbytes' quantization state; use --quantize ao.nf4"
+                         " (torchao's NF4 shards) or --strategy ddp")
     require_checkpoint(checkpoint_dir)
     args.precision = hparams["precision"] = precision or default_precision(trains_base_weights=False)
     fabric = L.Fabric(devices=devices, num_nodes=num_nodes, precision=args.precision,
-                      strategy=fabric_strategy(strategy, devices, num_nodes, args.precision, checkpoint_dir))
+                      strategy=fabric_strategy(strategy, devices, num_nodes, args.precision, checkpoint_dir, quantize))
     fabric.launch(main, args, lora_config, quantize, hparams)
 
 
@@ -184,7 +186,7 @@ def main(fabric: L.Fabric, args: TrainArgs, lora_config: LoRAConfig, quantize: O
     # The base model: loaded in the training dtype, or quantized block by block as it loads (the 4-bit layers compute
     # in bf16), then wrapped with adapters in the training dtype
     dtype = weights_dtype(fabric)
-    if quantize:
+    if quantize and not is_fsdp(fabric):  # FSDP quantizes each Block as it shards it, in fabric.setup_module
         model = load_quantized(args.checkpoint_dir, quantize, fabric.device, dtype=dtype, config=config)
         model.reset_rope(fabric.device)
     else:

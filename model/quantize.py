@@ -8,6 +8,10 @@ Modes (QLoRA, https://arxiv.org/abs/2305.14314; LLM.int8(), https://arxiv.org/ab
   bnb.nf4-dq / bnb.fp4-dq  the same with double quantization: the absmax values are quantized too
   bnb.int8                 int8 weights with fp16 outlier columns (threshold 6.0), frozen
   bnb.int8-training        weights kept in their dtype and trainable; the matmul runs in int8
+  ao.nf4                   torchao's NF4Tensor: 4-bit NormalFloat, one absmax per 64 weights, the absmax values
+                           quantized to int8 (double quantization); the layer stays an nn.Linear and computes in the
+                           input's dtype. The one 4-bit format that shards under FSDP2 (`--strategy fsdp`): the tensor
+                           splits along its rows into 4-bit shards and is all-gathered 4-bit.
 """
 
 import logging
@@ -27,9 +31,21 @@ class _NoKernelHubNotice(logging.Filter):
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelHubNotice())
 
+
+class _NoOptionalKernelNotice(logging.Filter):
+    """torchao warns at import for each of its optional compiled kernels (mxfp8, CUTLASS) that cannot load, e.g. on a
+    CPU-only machine; NF4 uses none of them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to load")
+
+
+logging.getLogger("torchao").addFilter(_NoOptionalKernelNotice())
+
 import bitsandbytes as bnb  # noqa: E402  (after the filter it must not print through)
 
-QUANTIZE_MODES = ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8", "bnb.int8-training")
+QUANTIZE_MODES = ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8", "bnb.int8-training", "ao.nf4")
+NF4_BLOCK_SIZE = 64  # weights per absmax, as in QLoRA and bitsandbytes' nf4
 
 
 def validate_quantize(mode: str | None) -> None:
@@ -72,9 +88,45 @@ def quantize_model(
     return model
 
 
+def nf4_scaler_block_size(n_blocks: int) -> int:
+    """torchao's second-level block: how many absmax values share one int8 scale. 256 as QLoRA where the count
+    allows, and otherwise the largest power of two that leaves the count of these blocks a multiple of 8 (or of 2),
+    so that a weight splits into equal 4-bit shards on 2, 4 or 8 FSDP processes. The choice depends on the shape
+    alone, never on the number of processes: every run quantizes a weight the same way."""
+    for multiple in (8, 2, 1):
+        for size in (256, 128, 64, 32, 16, 8, 4, 2, 1):
+            if n_blocks % (size * multiple) == 0:
+                return size
+    raise AssertionError("unreachable: size 1 with multiple 1 divides any count")
+
+
+def to_nf4(weight: torch.Tensor):
+    """`weight` as torchao's NF4Tensor (blocks of NF4_BLOCK_SIZE, see `nf4_scaler_block_size`)."""
+    try:
+        from torchao.quantization import to_nf4 as torchao_to_nf4
+    except ImportError as error:
+        raise ValueError(f"--quantize ao.nf4 needs torchao ({error}): pip install 'forge-llm[qlora-fsdp]'") from None
+
+    if weight.numel() % NF4_BLOCK_SIZE:
+        raise ValueError(f"--quantize ao.nf4 quantizes blocks of {NF4_BLOCK_SIZE} weights, and a weight of shape"
+                         f" {tuple(weight.shape)} does not split into them")
+    n_blocks = weight.numel() // NF4_BLOCK_SIZE
+    return torchao_to_nf4(weight.contiguous(), NF4_BLOCK_SIZE, nf4_scaler_block_size(n_blocks))
+
+
+def is_nf4(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` (or a DTensor's local shard) is a torchao NF4Tensor, without importing torchao needlessly."""
+    local = getattr(tensor, "_local_tensor", tensor)
+    return type(local).__name__ == "NF4Tensor"
+
+
 def _quantized_linear(linear: torch.nn.Linear, mode: str, compute_dtype: torch.dtype) -> torch.nn.Module:
     has_bias = linear.bias is not None
     weight = linear.weight.data
+    if mode == "ao.nf4":
+        # the same nn.Linear: F.linear on an NF4Tensor dequantizes it to the input's dtype (torchao's LinearNF4)
+        linear.weight = torch.nn.Parameter(to_nf4(weight), requires_grad=False)
+        return linear
     # Built on the meta device so that no second dense weight is ever allocated.
     if mode.startswith("bnb.int8"):
         trainable = mode == "bnb.int8-training"
@@ -118,6 +170,8 @@ def weight_numel(param: torch.nn.Parameter) -> int:
 def dequantize_linear(layer: torch.nn.Module) -> torch.Tensor:
     """The dense (out_features, in_features) float32 weight of a plain, 4-bit or 8-bit Linear layer."""
     weight = layer.weight
+    if is_nf4(weight):
+        return weight.get_original_weight().float()
     if isinstance(weight, bnb.nn.Params4bit):
         if getattr(weight.quant_state, "packing_format_for_cpu", False):
             # On CPUs with AVX512-BF16, bitsandbytes repacks the weight for its inference kernel on the first

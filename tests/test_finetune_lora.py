@@ -402,7 +402,7 @@ def finished_run(tiny_dir, make_data, tmp_path_factory) -> Path:
      r"missing/train.pt does not exist\. Prepare the data first, e\.g\. `python scripts/prepare_tasks\.py"),
     ({"data_dir": "other_tokenizer"}, r"train.pt: sample 0 has the token id 50000, beyond the tokenizer's 49152 tokens:"
                                       r" the data was prepared with another tokenizer"),
-    ({"quantize": "bnb.nf4", "strategy": "fsdp"}, r"--quantize cannot be combined with --strategy fsdp"),
+    ({"quantize": "bnb.nf4", "strategy": "fsdp"}, r"--quantize bnb.nf4 cannot be combined with --strategy fsdp"),
     ({"global_batch_size": 6, "micro_batch_size": 4},
      r"--global_batch_size 6 must be a multiple of --micro_batch_size x devices \(4 x 1 = 4\)"),
     ({"global_batch_size": 16, "micro_batch_size": 4},

@@ -223,6 +223,146 @@ def test_fsdp_dpo_lora_equals_one_process(tiny_dir, tmp_path):
     assert (tmp_path / "fsdp" / "step-000002" / "training_state.pt").is_dir()
 
 
+def spawn(script: str, **flags) -> subprocess.CompletedProcess:
+    """`script` run as its own process (Fabric then starts the other ranks), with these flags."""
+    result = subprocess.run([sys.executable, str(ROOT / script), *as_cli(**flags)], cwd=ROOT, env=SUBPROCESS_ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def killed_after(run_dir: Path, step: str, out_dir: Path) -> Path:
+    """What a run killed after checkpoint `step` leaves behind: that checkpoint, metrics.csv and hparams.yaml."""
+    shutil.copytree(run_dir / step, out_dir / step)
+    for name in ("metrics.csv", "hparams.yaml"):
+        shutil.copy(run_dir / name, out_dir / name)
+    return out_dir
+
+
+def assert_same_tensors(saved: dict, expected: dict, atol: float, rtol: float) -> None:
+    assert saved.keys() == expected.keys()
+    for key in expected:
+        assert saved[key].shape == expected[key].shape, key  # the true shapes, not one rank's shard
+        torch.testing.assert_close(saved[key], expected[key], atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("checkpointing", ["block", "offload"])
+def test_fsdp_with_gradient_checkpointing_equals_fsdp_without(checkpointing, tiny_dir, data_dir, fsdp_run, tmp_path):
+    """Each Block recomputed in the backward pass (FSDP all-gathers its shards again for the recompute): the same
+    losses and adapter as the run that kept its activations, in fp32."""
+    result = run_lora(tiny_dir, data_dir, tmp_path / "run", tmp_path / "ranks", 2, "fsdp",
+                      gradient_checkpointing=checkpointing, **LORA_FLAGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(tmp_path / "run") == pytest.approx(losses(fsdp_run[0]), abs=1e-6)
+    assert_same_tensors(load_file(tmp_path / "run" / "final" / LORA_WEIGHTS),
+                        load_file(fsdp_run[0] / "final" / LORA_WEIGHTS), atol=1e-6, rtol=1e-5)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / "ranks" / f"rank{rank}.json").read_text())["frozen_with_grad"] == []
+
+
+# LLaMA-Adapter V2 from the first block: prompts and gates, a scale and bias on every linear, the norms
+ADAPTER_FLAGS = dict(global_batch_size=4, micro_batch_size=2, learning_rate=1e-2, adapter_version=2,
+                     adapter_start_layer=0, adapter_prompt_length=4, max_steps=2, save_interval=1, eval_interval=1000,
+                     eval_iters=1)
+
+
+def test_fsdp_adapter_equals_one_process_saves_true_shapes_and_resumes(tiny_dir, data_dir, tmp_path):
+    from model.adapter import ADAPTER_WEIGHTS
+
+    flags = dict(checkpoint_dir=tiny_dir, data_dir=data_dir, **ADAPTER_FLAGS)
+    load_script("finetune/adapter.py").setup(out_dir=tmp_path / "one", **flags)
+    spawn("finetune/adapter.py", out_dir=tmp_path / "fsdp", devices=2, strategy="fsdp", **flags)
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+    expected, saved = (load_file(tmp_path / run / "final" / ADAPTER_WEIGHTS) for run in ("one", "fsdp"))
+    assert_same_tensors(saved, expected, atol=1e-5, rtol=1e-4)
+    assert any(key.endswith("adapter_prompt") for key in saved) and any(key.endswith("adapter_scale") for key in saved)
+    assert all(saved[key].abs().max() > 0 for key in saved if key.endswith("adapter_gate")), "the gates trained"
+    assert (tmp_path / "fsdp" / "step-000001" / "training_state.pt").is_dir()
+    # the adapter loads like any run
+    idx = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(load_any(tmp_path / "fsdp" / "final").model(idx),
+                                   load_any(tmp_path / "one" / "final").model(idx), atol=1e-4, rtol=1e-4)
+
+    resumed = killed_after(tmp_path / "fsdp", "step-000001", tmp_path / "resumed")
+    result = spawn("finetune/adapter.py", out_dir=resumed, devices=2, strategy="fsdp", resume="auto", **flags)
+    assert "Resumed from" in result.stderr
+    assert_same_tensors(load_file(resumed / "final" / ADAPTER_WEIGHTS), saved, atol=0, rtol=0)
+    assert losses(resumed) == losses(tmp_path / "fsdp")
+
+
+@pytest.fixture(scope="module")
+def classification_dir(tmp_path_factory, tiny_dir) -> Path:
+    """24 training texts of two kinds of words, 8 test texts."""
+    from model.data.records import write_records
+
+    directory = tmp_path_factory.mktemp("classification")
+    words = {"good": "great fine happy nice", "bad": "awful sad poor ugly"}
+    rows = [{"text": " ".join(words[label].split()[(i + j) % 4] for j in range(3 + i % 3)), "label": label}
+            for i in range(32) for label in [("good", "bad")[i % 2]]]
+    write_records(rows, directory / "texts.csv")
+    load_script("scripts/prepare_classification.py").prepare_classification(
+        checkpoint_dir=tiny_dir, data_file=directory / "texts.csv", out_dir=directory / "prepared", test_fraction=0.25)
+    return directory / "prepared"
+
+
+def test_fsdp_classifier_equals_one_process_saves_true_shapes_and_resumes(tiny_dir, classification_dir, tmp_path):
+    from model.workflows.classify import CLASSIFIER_WEIGHTS
+
+    flags = dict(checkpoint_dir=tiny_dir, data_dir=classification_dir, mode="lora", lora_r=4, lora_dropout=0.0,
+                 lora_mlp=True, micro_batch_size=2, global_batch_size=4, learning_rate=1e-2, head_learning_rate=1e-2,
+                 max_steps=2, save_interval=1, eval_interval=1000, eval_iters=1, feature_batch_size=4)
+    load_script("finetune/classify.py").setup(out_dir=tmp_path / "one", **flags)
+    spawn("finetune/classify.py", out_dir=tmp_path / "fsdp", devices=2, strategy="fsdp", **flags)
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+    expected, saved = (load_file(tmp_path / run / "final" / CLASSIFIER_WEIGHTS) for run in ("one", "fsdp"))
+    assert_same_tensors(saved, expected, atol=1e-5, rtol=1e-4)
+    assert saved["score.weight"].abs().max() > 0, "the head trained"
+    results = [json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "fsdp")]
+    assert results[0]["confusion_matrix"] == results[1]["confusion_matrix"]
+
+    resumed = killed_after(tmp_path / "fsdp", "step-000001", tmp_path / "resumed")
+    result = spawn("finetune/classify.py", out_dir=resumed, devices=2, strategy="fsdp", resume="auto", **flags)
+    assert "Resumed from" in result.stderr
+    assert_same_tensors(load_file(resumed / "final" / CLASSIFIER_WEIGHTS), saved, atol=0, rtol=0)
+
+
+# QLoRA with torchao's NF4Tensor, the 4-bit format that FSDP2 shards (model/quantize.py, ao.nf4)
+QLORA_FLAGS = dict(global_batch_size=4, micro_batch_size=2, learning_rate=1e-2, lora_mlp=True, max_steps=2,
+                   save_interval=1, quantize="ao.nf4")
+
+
+def test_fsdp_qlora_nf4_equals_one_process_saves_true_shapes_and_resumes(tiny_dir, data_dir, tmp_path):
+    """Every rank quantizes each Block as one process does and keeps its 4-bit rows; the 2-process run equals the
+    one-process QLoRA run with the same NF4 weights, frozen 4-bit weights get no gradient, and it resumes."""
+    lora.setup(checkpoint_dir=tiny_dir, data_dir=data_dir, out_dir=tmp_path / "one", **{**QUIET, **QLORA_FLAGS})
+    result = run_lora(tiny_dir, data_dir, tmp_path / "fsdp", tmp_path / "ranks", 2, "fsdp", **QLORA_FLAGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+    saved = load_file(tmp_path / "fsdp" / "final" / LORA_WEIGHTS)
+    assert_same_tensors(saved, load_file(tmp_path / "one" / "final" / LORA_WEIGHTS), atol=1e-5, rtol=1e-4)
+    for rank in (0, 1):
+        record = json.loads((tmp_path / "ranks" / f"rank{rank}.json").read_text())
+        assert record["frozen_with_grad"] == [] and record["trainable_without_grad"] == [], f"rank {rank}"
+
+    resumed = killed_after(tmp_path / "fsdp", "step-000001", tmp_path / "resumed")
+    result = run_lora(tiny_dir, data_dir, resumed, tmp_path / "ranks", 2, "fsdp", resume="auto", **QLORA_FLAGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resumed from" in result.stderr
+    assert_same_tensors(load_file(resumed / "final" / LORA_WEIGHTS), saved, atol=0, rtol=0)
+
+
+def test_fsdp_qdora_nf4_equals_one_process(tiny_dir, data_dir, tmp_path):
+    """QDoRA: the magnitudes start from the norms of the dequantized NF4 rows on every rank, as in one process."""
+    flags = {**QLORA_FLAGS, "dora": True, "max_steps": 1}
+    lora.setup(checkpoint_dir=tiny_dir, data_dir=data_dir, out_dir=tmp_path / "one", **{**QUIET, **flags})
+    result = run_lora(tiny_dir, data_dir, tmp_path / "fsdp", tmp_path / "ranks", 2, "fsdp", **flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+    assert_same_tensors(load_file(tmp_path / "fsdp" / "final" / LORA_WEIGHTS),
+                        load_file(tmp_path / "one" / "final" / LORA_WEIGHTS), atol=1e-5, rtol=1e-4)
+
+
 def cli_error(capsys, function, args: list[str]) -> str:
     with pytest.raises(SystemExit) as exit_info:
         run_cli(function, args)
@@ -237,12 +377,18 @@ def cli_error(capsys, function, args: list[str]) -> str:
 @pytest.mark.parametrize("flags, message", [
     ({"devices": 4096, "strategy": "fsdp"}, r"--devices 4096 is more than this machine has: \d+ CPU core\(s\) and no GPU"),
     ({"strategy": "fsdp", "precision": "16-mixed"}, r"--precision 16-mixed needs a gradient scaler for sharded"),
-    ({"strategy": "fsdp", "quantize": "bnb.nf4"}, r"--quantize cannot be combined with --strategy fsdp: FSDP2"),
-], ids=["too-many-devices", "16-mixed", "quantize"])
+    ({"strategy": "fsdp", "quantize": "bnb.nf4"}, r"--quantize bnb.nf4 cannot be combined with --strategy fsdp: FSDP2"),
+    ({"script": "finetune/adapter.py", "strategy": "fsdp", "quantize": "bnb.nf4"},
+     r"--quantize cannot be combined with --strategy fsdp in finetune/adapter.py"),
+    ({"script": "finetune/classify.py", "strategy": "fsdp", "mode": "features"},
+     r"--mode features extracts the features and fits the regression in one process"),
+], ids=["too-many-devices", "16-mixed", "bnb-quantize", "adapter-quantize", "classify-features"])
 def test_fsdp_bad_input_is_one_error_line(flags, message, tiny_dir, data_dir, tmp_path, capsys):
     import re
 
-    error = cli_error(capsys, lora.setup, as_cli(checkpoint_dir=tiny_dir, data_dir=data_dir, out_dir=tmp_path / "o",
-                                                 **flags))
+    flags = dict(flags)
+    script = load_script(flags.pop("script", "finetune/lora.py"))
+    error = cli_error(capsys, script.setup, as_cli(checkpoint_dir=tiny_dir, data_dir=data_dir, out_dir=tmp_path / "o",
+                                                   **flags))
     assert re.search(message, error), error
     assert not (tmp_path / "o").exists()

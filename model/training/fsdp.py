@@ -31,6 +31,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 import torch.nn as nn
 
+from model.adapter import AdapterAttention, AdapterV2Linear
 from model.gpt import GPT
 from model.lora import LoRAAdapter, LoRALinear
 from model.weights.checkpoint import lit_weight_files
@@ -56,14 +57,16 @@ def validate_devices(devices: int, num_nodes: int, strategy: str, precision: Opt
                          " Fabric lacks; use --precision bf16-mixed or bf16-true with --strategy fsdp")
 
 
-def fsdp_strategy(checkpoint_dir: Optional[Path], devices: int, num_nodes: int, precision: str):
+def fsdp_strategy(checkpoint_dir: Optional[Path], devices: int, num_nodes: int, precision: str,
+                  quantize: Optional[str] = None):
     """Fabric's ModelParallelStrategy with every process in one data-parallel (sharding) dimension. Its
     `parallelize_fn` shards the model and, when it is still on the meta device, loads `checkpoint_dir` into the
-    shards (`checkpoint_dir=None`: the model's weights are set already)."""
+    shards (`checkpoint_dir=None`: the model's weights are set already), with the Blocks' linears quantized to
+    torchao's NF4 when `quantize` is "ao.nf4"."""
     from lightning.fabric.strategies import ModelParallelStrategy
 
     return ModelParallelStrategy(
-        parallelize_fn=partial(shard_and_load, checkpoint_dir=checkpoint_dir, precision=precision),
+        parallelize_fn=partial(shard_and_load, checkpoint_dir=checkpoint_dir, precision=precision, quantize=quantize),
         data_parallel_size=devices * num_nodes, tensor_parallel_size=1,
     )
 
@@ -83,29 +86,98 @@ def mixed_precision_policy(precision: str):
     return MixedPrecisionPolicy()
 
 
-def shard_and_load(model: GPT, device_mesh, checkpoint_dir: Optional[Path], precision: str) -> GPT:
+def find_gpt(module: nn.Module) -> tuple[str, GPT]:
+    """The GPT inside `module` (itself, or a classifier's body) and the prefix of its parameter names."""
+    for path, submodule in module.named_modules():
+        if isinstance(submodule, GPT):
+            return (f"{path}." if path else ""), submodule
+    raise ValueError(f"--strategy fsdp shards a GPT, and {type(module).__name__} holds none")
+
+
+def shard_and_load(model: nn.Module, device_mesh, checkpoint_dir: Optional[Path], precision: str,
+                   quantize: Optional[str] = None) -> nn.Module:
     """`fully_shard` each transformer Block, the embedding and the head, then the root (the final norm; a tied head
-    and embedding share one parameter, so they stay together in the root). A model on the meta device is then allocated shard by
-    shard and filled from `checkpoint_dir`."""
+    and embedding share one parameter, so they stay together in the root). What is still on the meta device is then
+    allocated shard by shard and filled from `checkpoint_dir`; parameters created for real before (a classifier's
+    zero head) keep their values, now sharded.
+
+    With `quantize="ao.nf4"` each Block is instead loaded whole (one 16-bit Block at a time, as
+    `model.quantize.load_quantized` does), its linears quantized to torchao's NF4Tensor exactly as one process
+    quantizes them, and only then sharded: FSDP2 splits an NF4Tensor along its rows into 4-bit shards (torchao
+    implements the split and the all-gather hooks), so each rank keeps 1/N of the 4-bit weights."""
     from torch.distributed.fsdp import fully_shard
 
+    _, gpt = find_gpt(model)
     mesh = device_mesh["data_parallel"]
     policy = mixed_precision_policy(precision)
-    for block in model.transformer.h:
+    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else "cpu"
+    row_norms = {}
+    for i, block in enumerate(gpt.transformer.h):
+        if quantize:
+            row_norms.update(quantize_block(block, f"transformer.h.{i}.", checkpoint_dir, quantize, device,
+                                            mesh.size()))
         fully_shard(block, mesh=mesh, mp_policy=policy)
-    if not model.config.tie_embeddings:
+    if not gpt.config.tie_embeddings:
         # each as large as a few blocks at a 128k vocabulary: gathered only while it computes, not the whole step
-        fully_shard(model.transformer.wte, mesh=mesh, mp_policy=policy)
-        fully_shard(model.lm_head, mesh=mesh, mp_policy=policy)
+        # (a classifier has no LM head left to shard)
+        for module in (gpt.transformer.wte, gpt.lm_head):
+            if any(True for _ in module.parameters()):
+                fully_shard(module, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
-    if any(t.is_meta for t in model.parameters()):
+    on_meta = {name for name, t in model.named_parameters() if t.is_meta}
+    if on_meta or quantize:
         if checkpoint_dir is None:
             raise ValueError("The model is on the meta device and no checkpoint_dir was given to load it from")
-        device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else "cpu"
-        model.to_empty(device=device)
-        load_sharded_weights(model, checkpoint_dir)
-        model.reset_rope(device)
+        for module in model.modules():
+            tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+            if any(t.is_meta for t in tensors):
+                module.to_empty(device=device, recurse=False)
+        load_sharded_weights(model, checkpoint_dir, on_meta, row_norms)
+        gpt.reset_rope(device)
     return model
+
+
+@torch.no_grad()
+def quantize_block(block: nn.Module, prefix: str, checkpoint_dir: Path, mode: str, device, world_size: int
+                   ) -> dict[str, torch.Tensor]:
+    """Allocate a Block still on the meta device, fill it whole from `checkpoint_dir` (its LoRA parameters are
+    initialised later, with the others) and quantize its frozen linears with `mode`, before FSDP shards it. Returns
+    the row norms of each quantized weight under a DoRA layer (path in the Block -> norms), from which its
+    magnitudes start, as `LoRALinear` computes them from the dequantized weight in one process."""
+    from safetensors import safe_open
+
+    from model.quantize import dequantize_linear, quantize_model
+
+    if mode != "ao.nf4":
+        raise ValueError(f"--strategy fsdp takes --quantize ao.nf4 (torchao's NF4 shards); {mode} keeps its"
+                         " quantization state outside the weight tensor, which FSDP2's sharding drops")
+    block.to_empty(device=device)
+    layers = {path: m for path, m in block.named_modules() if isinstance(m, LoRALinear)}
+    adapters = {id(p) for layer in layers.values() for p in layer.lora.parameters()}
+    files = {}
+    for path in lit_weight_files(checkpoint_dir):
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            files.update({key: path for key in handle.keys() if key.startswith(prefix)})
+    for name, param in block.named_parameters():
+        if id(param) in adapters:
+            continue
+        key = prefix + name.replace(".linear.", ".") if any(name.startswith(f"{p}.linear.") for p in layers) else prefix + name
+        if key not in files:
+            raise ValueError(f"{checkpoint_dir}: no weight {key} for the model's parameter {prefix + name}")
+        with safe_open(files[key], framework="pt", device="cpu") as handle:
+            param.copy_(handle.get_tensor(key))
+    quantize_model(block, mode, compute_dtype=torch.bfloat16, skip=())
+    row_norms = {}
+    for path, layer in layers.items():
+        weight = layer.linear.weight
+        if weight.shape[0] % world_size or any(t.numel() % world_size for t in
+                                               (weight.quantized_data, weight.quantized_scalers,
+                                                weight.quantization_factor)):
+            raise ValueError(f"{prefix + path}: a {tuple(weight.shape)} NF4 weight does not split into"
+                             f" {world_size} equal 4-bit shards; use a number of processes that divides its rows")
+        if layer.dora:
+            row_norms[prefix + path] = torch.linalg.norm(dequantize_linear(layer.linear), dim=1)
+    return row_norms
 
 
 def _local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -120,25 +192,32 @@ def _local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
     return local, (offset[0] if offset else 0)
 
 
-def _checkpoint_names(model: GPT) -> dict[str, str]:
-    """Model parameter name -> its key in lit_model.safetensors: a LoRALinear keeps the base weight in `.linear`."""
-    lora_paths = [path for path, module in model.named_modules() if isinstance(module, LoRALinear)]
+def _checkpoint_names(model: nn.Module) -> dict[str, str]:
+    """Model parameter name -> its key in lit_model.safetensors: without the prefix of the GPT inside a classifier,
+    and without the `.linear` of a layer that wraps the base linear (LoRALinear, AdapterV2Linear)."""
+    prefix, gpt = find_gpt(model)
+    wrappers = [path for path, m in model.named_modules() if isinstance(m, (LoRALinear, AdapterV2Linear))]
     names = {}
     for name, _ in model.named_parameters(remove_duplicate=False):
-        key = name
-        for path in lora_paths:
+        for path in wrappers:
             if name.startswith(f"{path}.linear."):
-                key = f"{path}.{name[len(path) + len('.linear.'):]}"
-        if key == "lm_head.weight" and model.config.tie_embeddings:
+                name_in_file = f"{path}.{name[len(path) + len('.linear.'):]}"
+                break
+        else:
+            name_in_file = name
+        key = name_in_file.removeprefix(prefix)
+        if key == "lm_head.weight" and gpt.config.tie_embeddings:
             key = "transformer.wte.weight"  # the head is the embedding: saved once, under its name
         names[name] = key
     return names
 
 
 @torch.no_grad()
-def load_sharded_weights(model: GPT, checkpoint_dir: Path) -> None:
-    """Fill this rank's shards from `checkpoint_dir`, reading only its rows of each memory-mapped tensor, and
-    initialise LoRA's parameters as a one-process run would (see `init_adapters`)."""
+def load_sharded_weights(model: nn.Module, checkpoint_dir: Path, on_meta: set[str],
+                         row_norms: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Fill this rank's shards of the parameters named in `on_meta` from `checkpoint_dir`, reading only its rows of
+    each memory-mapped tensor, and initialise the adapters' new parameters as a one-process run would (see
+    `init_adapters`)."""
     from safetensors import safe_open
 
     files = {}
@@ -153,39 +232,64 @@ def load_sharded_weights(model: GPT, checkpoint_dir: Path) -> None:
             return rows[start:stop] if stop is not None else rows[:]
 
     names = _checkpoint_names(model)
-    adapter_params = {id(p) for m in model.modules() if isinstance(m, LoRAAdapter) for p in m.parameters()}
+    new = {id(p) for m in model.modules() if isinstance(m, LoRAAdapter) for p in m.parameters()}
+    new |= {id(p) for m in model.modules() if isinstance(m, (AdapterAttention, AdapterV2Linear))
+            for name, p in m.named_parameters(recurse=False) if name.startswith("adapter_")}
     for name, param in model.named_parameters():
-        if id(param) in adapter_params:
+        if id(param) in new or name not in on_meta:
             continue
-        key = name if name in files else names[name]
+        key = names[name]
         if key not in files:
             raise ValueError(f"{checkpoint_dir}: no weight {key} for the model's parameter {name}; --strategy fsdp"
-                             " loads base weights and LoRA adapters only")
+                             " loads base weights, LoRA and LLaMA-Adapter parameters only")
         local, start = _local_rows(param)
         local.copy_(read_rows(key, start, start + local.shape[0] if local.dim() else None))
-    init_adapters(model, lambda key, start, stop: read_rows(key, start, stop).float(), names)
+    prefix, _ = find_gpt(model)
+    row_norms = row_norms or {}
+
+    def base_row_norms(path: str, start: int, stop: int) -> torch.Tensor:
+        if path.removeprefix(prefix) in row_norms:  # a quantized weight: the norms of its dequantized rows
+            return row_norms[path.removeprefix(prefix)][start:stop]
+        return torch.linalg.norm(read_rows(names[f"{path}.linear.weight"], start, stop).float(), dim=1)
+
+    init_adapters(model, base_row_norms)
 
 
 @torch.no_grad()
-def init_adapters(model: GPT, read_rows, checkpoint_names: dict[str, str]) -> None:
-    """LoRA A (Kaiming-uniform, drawn in full from the global random stream in `inject_lora`'s order so that every
-    rank draws what one process draws), B = 0, DoRA magnitude = the norm of each base weight row it scales. Each
-    rank keeps its own rows; `read_rows(key, start, stop)` reads base weight rows from the checkpoint."""
+def init_adapters(model: nn.Module, base_row_norms) -> None:
+    """The adapters' new parameters, as `inject_lora` and `inject_adapter` initialise them in one process: LoRA A
+    (Kaiming-uniform) and LLaMA-Adapter prompts (N(0, 1)) drawn in full from the global random stream in injection
+    order, so that every rank draws what one process draws; LoRA B = 0; DoRA magnitude = the norm of each base
+    weight row it scales; adapter gates and V2 biases 0, V2 scales 1. Each rank keeps its own rows;
+    `base_row_norms(path, start, stop)` gives the norms of rows [start, stop) of the base weight of the LoRALinear
+    at `path`."""
+    prefix, _ = find_gpt(model)
     layers = [(path, m) for path, m in model.named_modules() if isinstance(m, LoRALinear)]
     # inject_lora wraps the blocks' linears first and the head last
-    layers.sort(key=lambda item: item[0] == "lm_head")
+    layers.sort(key=lambda item: item[0] == f"{prefix}lm_head")
     for path, layer in layers:
         for adapter in layer.lora.values():
             a_full = torch.empty(adapter.A.shape, dtype=adapter.A.dtype)
             nn.init.kaiming_uniform_(a_full, a=math.sqrt(5))
-            local, start = _local_rows(adapter.A)
-            local.copy_(a_full[start:start + local.shape[0]])
+            _copy_rows(adapter.A, a_full)
             _local_rows(adapter.B)[0].zero_()
             if adapter.magnitude is not None:
                 local, start = _local_rows(adapter.magnitude)
-                weight_key = checkpoint_names[f"{path}.linear.weight"]
-                rows = read_rows(weight_key, adapter.start + start, adapter.start + start + local.shape[0])
-                local.copy_(torch.linalg.norm(rows, dim=1))
+                local.copy_(base_row_norms(path, adapter.start + start, adapter.start + start + local.shape[0]))
+    for module in model.modules():  # inject_adapter's order: the blocks' attention in turn
+        if isinstance(module, AdapterAttention):
+            _copy_rows(module.adapter_prompt, torch.randn(module.adapter_prompt.shape,
+                                                          dtype=module.adapter_prompt.dtype))
+            _local_rows(module.adapter_gate)[0].zero_()
+        elif isinstance(module, AdapterV2Linear):
+            _local_rows(module.adapter_scale)[0].fill_(1.0)
+            _local_rows(module.adapter_bias)[0].zero_()
+
+
+def _copy_rows(param: torch.Tensor, full: torch.Tensor) -> None:
+    """This rank's rows of `full` into the (sharded) parameter."""
+    local, start = _local_rows(param)
+    local.copy_(full[start:start + local.shape[0]])
 
 
 def full_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:

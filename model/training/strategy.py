@@ -23,16 +23,16 @@ def default_precision(trains_base_weights: bool) -> str:
 
 
 def fabric_strategy(strategy: str, devices: int = 1, num_nodes: int = 1, precision: Optional[str] = None,
-                    checkpoint_dir: Optional[Path] = None):
+                    checkpoint_dir: Optional[Path] = None, quantize: Optional[str] = None):
     """The Fabric strategy for `--strategy` (auto, ddp or fsdp), after checking that the machine has `--devices`.
 
     fsdp is FSDP2 through Fabric's ModelParallelStrategy (`model.training.fsdp`): build the model under
     `fabric.init_module(empty_init=True)` (the meta device) and `fabric.setup_module` shards it and loads each
-    rank's shards of `checkpoint_dir`."""
+    rank's shards of `checkpoint_dir` (its Blocks' linears quantized to NF4 with `quantize="ao.nf4"`)."""
     validate_devices(devices, num_nodes, strategy, precision)
     if strategy != "fsdp":
         return strategy
-    return fsdp_strategy(checkpoint_dir, devices, num_nodes, precision or "32-true")
+    return fsdp_strategy(checkpoint_dir, devices, num_nodes, precision or "32-true", quantize)
 
 
 def weights_dtype(fabric: L.Fabric) -> torch.dtype:

@@ -92,7 +92,9 @@ class Classifier(nn.Module):
         gpt.lm_head = nn.Identity()
         self.gpt = gpt
         self.pooling = pooling
-        self.score = nn.Linear(gpt.config.n_embd, num_labels, bias=bias)
+        # allocated without nn.Linear's random init (it is zeroed anyway), so that building a classifier draws nothing
+        # from the random stream: under --strategy fsdp LoRA's A matrices are drawn after it, in one process before it
+        self.score = nn.utils.skip_init(nn.Linear, gpt.config.n_embd, num_labels, bias=bias)
         nn.init.zeros_(self.score.weight)  # start at uniform probabilities; the body's gradients flow once it moves
         if bias:
             nn.init.zeros_(self.score.bias)
@@ -130,7 +132,10 @@ def mark_trainable(classifier: Classifier, mode: str, n_layers: int = 1) -> None
 
 def classifier_state_dict(classifier: nn.Module) -> dict[str, torch.Tensor]:
     """What a saved classifier holds: the head and every trainable tensor (the frozen rest is the checkpoint's).
-    A tied embedding is saved once, under `gpt.transformer.wte.weight`."""
+    A tied embedding is saved once, under `gpt.transformer.wte.weight`. Sharded (FSDP) tensors are gathered to their
+    true shapes: a collective that every rank must call."""
+    from model.training.fsdp import full_tensors
+
     classifier = getattr(classifier, "module", classifier)  # inside Fabric's wrapper
     state = {}
     seen = set()
@@ -138,15 +143,20 @@ def classifier_state_dict(classifier: nn.Module) -> dict[str, torch.Tensor]:
         if (param.requires_grad or name.startswith("score.")) and id(param) not in seen:
             seen.add(id(param))
             state[name] = param.detach()
-    return state
+    return dict(full_tensors(state.items()))
 
 
-def save_classifier(classifier: nn.Module, run_dir: Path, hparams: dict) -> None:
+def save_classifier(classifier: nn.Module, run_dir: Path, hparams: dict, write: bool = True) -> None:
+    """Write the classifier's tensors and hparams.yaml into `run_dir`. Under FSDP call it on every rank (the tensors
+    are gathered) with `write` true on rank 0 only."""
     from model.training.run import save_hparams
 
+    state = classifier_state_dict(classifier)
+    if not write:
+        return
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(classifier_state_dict(classifier), run_dir / CLASSIFIER_WEIGHTS)
+    atomic_save_safetensors(state, run_dir / CLASSIFIER_WEIGHTS)
     save_hparams(run_dir, hparams)
 
 
