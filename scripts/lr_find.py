@@ -61,6 +61,7 @@ def lr_find(
     beta: float = 0.1,
     sft_weight: float = 0.0,
     micro_batch_size: int = 4,
+    gradient_checkpointing: Literal["none", "block", "offload"] = "none",
     global_batch_size: int = 16,
     weight_decay: float = 0.0,
     max_seq_length: Optional[int] = None,
@@ -99,6 +100,8 @@ def lr_find(
         beta: DPO's KL strength (dpo).
         sft_weight: Adds this times the NLL of the chosen answers to the DPO loss (dpo).
         micro_batch_size: Samples (pairs for dpo) per forward pass.
+        gradient_checkpointing: none, block or offload, as the fine-tune run will use it (finetune/lora.py's flag):
+            the test then fits in the memory the run fits in.
         global_batch_size: Samples per optimizer step, as in the fine-tune run (gradient accumulation makes up the
             difference).
         weight_decay: AdamW weight decay.
@@ -144,6 +147,7 @@ def lr_find(
         inject_adapter(model, AdapterConfig(adapter_prompt_length, adapter_start_layer, adapter_version))
         mark_only_adapter_as_trainable(model)
     model = model.to(device)  # the new adapter weights too
+    model.set_gradient_checkpointing(gradient_checkpointing)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     print(f"{method} in {precision} on {device}: {count_parameters(model):,} trainable parameters of"

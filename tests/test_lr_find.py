@@ -147,6 +147,20 @@ def test_script_builds_each_method_and_saves_no_weights(method, tiny_checkpoint_
     assert {p: p.stat().st_mtime_ns for p in checkpoint_dir.rglob("*")} == files_before
 
 
+def test_checkpointed_search_gives_the_same_curve(tiny_checkpoint_and_data, tmp_path):
+    """--gradient_checkpointing (so an 8B search fits where its run fits) changes memory, not the losses."""
+    checkpoint_dir, data_dir = tiny_checkpoint_and_data
+    curves = {}
+    for mode in ("none", "block"):
+        load_script("scripts/lr_find.py").lr_find(
+            checkpoint_dir=checkpoint_dir, data_dir=data_dir, out_dir=tmp_path / mode, precision="32-true",
+            lora_mlp=True, micro_batch_size=2, global_batch_size=4, num_steps=5, min_lr=1e-4, max_lr=1e-1,
+            gradient_checkpointing=mode)
+        curves[mode] = json.loads((tmp_path / mode / "lr_find.json").read_text())["losses"]
+    assert len(curves["none"]) >= 2
+    assert curves["block"] == pytest.approx(curves["none"], rel=1e-5)
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint_and_data(tmp_path_factory, smollm2_dir):
     """A tiny random SmolLM2 (2 layers) with the real tokenizer and prompt style, and 8 task samples for it."""

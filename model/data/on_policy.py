@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
+from tqdm import tqdm
 
 from model.generate import generate_batch
 
@@ -41,7 +42,7 @@ def sample_answers(model, tokenizer, rendered_prompts: Sequence[str], samples_pe
     wanted += [(i, False) for i in range(len(rendered_prompts)) for _ in range(samples_per_prompt - 1)]
     answers: list[list[str]] = [[] for _ in rendered_prompts]
     encoded = [tokenizer.encode(prompt).to(device) for prompt in rendered_prompts]
-    for start in range(0, len(wanted), batch_size):
+    for start in tqdm(range(0, len(wanted), batch_size), desc="Answering", unit="batch"):
         chunk = wanted[start:start + batch_size]
         for greedy in (True, False):
             part = [index for index, is_greedy in chunk if is_greedy == greedy]
