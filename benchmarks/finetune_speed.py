@@ -2,12 +2,12 @@
 
     python benchmarks/finetune_speed.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
 
-LoRA r=8, alpha=16, dropout 0.05 on every linear layer of the blocks (query, key, value, output projection, MLP;
-PEFT's "all-linear"), AdamW on the adapters, micro-batches of `micro_batch_size` x `seq_len` tokens in `dtype`
-weights. `--data random`: random tokens with the loss on every position (pure throughput of the same matmuls).
-`--data tasks`: rows cut from the prepared instruction data (`--data_dir`, samples concatenated one after the other
-into rows of `seq_len` tokens), the loss on the answers only (the prompts' labels are -100), which is what a
-supervised fine-tune computes; every engine gets the same rows and labels. Each engine runs in its own process (so
+LoRA r=8, alpha=16, dropout 0.05 (`--lora_dropout`) on every linear layer of the blocks (query, key, value, output
+projection, MLP; PEFT's "all-linear"), AdamW on the adapters, micro-batches of `micro_batch_size` x `seq_len` tokens
+in `dtype` weights. `--data random`: random tokens with the loss on every position (pure throughput of the same
+matmuls). `--data tasks`: rows cut from the prepared instruction data (`--data_dir`, samples concatenated one after
+the other into rows of `seq_len` tokens), the loss on the answers only (the prompts' labels are -100), which is what
+a supervised fine-tune computes; every engine gets the same rows and labels. Each engine runs in its own process (so
 peak memory is its own:
 GPU max allocated, or CPU peak resident set), warms up, then times `steps` optimizer steps; the engines take turns
 over `rounds` and the table shows the median tokens/s. Each library keeps its own defaults otherwise, with one
@@ -58,7 +58,7 @@ def make_batches(data: str, data_dir: Path, count: int, micro_batch_size: int, s
 
 
 def run_engine(engine: str, checkpoint_dir: Path, micro_batch_size: int, seq_len: int, steps: int, warmup: int,
-               dtype: str, device: str, data: str, data_dir: Path) -> dict:
+               dtype: str, device: str, data: str, data_dir: Path, lora_dropout: float) -> dict:
     from model.device import peak_memory_gb, resolve_device
 
     device_ = resolve_device(device)
@@ -68,8 +68,8 @@ def run_engine(engine: str, checkpoint_dir: Path, micro_batch_size: int, seq_len
         from model.lora import LoRAConfig, inject_lora, mark_only_lora_as_trainable
 
         model = GPT.from_checkpoint(checkpoint_dir, device=device_, dtype=DTYPES[dtype])
-        inject_lora(model, LoRAConfig(r=8, alpha=16, dropout=0.05, query=True, key=True, value=True, projection=True,
-                                      mlp=True))
+        inject_lora(model, LoRAConfig(r=8, alpha=16, dropout=lora_dropout, query=True, key=True, value=True,
+                                      projection=True, mlp=True))
         mark_only_lora_as_trainable(model)
 
         def loss_fn(input_ids, labels):
@@ -92,8 +92,9 @@ def run_engine(engine: str, checkpoint_dir: Path, micro_batch_size: int, seq_len
         # our model_config.yaml and weight names follow litgpt's, so its GPT loads our checkpoint as it is
         ours = yaml.safe_load((checkpoint_dir / "model_config.yaml").read_text())
         fields = {k: v for k, v in ours.items() if k in LitConfig.__dataclass_fields__ and k != "rope_scaling"}
-        config = LitConfig(**fields, padded_vocab_size=ours["vocab_size"], lora_r=8, lora_alpha=16, lora_dropout=0.05,
-                           lora_query=True, lora_key=True, lora_value=True, lora_projection=True, lora_mlp=True)
+        config = LitConfig(**fields, padded_vocab_size=ours["vocab_size"], lora_r=8, lora_alpha=16,
+                           lora_dropout=lora_dropout, lora_query=True, lora_key=True, lora_value=True,
+                           lora_projection=True, lora_mlp=True)
         with torch.device(device_):
             model = LitGPT(config).to(DTYPES[dtype])
         state_dict = load_file(checkpoint_dir / "lit_model.safetensors")
@@ -114,7 +115,7 @@ def run_engine(engine: str, checkpoint_dir: Path, micro_batch_size: int, seq_len
         import transformers
 
         base = transformers.AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=DTYPES[dtype]).to(device_)
-        model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
+        model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=lora_dropout,
                                                           target_modules="all-linear", task_type="CAUSAL_LM"),
                                     autocast_adapter_dtype=engine == "transformers+peft")
 
@@ -179,13 +180,14 @@ def main(
     engine: Literal["all", "forge", "transformers+peft", "transformers+peft-bf16", "litgpt"] = "all",
     data: Literal["random", "tasks"] = "random",
     data_dir: Path = Path("data/tasks"),
+    lora_dropout: float = 0.05,
     litgpt_python: Optional[Path] = None,
 ) -> None:
     """Compare LoRA training tokens/s and peak memory of Forge and transformers+PEFT (and litgpt, installed in its own
     virtual environment: `--litgpt_python /path/to/litgpt-venv/bin/python`)."""
     if engine != "all":
         print(json.dumps(run_engine(engine, checkpoint_dir, micro_batch_size, seq_len, steps, warmup, dtype, device,
-                                    data, data_dir)))
+                                    data, data_dir, lora_dropout)))
         return
     from model.device import resolve_device
 
@@ -199,7 +201,7 @@ def main(
             cmd = [python, __file__, "--engine", name, "--checkpoint_dir", str(checkpoint_dir),
                    "--micro_batch_size", str(micro_batch_size), "--seq_len", str(seq_len), "--steps", str(steps),
                    "--warmup", str(warmup), "--dtype", dtype, "--device", device, "--data", data,
-                   "--data_dir", str(data_dir)]
+                   "--data_dir", str(data_dir), "--lora_dropout", str(lora_dropout)]
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
                                                                            os.environ.get("PYTHONPATH")]))}
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -210,7 +212,8 @@ def main(
                           flop_per_s=statistics.median(x["flop_per_s"] for x in r),
                           peak_memory_gb=max(x["peak_memory_gb"] for x in r)) for name, r in runs.items()}
     forge = results.pop("forge")
-    print(f"checkpoint: {checkpoint_dir}  data: {data}  dtype: {dtype}  batch: {micro_batch_size} x {seq_len} tokens  steps: {steps}"
+    print(f"checkpoint: {checkpoint_dir}  data: {data}  lora dropout: {lora_dropout}  dtype: {dtype}"
+          f"  batch: {micro_batch_size} x {seq_len} tokens  steps: {steps}"
           f" (+{warmup} warm-up)  rounds: {rounds}  threads: {torch.get_num_threads()}")
     print(f"{dtype} matmul peak ({4096}^3): {peak / 1e12:.2f} TFLOP/s")
     print("| engine | tokens/s | peak memory (GB) | trainable parameters | first loss | % of matmul peak |")

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from model import GPT, Config
 from model.cli import run_cli
 from model.lora import (
+    Dropout,
     LoRAConfig,
     LoRALinear,
     count_parameters,
@@ -145,7 +146,7 @@ def test_dropout_in_training_follows_the_formula(dora):
     torch.manual_seed(1)
     out = layer(x)
     torch.manual_seed(1)
-    dropped = F.dropout(x, 0.5, training=True)
+    dropped = layer.dropout(x)  # the mask itself is tested in test_dropout_*
     with torch.no_grad():
         expected = linear(x)
         for adapter in layer.lora.values():
@@ -158,6 +159,36 @@ def test_dropout_in_training_follows_the_formula(dora):
                 expected[:, rows] += lora_out
     assert (out - expected).abs().max() <= 1e-6
     assert torch.equal(out[:, 8:16], linear(x)[:, 8:16])  # the k rows have no adapter
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.5])
+def test_dropout_drops_with_probability_p_and_keeps_the_expectation(p):
+    """The CPU mask (four 16-bit lanes per 64-bit draw) drops each element with probability p, independently of its
+    neighbours (which share a draw), and scales the kept ones so that the expectation is the input."""
+    torch.manual_seed(0)
+    x = torch.full((1000, 1001), 3.0)  # an odd size: the last draw is only partly used
+    out = Dropout(p).train()(x)
+    dropped = out == 0
+    assert abs(dropped.float().mean().item() - p) < 2e-3  # 9 standard deviations at 1e6 elements
+    kept = out[~dropped]
+    assert torch.equal(kept, torch.full_like(kept, kept[0].item()))
+    assert abs(kept[0].item() * (1 - p) - 3.0) < 1e-3  # the drop probability is p rounded to 1/65536
+    assert abs(out.mean().item() - 3.0) < 0.02
+    d = dropped.flatten().float()
+    for lag in (1, 2, 3, 4):  # lanes of one draw and of the next: no correlation
+        assert abs(torch.corrcoef(torch.stack([d[:-lag], d[lag:]]))[0, 1].item()) < 5e-3
+
+
+def test_dropout_gradient_masks_like_the_forward_and_follows_the_seed():
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    layer = Dropout(0.25).train()
+    torch.manual_seed(7)
+    out = layer(x.transpose(0, 1))  # a non-contiguous input
+    out.backward(torch.ones_like(out))
+    assert torch.equal(x.grad.transpose(0, 1), (out.detach() != 0) * torch.tensor(4 / 3))  # p = 0.25: kept x 4/3
+    torch.manual_seed(7)
+    assert torch.equal(layer(x.transpose(0, 1)), out)
+    assert torch.equal(layer.eval()(x), x)
 
 
 @pytest.mark.parametrize("dora", [False, True])

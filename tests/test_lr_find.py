@@ -139,9 +139,10 @@ def test_script_builds_each_method_and_saves_no_weights(method, tiny_checkpoint_
     out_dir = tmp_path / method
     suggestion = load_script("scripts/lr_find.py").lr_find(
         checkpoint_dir=checkpoint_dir, data_dir=data_dir, out_dir=out_dir, method=method, precision="32-true",
-        micro_batch_size=2, global_batch_size=2, num_steps=6, min_lr=1e-5, max_lr=1e-1, adapter_start_layer=1)
+        micro_batch_size=2, global_batch_size=2, num_steps=6, min_lr=1e-5, max_lr=1e-1, adapter_start_layer=1,
+        suggestion_divisor=4)
     summary = json.loads((out_dir / "lr_find.json").read_text())
-    assert summary["suggested_learning_rate"] == suggestion > 0
+    assert summary["suggested_learning_rate"] == suggestion == pytest.approx(summary["min_loss_lr"] / 4)
     assert len(summary["lrs"]) == len(summary["losses"]) >= 2
     assert sorted(p.name for p in out_dir.iterdir()) == ["lr_find.json", "lr_find.png"]
     assert {p: p.stat().st_mtime_ns for p in checkpoint_dir.rglob("*")} == files_before

@@ -5,6 +5,7 @@
 # Run from the repository root after scripts/quickstart.sh (or any run that converted the SmolLM2 checkpoint).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+[ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ] && . .venv/bin/activate  # the environment scripts/install.sh made
 CONFIGS=examples/efficiency_challenge
 MODEL=${MODEL:-checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct}
 OUT=${OUT:-out/challenge_dry_run}
