@@ -54,7 +54,8 @@ def main(
     device = resolve_device("cpu")
     for width in (576, 1536):
         ms = time_mask((micro_batch_size, seq_len, width), DTYPES[dtype], lora_dropout)
-        print(f"mask on {micro_batch_size} x {seq_len} x {width}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()))
+        timings = ", ".join(f"{name} {value:.1f} ms" for name, value in ms.items())
+        print(f"mask on {micro_batch_size} x {seq_len} x {width} (forward + backward): {timings}")
 
     from finetune_speed import make_batches
 

@@ -28,6 +28,7 @@ from model.data.tasks import (  # noqa: F401
     instruction_fields,
     parse_tasks,
     read_sentences,
+    recombine_sentences,
     split_sentences,
     template_pattern,
 )
@@ -46,6 +47,7 @@ def prepare_tasks(
     mask_inputs: bool = True,
     system_prompt_fraction: float = 0.0,
     tasks: str = "all",
+    recombined_sentences: int = 0,
 ) -> None:
     """Generate the task samples, tokenize them for `checkpoint_dir` and write train.pt, test.pt and meta.json.
 
@@ -59,6 +61,8 @@ def prepare_tasks(
         mask_inputs: put the loss on the answer only (the prompt's labels are -100).
         system_prompt_fraction: the fraction of samples that get a system message.
         tasks: "all", or a comma-separated list of task names.
+        recombined_sentences: add this many training sentences made of the training sentences' words in new random
+            orders (the test sentences stay as they are): fewer repeats of the same 126 sentences to learn by heart.
     """
     if num_train < 1 or num_test < 1:
         raise ValueError(f"--num_train and --num_test must be at least 1, got {num_train} and {num_test}")
@@ -71,6 +75,11 @@ def prepare_tasks(
     prompt_style = load_prompt_style(checkpoint_dir)
 
     train_sentences, test_sentences = split_sentences(read_sentences(), seed)
+    if recombined_sentences < 0:
+        raise ValueError(f"--recombined_sentences must be 0 or more, got {recombined_sentences}")
+    if recombined_sentences:
+        train_sentences += recombine_sentences(train_sentences, recombined_sentences, f"{seed}:recombined",
+                                               avoid=tuple(test_sentences))
     # Each split has its own random stream, so the test set stays the same when only --num_train changes.
     pairs = {
         "train": generate_pairs(train_sentences, num_train, task_names, f"{seed}:train", system_prompt_fraction),
@@ -85,6 +94,7 @@ def prepare_tasks(
         "seed": seed,
         "system_prompt_fraction": system_prompt_fraction,
         "tasks": task_names,
+        "recombined_sentences": recombined_sentences,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     encoded = {}

@@ -260,6 +260,31 @@ def test_train_and_test_sentences_are_disjoint():
     assert sentences_of(prepare.generate_pairs(train, 100, names, "3:train", 0.0)) <= set(train)
 
 
+def test_recombined_sentences_are_new_orders_of_the_training_words():
+    train, test = prepare.split_sentences(prepare.read_sentences(), seed=3)
+    made = prepare.recombine_sentences(train, 300, "3:recombined", avoid=tuple(test))
+    assert len(made) == len(set(made)) == 300
+    assert set(made).isdisjoint(train) and set(made).isdisjoint(test)
+    train_words = {word.lower() for sentence in train for word in sentence.split(" ")}
+    assert all({word.lower() for word in sentence.split(" ")} <= train_words for sentence in made)
+    lengths = {len(sentence.split(" ")) for sentence in train}
+    assert all(len(sentence.split(" ")) in lengths and sentence[0].isupper() or not sentence[0].isalpha()
+               for sentence in made)
+    assert any(prepare.NUMBER.search(sentence) for sentence in made)  # extract_numbers has sentences to use
+    assert prepare.recombine_sentences(train, 300, "3:recombined", avoid=tuple(test)) == made
+
+
+def test_recombined_sentences_change_the_training_set_only(chatml_dir, tmp_path):
+    plain = run_prepare(chatml_dir, tmp_path / "plain")
+    more = run_prepare(chatml_dir, tmp_path / "more", recombined_sentences=200)
+    assert more["test.pt"] == plain["test.pt"] and more["train.pt"] != plain["train.pt"]
+    train, _ = prepare.split_sentences(prepare.read_sentences(), seed=42)
+    samples = load_dataset(tmp_path / "more" / "train.pt")
+    used = {prepare.instruction_fields(s["task"], s["prompt"].split("user\n", 1)[1].split("<|im_end|>")[0])["sentence"]
+            for s in samples}
+    assert used - set(train)  # most training samples now use a recombined sentence
+
+
 def run_prepare(checkpoint_dir, out_dir, **flags):
     flags = {"num_train": 40, "num_test": 20, "max_seq_length": 512, **flags}
     prepare.prepare_tasks(checkpoint_dir, out_dir=out_dir, **flags)
@@ -304,6 +329,7 @@ def test_prepared_files_load_and_describe_themselves(chatml_dir, tmp_path, capsy
         ({"num_train": 0}, "--num_train and --num_test must be at least 1"),
         ({"max_seq_length": 0}, "--max_seq_length must be positive"),
         ({"system_prompt_fraction": 1.5}, "--system_prompt_fraction must be between 0 and 1"),
+        ({"recombined_sentences": -1}, "--recombined_sentences must be 0 or more"),
     ],
 )
 def test_prepare_tasks_rejects_bad_flags(chatml_dir, tmp_path, flags, match):

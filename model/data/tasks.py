@@ -188,6 +188,27 @@ def split_sentences(sentences: list[str], seed: int) -> tuple[list[str], list[st
     return train, test
 
 
+def recombine_sentences(sentences: list[str], count: int, seed: str, avoid: tuple[str, ...] = ()) -> list[str]:
+    """`count` new sentences made of the words of `sentences` in random orders, their lengths drawn from theirs, the
+    first letter capitalized; none repeats, or equals one of `sentences` or `avoid` (the test sentences).
+
+    126 training sentences are few enough for a small model to learn their answers by heart: SmolLM2-135M after the
+    quickstart's LoRA answers 69% of training prompts but 38% of held-out ones, upper-casing 76% of the training
+    sentences and 5% of the held-out ones. Word orders it has never seen make it learn the operation instead."""
+    rng = random.Random(seed)
+    pool = [word for sentence in sentences for word in words(sentence)]
+    lengths = [len(words(sentence)) for sentence in sentences]
+    taken = set(sentences) | set(avoid)
+    made: list[str] = []
+    while len(made) < count:
+        sentence = " ".join(rng.choice(pool) for _ in range(rng.choice(lengths)))
+        sentence = sentence[0].upper() + sentence[1:]
+        if sentence not in taken:
+            taken.add(sentence)
+            made.append(sentence)
+    return made
+
+
 def generate_pairs(
     sentences: list[str], count: int, task_names: list[str], seed: str, system_prompt_fraction: float
 ) -> list[dict]:
