@@ -24,9 +24,8 @@ from model.data.sft import load_dataset
 from model.files import atomic_save_figure, atomic_write_text
 from model.tokenizer import Tokenizer
 from model.weights.load import detect, load_any
-from model.workflows.evaluate import exact_match_of, perplexity_of, read_documents, read_questions, score_questions, \
-    write_result
-from model.workflows.harness import evaluate_model, headline
+from model.workflows.evaluate import exact_match_of, lm_eval_harness, perplexity_of, read_documents, read_questions, \
+    score_questions, write_result
 
 METRICS = ("exact_match", "perplexity", "multiple_choice", "lm_eval")
 LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
@@ -131,6 +130,7 @@ def main(
     questions = read_questions(mc_csv)[:limit] if "multiple_choice" in chosen else None
     shots = read_questions(mc_fewshot_csv) if mc_fewshot_csv is not None else None
     documents = read_documents(ppl_file) if ppl_file is not None and "perplexity" in chosen else None
+    harness = lm_eval_harness() if "lm_eval" in chosen else None
 
     rows: dict[str, dict[str, float]] = {}
     details: dict[str, dict] = {}
@@ -155,10 +155,10 @@ def main(
                 result = score_questions(model, tokenizer, questions, shots, mc_num_fewshot, batch_size=batch_size)
                 rows[name]["multiple_choice"] = result["accuracy"]
             else:
-                result = evaluate_model(model, tokenizer, lm_eval_tasks, lm_eval_num_fewshot, batch_size,
+                result = harness.evaluate_model(model, tokenizer, lm_eval_tasks, lm_eval_num_fewshot, batch_size,
                                         lm_eval_limit)
                 for task in result["results"]:
-                    column, value = headline(result["results"], task)
+                    column, value = harness.headline(result["results"], task)
                     rows[name][column] = value
             details[name][metric] = result
         del model, loaded

@@ -19,8 +19,7 @@ from typing import Literal, Optional
 from model.cli import run_cli
 from model.tokenizer import Tokenizer
 from model.weights.load import load_any
-from model.workflows.evaluate import default_out_dir, write_result
-from model.workflows.harness import evaluate_model, headline
+from model.workflows.evaluate import default_out_dir, lm_eval_harness, write_result
 
 
 def main(
@@ -57,18 +56,20 @@ def main(
     """
     if limit is not None and (limit <= 0 or (limit > 1 and not float(limit).is_integer())):
         raise ValueError(f"--limit must be a whole number of documents or a fraction in (0, 1], got {limit}")
+    harness = lm_eval_harness()  # before loading the model: a missing lm-eval is one line, at once
     loaded = load_any(checkpoint_dir, device, precision, quantize)
     model, checkpoint_dir, run_dir = loaded.model, loaded.checkpoint_dir, loaded.run_dir
     tokenizer = Tokenizer(checkpoint_dir)
     t0 = time.perf_counter()
-    result = evaluate_model(model, tokenizer, tasks, num_fewshot, batch_size,
-                            int(limit) if limit is not None and limit > 1 else limit, include_path, max_gen_toks, seed, bootstrap_iters)
+    result = harness.evaluate_model(model, tokenizer, tasks, num_fewshot, batch_size,
+                                    int(limit) if limit is not None and limit > 1 else limit, include_path,
+                                    max_gen_toks, seed, bootstrap_iters)
     from lm_eval.utils import make_table
 
     print(make_table({"results": result["results"], "versions": result["versions"], "n-shot": result["n-shot"],
                       "higher_is_better": {}}))
     names = list(result["results"])
-    metric, value = headline(result["results"], result["tasks"][0] if result["tasks"][0] in names else names[0])
+    metric, value = harness.headline(result["results"], result["tasks"][0] if result["tasks"][0] in names else names[0])
     summary = {"checkpoint_dir": str(checkpoint_dir), "run_dir": str(run_dir) if run_dir else None,
                "headline": {metric: value}, "seconds": time.perf_counter() - t0, **result}
     path = write_result(out_dir or default_out_dir(checkpoint_dir, run_dir), "lm_eval.json", summary)

@@ -49,8 +49,8 @@ class Dropout(nn.Module):
     """`nn.Dropout` whose mask costs a quarter of the random draws on the CPU.
 
     PyTorch's CPU dropout draws one number from its Mersenne Twister per element (`bernoulli_`), at ~10 ns each that
-    is the most expensive op of a LoRA step on a small model (29% of a SmolLM2-135M step at dropout 0.05 in bf16,
-    `benchmarks/finetune_speed.py`). Here one 64-bit draw gives the keep/drop decision of four elements: each 16-bit
+    is the most expensive op of a LoRA step on a small model (29% of a SmolLM2-135M step at dropout 0.05 in bf16 by
+    `torch.profiler`; tutorials/performance.md). Here one 64-bit draw gives the keep/drop decision of four elements: each 16-bit
     lane is kept when it is at least `p` of the way up its range, so the drop probability is `p` rounded to 1/65536,
     and the kept elements are scaled by the inverse of the exact keep probability (the expectation is unchanged). On
     other devices, whose dropout kernels draw in parallel, this is `F.dropout`.

@@ -38,7 +38,7 @@ LR=$(python -c "import json; print(f\"{json.load(open('$OUT/lr_find/lr_find.json
 echo "suggested --learning_rate $LR (plot: $OUT/lr_find/lr_find.png)"
 
 echo "=== Fine-tuning with LoRA"
-# 156 steps of 16 samples (1.25 epochs of the 2000 training samples): 10 minutes of training on 2 AMX cores; a run
+# 156 steps of 16 samples (1.25 epochs of the 2000 training samples): 10-12 minutes of training on 2 AMX cores; a run
 # this short takes the LR of the test's lowest loss / 4 (the default / 10 suits runs of unknown length)
 python finetune/lora.py --checkpoint_dir "$CHECKPOINT" --data_dir data/tasks --out_dir "$OUT/lora" \
   "${MODEL_FLAGS[@]}" --lora_dropout 0 --precision "$PRECISION" --learning_rate "$LR" \

@@ -6,6 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ] && . .venv/bin/activate  # the environment scripts/install.sh made
+# stage 6 runs lm-eval, the optional `eval` extra: installed first if missing, so no stage fails on it at the end
+python -c "import lm_eval" 2>/dev/null || python -m pip install -q -e ".[eval]"
 CONFIGS=examples/efficiency_challenge
 MODEL=${MODEL:-checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct}
 OUT=${OUT:-out/challenge_dry_run}

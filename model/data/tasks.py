@@ -194,7 +194,8 @@ def recombine_sentences(sentences: list[str], count: int, seed: str, avoid: tupl
 
     126 training sentences are few enough for a small model to learn their answers by heart: SmolLM2-135M after the
     quickstart's LoRA answers 69% of training prompts but 38% of held-out ones, upper-casing 76% of the training
-    sentences and 5% of the held-out ones. Word orders it has never seen make it learn the operation instead."""
+    sentences and 5% of the held-out ones. New word orders were meant to make it learn the operations instead; on the
+    quickstart's recipe 1,000 of them did not (39.5% held-out exact match vs 38.0%, tutorials/finetune_lora.md)."""
     rng = random.Random(seed)
     pool = [word for sentence in sentences for word in words(sentence)]
     lengths = [len(words(sentence)) for sentence in sentences]

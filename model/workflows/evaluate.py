@@ -133,6 +133,18 @@ def greedy_answers(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new
     return answers
 
 
+def lm_eval_harness():
+    """`model.workflows.harness` (lm-eval's model interface over our GPT); one line on what to install when lm-eval,
+    an optional dependency (the `eval` extra), is missing."""
+    try:
+        from model.workflows import harness
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] != "lm_eval":
+            raise
+        raise SystemExit("lm-eval is not installed: pip install -e '.[eval]' (the test extra includes it)") from None
+    return harness
+
+
 def write_result(out_dir: Path, name: str, result: dict) -> Path:
     """Write `result` as `out_dir/name` atomically (never a half-written file) and return the path."""
     out_dir = Path(out_dir)
