@@ -10,18 +10,15 @@ seed for each variant; the variants take turns over `--rounds` and each prints i
 """
 
 import time
-from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
-from model import GPT
-from model.lora import Dropout, LoRAConfig, LoRALinear, inject_lora, mark_only_lora_as_trainable
-from model.training.loss import head_cross_entropy
+from finetune_speed import DTYPES, forge_lora, make_batches  # this directory's Forge engine and batches
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from model.lora import Dropout, LoRALinear
+
 VARIANTS = {"nn.Dropout": torch.nn.Dropout, "forge Dropout": Dropout, "no dropout": lambda p: torch.nn.Identity()}
 
 
@@ -49,28 +46,20 @@ def main(
     steps: int = 4,
     rounds: int = 3,
 ) -> None:
-    """Print the mask's milliseconds per input shape, then seconds per LoRA step per variant and round."""
-    device = torch.device("cpu")  # the GPU path is F.dropout itself
+    """Print the mask's milliseconds per input shape, then seconds per LoRA step per variant and round (on the CPU:
+    on a GPU Forge's dropout is F.dropout itself)."""
     for width in (576, 1536):
         ms = time_mask((micro_batch_size, seq_len, width), DTYPES[dtype], lora_dropout)
         timings = ", ".join(f"{name} {value:.1f} ms" for name, value in ms.items())
         print(f"mask on {micro_batch_size} x {seq_len} x {width} (forward + backward): {timings}")
 
-    from finetune_speed import make_batches
-
     torch.manual_seed(0)
-    model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=DTYPES[dtype])
-    inject_lora(model, LoRAConfig(r=8, alpha=16, dropout=lora_dropout, query=True, key=True, value=True,
-                                  projection=True, mlp=True))
-    mark_only_lora_as_trainable(model)
+    model, loss_fn = forge_lora(checkpoint_dir, torch.device("cpu"), DTYPES[dtype], lora_dropout)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batches = make_batches("tasks", data_dir, steps, micro_batch_size, seq_len)
 
     def step(input_ids: torch.Tensor, labels: torch.Tensor) -> None:
-        targets = labels[:, 1:]
-        loss = model(input_ids, logits_mask=F.pad(targets != -100, (0, 1)),
-                     head_fn=partial(head_cross_entropy, targets=targets[targets != -100])).mean()
-        loss.backward()
+        loss_fn(input_ids, labels).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -57,6 +57,28 @@ def make_batches(data: str, data_dir: Path, count: int, micro_batch_size: int, s
     return list(zip(input_ids[:needed].view(shape), labels[:needed].view(shape)))
 
 
+def forge_lora(checkpoint_dir: Path, device: torch.device, dtype: torch.dtype, lora_dropout: float):
+    """Forge's engine: the model with LoRA r=8 on every linear of the blocks, and its loss as finetune/lora.py
+    computes it (the output head only where a label follows, its cross-entropy in chunks)."""
+    from functools import partial
+
+    from model import GPT
+    from model.lora import LoRAConfig, inject_lora, mark_only_lora_as_trainable
+    from model.training.loss import head_cross_entropy
+
+    model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype)
+    inject_lora(model, LoRAConfig(r=8, alpha=16, dropout=lora_dropout, query=True, key=True, value=True,
+                                  projection=True, mlp=True))
+    mark_only_lora_as_trainable(model)
+
+    def loss_fn(input_ids, labels):
+        targets = labels[:, 1:]
+        return model(input_ids, logits_mask=torch.nn.functional.pad(targets != -100, (0, 1)),
+                     head_fn=partial(head_cross_entropy, targets=targets[targets != -100])).mean()
+
+    return model, loss_fn
+
+
 def run_engine(engine: str, checkpoint_dir: Path, micro_batch_size: int, seq_len: int, steps: int, warmup: int,
                dtype: str, device: str, data: str, data_dir: Path, lora_dropout: float) -> dict:
     from model.device import peak_memory_gb, resolve_device
@@ -64,23 +86,7 @@ def run_engine(engine: str, checkpoint_dir: Path, micro_batch_size: int, seq_len
     device_ = resolve_device(device)
     torch.manual_seed(0)
     if engine == "forge":
-        from model import GPT
-        from model.lora import LoRAConfig, inject_lora, mark_only_lora_as_trainable
-
-        model = GPT.from_checkpoint(checkpoint_dir, device=device_, dtype=DTYPES[dtype])
-        inject_lora(model, LoRAConfig(r=8, alpha=16, dropout=lora_dropout, query=True, key=True, value=True,
-                                      projection=True, mlp=True))
-        mark_only_lora_as_trainable(model)
-
-        def loss_fn(input_ids, labels):
-            # as finetune/lora.py: the output head only where a label follows, and its loss in chunks
-            from functools import partial
-
-            from model.training.loss import head_cross_entropy
-
-            targets = labels[:, 1:]
-            return model(input_ids, logits_mask=torch.nn.functional.pad(targets != -100, (0, 1)),
-                         head_fn=partial(head_cross_entropy, targets=targets[targets != -100])).mean()
+        model, loss_fn = forge_lora(checkpoint_dir, device_, DTYPES[dtype], lora_dropout)
     elif engine == "litgpt":
         import yaml
         from litgpt.lora import GPT as LitGPT
