@@ -52,6 +52,7 @@ from model.data.tasks import (
     instruction_fields,
     parse_tasks,
     read_sentences,
+    read_training_sentences,
     split_sentences,
 )
 from model.files import atomic_write_text
@@ -213,17 +214,22 @@ def swap_first_two(items: list[str]) -> list[str]:
     return items[1:2] + items[:1] + items[2:]
 
 
-def task_prompts(num_train: int, num_test: int, tasks: str, seed: int) -> dict[str, list[dict]]:
-    """The task set's instructions and gold answers, train and test about disjoint sentences."""
+def task_prompts(num_train: int, num_test: int, tasks: str, seed: int,
+                 train_sentences_file: Optional[Path] = None) -> dict[str, list[dict]]:
+    """The task set's instructions and gold answers, train and test about disjoint sentences; the training prompts
+    come from `train_sentences_file` instead of the task set's training sentences when it is given."""
     names = parse_tasks(tasks)
     train_sentences, test_sentences = split_sentences(read_sentences(), seed)
+    if train_sentences_file is not None:
+        train_sentences = read_training_sentences(train_sentences_file, test_sentences)
     return {split: generate_pairs(sentences, count, names, f"{seed}:{split}", 0.0)
             for split, sentences, count in (("train", train_sentences, num_train), ("test", test_sentences, num_test))}
 
 
-def task_pairs(num_train: int, num_test: int, tasks: str, seed: int) -> dict[str, list[tuple]]:
+def task_pairs(num_train: int, num_test: int, tasks: str, seed: int,
+               train_sentences_file: Optional[Path] = None) -> dict[str, list[tuple]]:
     result = {}
-    for split, pairs in task_prompts(num_train, num_test, tasks, seed).items():
+    for split, pairs in task_prompts(num_train, num_test, tasks, seed, train_sentences_file).items():
         rng = random.Random(f"{seed}:{split}:rejected")
         rows = []
         for index, pair in enumerate(pairs):
@@ -237,13 +243,15 @@ def task_pairs(num_train: int, num_test: int, tasks: str, seed: int) -> dict[str
 
 def on_policy_task_pairs(from_run: Path, num_train: int, num_test: int, tasks: str, seed: int,
                          samples_per_prompt: int, temperature: float, max_new_tokens: int, batch_size: int,
-                         max_pairs_per_prompt: int, precision: Optional[str], device: str) -> tuple[dict, dict]:
+                         max_pairs_per_prompt: int, precision: Optional[str], device: str,
+                         train_sentences_file: Optional[Path] = None, only_answerable: bool = False,
+                         ) -> tuple[dict, dict]:
     """The task set's prompts answered by the model of `from_run`; its wrong answers (by exact match) are rejected."""
     loaded = load_any(from_run, device=device, precision=precision)
     tokenizer = Tokenizer(loaded.checkpoint_dir)
     style = load_prompt_style(loaded.checkpoint_dir)
     result, report = {}, {}
-    for split, pairs in task_prompts(num_train, num_test, tasks, seed).items():
+    for split, pairs in task_prompts(num_train, num_test, tasks, seed, train_sentences_file).items():
         items = [PromptItem(f"{split} prompt {index} ({pair['task']})", pair["instruction"], pair["response"],
                             pair["system"], pair["task"]) for index, pair in enumerate(pairs)]
         print(f"Answering {len(items)} {split} prompts {samples_per_prompt} time(s) each with {from_run}")
@@ -253,13 +261,16 @@ def on_policy_task_pairs(from_run: Path, num_train: int, num_test: int, tasks: s
                                  seed=hash_seed(seed, split),
                                  stop_strings=style.stop_tokens())
         rows, counts = wrong_answer_pairs(items, answers, lambda i, a: check_answer(i.task, i.instruction, a),
-                                          max_pairs_per_prompt)
+                                          max_pairs_per_prompt, only_answerable)
         greedy_right = sum(check_answer(i.task, i.instruction, a[0]) for i, a in zip(items, answers))
         counts["greedy_exact_match"] = greedy_right / len(items)
+        # pass@k: the share of prompts answered right at least once among their samples
+        counts["any_answer_right"] = 1 - counts["prompts_never_answered_right"] / len(items)
         counts["seconds"] = round(time.perf_counter() - t0, 1)
         print(f"{split}: greedy exact match {greedy_right}/{len(items)}; {counts['right']} of {counts['answers']}"
               f" answers right; {len(rows)} pairs; {counts['prompts_without_a_wrong_answer']} prompts without a wrong"
-              f" answer ({counts['seconds']}s)")
+              f" answer; {len(items) - counts['prompts_never_answered_right']} prompts answered right at least once"
+              f" ({counts['seconds']}s)")
         result[split], report[split] = rows, counts
     return result, report
 
@@ -286,6 +297,7 @@ def prepare_preferences(
     num_train: int = 1000,
     num_test: int = 100,
     tasks: str = "all",
+    train_sentences: Optional[Path] = None,
     seed: int = 42,
     max_seq_length: int = 256,
     strict: bool = False,
@@ -295,6 +307,7 @@ def prepare_preferences(
     max_new_tokens: int = 48,
     batch_size: int = 32,
     max_pairs_per_prompt: int = 1,
+    only_answerable: bool = False,
     precision: Optional[Literal["32-true", "bf16-true"]] = None,
     device: str = "auto",
 ) -> None:
@@ -314,6 +327,9 @@ def prepare_preferences(
         num_train: Training pairs made from the task set (without data_file).
         num_test: Test pairs made from the task set (without data_file).
         tasks: "all" or a comma-separated list of the task set's tasks (without data_file).
+        train_sentences: Make the training pairs from this file's sentences (one a line, none a test sentence) instead
+            of the task set's training sentences, e.g. scripts/data/more_sentences.txt: with --from_run, prompts the
+            fine-tuned model has not learned by heart, so its mistakes look like those on the test sentences.
         seed: Seeds the split and the task pairs; the same flags give byte-identical files.
         max_seq_length: Cut sequences to this many tokens; a pair whose prompt leaves no room for an answer is skipped.
         strict: Stop at the first row that makes no pair instead of skipping and counting it.
@@ -325,6 +341,8 @@ def prepare_preferences(
         max_new_tokens: The longest answer generated (with --from_run).
         batch_size: Answers generated together (with --from_run).
         max_pairs_per_prompt: At most this many of a prompt's distinct wrong answers make pairs (with --from_run).
+        only_answerable: Only prompts that one of the model's own answers gets right make pairs (with --from_run and
+            --samples_per_prompt > 1): DPO then moves probability towards answers within the model's reach.
         precision: 32-true or bf16-true for generating with --from_run; default: bf16 on GPU, fp32 on CPU.
         device: "auto", "cpu", "cuda", ... for generating with --from_run.
     """
@@ -334,6 +352,11 @@ def prepare_preferences(
         raise ValueError(f"--test_fraction must be between 0 and 1, got {test_fraction}")
     if data_file is None and test_file is not None:
         raise ValueError("--test_file needs --data_file")
+    if train_sentences is not None and data_file is not None:
+        raise ValueError("--train_sentences makes pairs from the built-in task set; it cannot be combined with --data_file")
+    if only_answerable and (from_run is None or samples_per_prompt < 2):
+        raise ValueError("--only_answerable needs --from_run and --samples_per_prompt of 2 or more (with one answer a"
+                         " prompt answered right has no wrong answer to pair)")
     if from_run is not None and data_file is not None:
         raise ValueError("--from_run answers the built-in task set's prompts; it cannot be combined with --data_file")
     tokenizer = Tokenizer(checkpoint_dir)
@@ -350,11 +373,11 @@ def prepare_preferences(
         source = f"tasks answered by {from_run}"
         raw, on_policy = on_policy_task_pairs(from_run, num_train, num_test, tasks, seed, samples_per_prompt,
                                               temperature, max_new_tokens, batch_size, max_pairs_per_prompt,
-                                              precision, device)
+                                              precision, device, train_sentences, only_answerable)
         used_format = "tasks-on-policy"
     elif data_file is None:
         source = "tasks"
-        raw = task_pairs(num_train, num_test, tasks, seed)
+        raw = task_pairs(num_train, num_test, tasks, seed, train_sentences)
         used_format = "tasks"
     else:
         source = str(data_file)
@@ -404,10 +427,12 @@ def prepare_preferences(
         "checkpoint_dir": str(checkpoint_dir), "vocab_size": tokenizer.vocab_size, "prompt_style": prompt_style.name,
         "tokenizer_sha256": tokenizer_fingerprint(checkpoint_dir),
         "source": source, "format": used_format, "max_seq_length": max_seq_length, "seed": seed,
+        "train_sentences": str(train_sentences) if train_sentences else None,
         "skipped": report,
     }
     if on_policy is not None:
         meta["on_policy"] = {"from_run": str(from_run), "samples_per_prompt": samples_per_prompt,
+                             "only_answerable": only_answerable,
                              "temperature": temperature, "max_pairs_per_prompt": max_pairs_per_prompt, **on_policy}
     out_dir.mkdir(parents=True, exist_ok=True)
     for split, samples in encoded.items():

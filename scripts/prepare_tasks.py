@@ -14,12 +14,14 @@ checkpoint's tokenizer and rendered with its prompt style.
 
 import json
 from pathlib import Path
+from typing import Optional
 
 from model.cli import run_cli
 from model.data.sft import encode_example, save_dataset
 
 # the task set lives in the library (scripts/prepare_preferences.py judges answers with it); re-exported here
 from model.data.tasks import (  # noqa: F401
+    MORE_SENTENCES_FILE,
     NUMBER,
     SYSTEM_PROMPTS,
     TASKS,
@@ -28,6 +30,7 @@ from model.data.tasks import (  # noqa: F401
     instruction_fields,
     parse_tasks,
     read_sentences,
+    read_training_sentences,
     recombine_sentences,
     split_sentences,
     template_pattern,
@@ -48,6 +51,7 @@ def prepare_tasks(
     system_prompt_fraction: float = 0.0,
     tasks: str = "all",
     recombined_sentences: int = 0,
+    more_sentences: Optional[Path] = None,
 ) -> None:
     """Generate the task samples, tokenize them for `checkpoint_dir` and write train.pt, test.pt and meta.json.
 
@@ -63,6 +67,8 @@ def prepare_tasks(
         tasks: "all", or a comma-separated list of task names.
         recombined_sentences: add this many training sentences made of the training sentences' words in new random
             orders (the test sentences stay as they are): fewer repeats of the same 126 sentences to learn by heart.
+        more_sentences: add this file's sentences (one a line, none a test sentence) to the training sentences, e.g.
+            scripts/data/more_sentences.txt (311 more); the test set stays byte-identical.
     """
     if num_train < 1 or num_test < 1:
         raise ValueError(f"--num_train and --num_test must be at least 1, got {num_train} and {num_test}")
@@ -77,6 +83,9 @@ def prepare_tasks(
     train_sentences, test_sentences = split_sentences(read_sentences(), seed)
     if recombined_sentences < 0:
         raise ValueError(f"--recombined_sentences must be 0 or more, got {recombined_sentences}")
+    if more_sentences is not None:
+        train_sentences += [s for s in read_training_sentences(more_sentences, test_sentences)
+                            if s not in train_sentences]
     if recombined_sentences:
         train_sentences += recombine_sentences(train_sentences, recombined_sentences, f"{seed}:recombined",
                                                avoid=tuple(test_sentences))
@@ -95,6 +104,8 @@ def prepare_tasks(
         "system_prompt_fraction": system_prompt_fraction,
         "tasks": task_names,
         "recombined_sentences": recombined_sentences,
+        "more_sentences": str(more_sentences) if more_sentences else None,
+        "train_sentences": len(train_sentences),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     encoded = {}

@@ -1,5 +1,6 @@
 """model/data.py (encoding, masking, saving, loading, batching) and scripts/prepare_tasks.py."""
 
+import json
 import subprocess
 import sys
 
@@ -283,6 +284,39 @@ def test_recombined_sentences_change_the_training_set_only(chatml_dir, tmp_path)
     used = {prepare.instruction_fields(s["task"], s["prompt"].split("user\n", 1)[1].split("<|im_end|>")[0])["sentence"]
             for s in samples}
     assert used - set(train)  # most training samples now use a recombined sentence
+
+
+def test_shipped_more_sentences_are_new_and_not_near_a_test_sentence():
+    more = prepare.read_sentences(prepare.MORE_SENTENCES_FILE)
+    assert len(more) >= 300 and all(5 <= len(sentence.split(" ")) <= 12 for sentence in more)
+    assert sum(bool(prepare.NUMBER.search(sentence)) for sentence in more) >= 30
+    base = prepare.read_sentences()
+    assert set(more).isdisjoint(base)
+    _, test = prepare.split_sentences(base, seed=42)
+
+    def overlap(a, b):
+        a, b = set(a.lower().split(" ")), set(b.lower().split(" "))
+        return len(a & b) / len(a | b)
+
+    # no paraphrase of a held-out sentence: at most 40% of the words of the two (as sets) shared
+    assert max(overlap(m, t) for m in more for t in test) < 0.4
+
+
+def test_more_sentences_change_the_training_set_only(chatml_dir, tmp_path):
+    plain = run_prepare(chatml_dir, tmp_path / "plain")
+    more = run_prepare(chatml_dir, tmp_path / "more", more_sentences=prepare.MORE_SENTENCES_FILE, num_train=400)
+    assert more["test.pt"] == plain["test.pt"]
+    meta = json.loads(more["meta.json"])
+    train, test = prepare.split_sentences(prepare.read_sentences(), seed=42)
+    assert meta["train_sentences"] == len(train) + len(prepare.read_sentences(prepare.MORE_SENTENCES_FILE))
+    samples = load_dataset(tmp_path / "more" / "train.pt")
+    used = {prepare.instruction_fields(s["task"], s["prompt"].split("user\n", 1)[1].split("<|im_end|>")[0])["sentence"]
+            for s in samples}
+    assert used - set(train) and used.isdisjoint(test)
+    leaky = tmp_path / "leaky.txt"
+    leaky.write_text(test[0] + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="are test sentences of the task set"):
+        run_prepare(chatml_dir, tmp_path / "leaky", more_sentences=leaky)
 
 
 def run_prepare(checkpoint_dir, out_dir, **flags):

@@ -3,6 +3,7 @@ wrong answers as rejected, against that prompt's gold answer, and are the same f
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import load_script
@@ -53,8 +54,23 @@ def test_only_wrong_answers_become_rejected_each_with_its_own_prompt():
     assert by_prompt == {items[0].instruction: ["THE RED FOX ran", "THE RED FOX"],
                          items[2].instruction: ["3", "Big blue sky"]}
     assert counts == {"answers": 10, "right": 4, "empty": 1, "duplicate": 1, "beyond_max_pairs": 0,
-                      "prompts_without_a_wrong_answer": 1}
+                      "prompts_without_a_wrong_answer": 1, "prompts_never_answered_right": 0}
     assert [row[0] for row in rows] == ["p0, own answer 1", "p0, own answer 2", "p2, own answer 1", "p2, own answer 2"]
+
+
+def test_only_answerable_drops_prompts_the_model_never_gets_right():
+    items, answers = items_and_answers()
+    items.append(PromptItem("p3", "Sentence: Red sky at night\nNumber of words?", "4", task="count_words"))
+    answers.append(["5", "3", "five"])  # wrong every time: out of the model's reach
+    every, counts = wrong_answer_pairs(items, answers, is_right, max_pairs_per_prompt=5)
+    answerable, counts_answerable = wrong_answer_pairs(items, answers, is_right, 5, only_answerable=True)
+    assert [row[0] for row in every] == ["p0, own answer 1", "p0, own answer 2", "p2, own answer 1",
+                                         "p2, own answer 2", "p3, own answer 1", "p3, own answer 2", "p3, own answer 3"]
+    assert answerable == every[:4]
+    assert counts["prompts_never_answered_right"] == counts_answerable["prompts_never_answered_right"] == 1
+    with pytest.raises(ValueError, match="--only_answerable needs --from_run and --samples_per_prompt of 2"):
+        prepare.prepare_preferences(checkpoint_dir=Path("unused"), only_answerable=True, from_run=Path("unused"),
+                                    samples_per_prompt=1)
 
 
 def test_max_pairs_per_prompt_keeps_the_first_wrong_answers():
@@ -119,3 +135,21 @@ def test_from_run_writes_on_policy_pairs(tiny_dir, tmp_path):
 def test_from_run_rejects_a_data_file(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match="cannot be combined with --data_file"):
         prepare.prepare_preferences(checkpoint_dir=tiny_dir, from_run=tiny_dir, data_file=tmp_path / "x.jsonl")
+
+
+def test_train_sentences_make_the_training_prompts_only(tmp_path):
+    from model.data.tasks import MORE_SENTENCES_FILE, instruction_fields, read_sentences, split_sentences
+
+    plain = prepare.task_prompts(30, 10, "all", 42)
+    more = prepare.task_prompts(30, 10, "all", 42, MORE_SENTENCES_FILE)
+    assert more["test"] == plain["test"]
+    shipped = set(read_sentences(MORE_SENTENCES_FILE))
+    assert {instruction_fields(p["task"], p["instruction"])["sentence"] for p in more["train"]} <= shipped
+    # a test sentence in the file is refused, whatever its case
+    _, test = split_sentences(read_sentences(), 42)
+    leaky = tmp_path / "leaky.txt"
+    leaky.write_text(f"One new sentence for training\n{test[0].upper()}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"leaky\.txt: 1 sentence\(s\) are test sentences"):
+        prepare.task_prompts(30, 10, "all", 42, leaky)
+    with pytest.raises(ValueError, match="--train_sentences .* cannot be combined with --data_file"):
+        prepare.prepare_preferences(checkpoint_dir=tmp_path, train_sentences=leaky, data_file=tmp_path / "x.jsonl")

@@ -61,21 +61,24 @@ def sample_answers(model, tokenizer, rendered_prompts: Sequence[str], samples_pe
 
 def wrong_answer_pairs(items: Sequence[PromptItem], answers: Sequence[Sequence[str]],
                        is_right: Callable[[PromptItem, str], bool], max_pairs_per_prompt: int = 1,
-                       ) -> tuple[list[tuple], dict[str, int]]:
+                       only_answerable: bool = False) -> tuple[list[tuple], dict[str, int]]:
     """Rows (where, instruction, gold, wrong answer, system, task) for prepare_preferences: for each prompt, up to
     `max_pairs_per_prompt` of its own distinct answers that `is_right` rejects, in the order generated. An answer
     is only ever paired with the prompt it answers, never with the gold answer itself, and a right answer is never
-    rejected. Also counts what was left out: right, empty and repeated answers, wrong ones beyond the cap, and
-    prompts without a wrong answer."""
+    rejected. With `only_answerable`, a prompt makes pairs only if one of its answers is right: the model can answer
+    it, and the pairs push its probability from its wrong answers to the right one, not towards an answer out of its
+    reach. Also counts what was left out: right, empty and repeated answers, wrong ones beyond the cap, prompts
+    without a wrong answer and (with only_answerable) prompts never answered right."""
     if max_pairs_per_prompt < 1:
         raise ValueError(f"--max_pairs_per_prompt must be at least 1, got {max_pairs_per_prompt}")
     if len(items) != len(answers):
         raise ValueError(f"{len(items)} prompts but {len(answers)} lists of answers")
     rows = []
     counts = {"answers": 0, "right": 0, "empty": 0, "duplicate": 0, "beyond_max_pairs": 0,
-              "prompts_without_a_wrong_answer": 0}
+              "prompts_without_a_wrong_answer": 0, "prompts_never_answered_right": 0}
     for item, own in zip(items, answers):
         kept: list[str] = []
+        right_before = counts["right"]
         for answer in own:
             counts["answers"] += 1
             if not answer.strip():
@@ -90,6 +93,10 @@ def wrong_answer_pairs(items: Sequence[PromptItem], answers: Sequence[Sequence[s
                 counts["beyond_max_pairs"] += 1
         if not kept:
             counts["prompts_without_a_wrong_answer"] += 1
+        if counts["right"] == right_before:
+            counts["prompts_never_answered_right"] += 1
+            if only_answerable:
+                continue
         suffix = len(kept) > 1
         for number, wrong in enumerate(kept):
             where = f"{item.where}, own answer {number + 1}" if suffix else item.where

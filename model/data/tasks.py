@@ -16,6 +16,9 @@ from typing import Callable
 
 # The sentences ship with the scripts (scripts/data/), in a checkout of the repository.
 SENTENCES_FILE = Path(__file__).resolve().parents[2] / "scripts" / "data" / "sentences.txt"
+# Training-only sentences (none is, or is close to, a test sentence of SENTENCES_FILE): --more_sentences of
+# scripts/prepare_tasks.py and --train_sentences of scripts/prepare_preferences.py.
+MORE_SENTENCES_FILE = SENTENCES_FILE.with_name("more_sentences.txt")
 TEST_SENTENCE_FRACTION = 0.2
 SYSTEM_PROMPTS = (
     "You are a careful assistant. Answer with the result only.",
@@ -186,6 +189,17 @@ def split_sentences(sentences: list[str], seed: int) -> tuple[list[str], list[st
         test += group[:num_test]
         train += group[num_test:]
     return train, test
+
+
+def read_training_sentences(path: Path, test_sentences: list[str]) -> list[str]:
+    """The sentences of `path` for training; one that is also a test sentence (case aside) is an error, since test
+    accuracy would then measure memory rather than the task."""
+    sentences = read_sentences(path)
+    held_out = {sentence.lower() for sentence in test_sentences}
+    leaked = [sentence for sentence in sentences if sentence.lower() in held_out]
+    if leaked:
+        raise ValueError(f"{path}: {len(leaked)} sentence(s) are test sentences of the task set, e.g. {leaked[0]!r}")
+    return sentences
 
 
 def recombine_sentences(sentences: list[str], count: int, seed: str, avoid: tuple[str, ...] = ()) -> list[str]:
