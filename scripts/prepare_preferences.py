@@ -353,7 +353,8 @@ def prepare_preferences(
     if data_file is None and test_file is not None:
         raise ValueError("--test_file needs --data_file")
     if train_sentences is not None and data_file is not None:
-        raise ValueError("--train_sentences makes pairs from the built-in task set; it cannot be combined with --data_file")
+        raise ValueError("--train_sentences makes pairs from the built-in task set; it cannot be combined with"
+                         " --data_file")
     if only_answerable and (from_run is None or samples_per_prompt < 2):
         raise ValueError("--only_answerable needs --from_run and --samples_per_prompt of 2 or more (with one answer a"
                          " prompt answered right has no wrong answer to pair)")
