@@ -15,8 +15,12 @@ if [ ! -f "$CHECKPOINT/lit_model.safetensors" ]; then
 fi
 python generate/base.py --checkpoint_dir "$CHECKPOINT" --prompt "What is the capital of France?" --temperature 0
 
-# the embedded task set: instructions with exactly checkable answers, tokenized with this model's tokenizer
-[ -f data/tasks/train.pt ] || python scripts/prepare_tasks.py --checkpoint_dir "$CHECKPOINT" --out_dir data/tasks
+# the embedded task set: instructions with exactly checkable answers, tokenized with this model's tokenizer; the
+# training samples come from the task set's 126 training sentences and the 311 of scripts/data/more_sentences.txt
+# (a model that sees more distinct words generalizes better to the held-out sentences). Seconds, and byte-identical
+# every time, so it runs every time: data/tasks never holds another recipe's samples.
+python scripts/prepare_tasks.py --checkpoint_dir "$CHECKPOINT" --out_dir data/tasks \
+  --more_sentences scripts/data/more_sentences.txt
 QUESTION=$'Sentence: Seven ducks crossed the quiet road at noon\nWrite the sentence above in upper case.'
 
 # bf16 where the CPU multiplies bf16 in hardware (AMX / AVX512-BF16) or on a GPU: ~2x faster than fp32 there
