@@ -21,6 +21,14 @@ python generate/base.py --checkpoint_dir "$CHECKPOINT" --prompt "What is the cap
 # every time, so it runs every time: data/tasks never holds another recipe's samples.
 python scripts/prepare_tasks.py --checkpoint_dir "$CHECKPOINT" --out_dir data/tasks \
   --more_sentences scripts/data/more_sentences.txt
+# A rerun resumes what $OUT holds (LR test, checkpoints): only if that was made from these very samples, never a mix
+# with an earlier recipe's run
+DATA_SHA=$(python -c "import hashlib; print(hashlib.sha256(open('data/tasks/train.pt', 'rb').read()).hexdigest())")
+if [ -d "$OUT" ] && [ "$(cat "$OUT/train_data.sha256" 2>/dev/null)" != "$DATA_SHA" ]; then
+  echo "$OUT holds a quickstart run on other training data (an earlier recipe): delete or move it, then run again" >&2
+  exit 1
+fi
+mkdir -p "$OUT" && echo "$DATA_SHA" > "$OUT/train_data.sha256"
 QUESTION=$'Sentence: Seven ducks crossed the quiet road at noon\nWrite the sentence above in upper case.'
 
 # bf16 where the CPU multiplies bf16 in hardware (AMX / AVX512-BF16) or on a GPU: ~2x faster than fp32 there
