@@ -94,7 +94,8 @@ def resume_is_bitwise_exact(script, tiny_dir, tmp_path):
     resumed.mkdir()
     shutil.copytree(straight / "step-000003", resumed / "step-000003")
     shutil.copy(straight / "metrics.csv", resumed / "metrics.csv")
-    shutil.copy(straight / "hparams.yaml", resumed / "hparams.yaml")  # --resume checks the flags against it
+    for name in ("hparams.yaml", "inputs.json"):  # --resume checks the flags and the input files against them
+        shutil.copy(straight / name, resumed / name)
     assert finetune(script, tiny_dir, resumed, *args, "--resume", "true") == losses
     weights = "lit_model.safetensors" if script == "full" else "adapter.safetensors"
     assert (straight / "final" / weights).read_bytes() == (resumed / "final" / weights).read_bytes()

@@ -151,7 +151,7 @@ def test_lora_overfits_and_writes_a_complete_run(tiny_dir, make_data, tmp_path, 
 
     # step-*/ and final/ are complete; the checkpoint holds the adapters and nothing of the frozen base
     assert sorted(p.name for p in out_dir.iterdir()) == [
-        "final", "hparams.yaml", "metrics.csv", "step-000010", "step-000020", "step-000030"] + (
+        "final", "hparams.yaml", "inputs.json", "metrics.csv", "step-000010", "step-000020", "step-000030"] + (
         ["tensorboard"] if (out_dir / "tensorboard").exists() else [])
     for step in ("step-000010", "step-000020", "step-000030"):
         assert sorted(p.name for p in (out_dir / step).iterdir()) == ["hparams.yaml", LORA_WEIGHTS, "training_state.pt"]
@@ -367,7 +367,7 @@ def test_ddp_on_two_cpu_processes_splits_the_data_and_keeps_the_ranks_in_sync(ti
     assert [int(row["step"]) for row in training_rows(out_dir)] == [1, 2, 3, 4]
     assert result.stderr.count("Saved the adapter to") == 1 and result.stderr.count("Trainable parameters") == 1
     assert sorted(p.name for p in out_dir.iterdir() if p.name != "tensorboard") == [
-        "final", "hparams.yaml", "metrics.csv", "step-000002", "step-000004"]
+        "final", "hparams.yaml", "inputs.json", "metrics.csv", "step-000002", "step-000004"]
     for step in ("step-000002", "step-000004"):
         assert sorted(p.name for p in (out_dir / step).iterdir()) == ["hparams.yaml", LORA_WEIGHTS, "training_state.pt"]
 
@@ -502,6 +502,16 @@ def test_a_run_directory_belongs_to_its_run(finished_run, tiny_dir, make_data, t
         error = cli_error(capsys, lora.setup, [*flags, "--max_steps", "1", "--resume", "true", *changed])
         assert f"the run in {out_dir} was started with {named}" in error
         assert (out_dir / "hparams.yaml").read_bytes() == hparams
+    # the same --data_dir prepared again with other samples: the flags are equal, the contents are not
+    train_file = make_data(8) / "train.pt"
+    original = train_file.read_bytes()
+    try:
+        train_file.write_bytes((make_data(16) / "train.pt").read_bytes())
+        error = cli_error(capsys, lora.setup, [*flags, "--max_steps", "3", "--resume", "true"])
+    finally:
+        train_file.write_bytes(original)
+    assert f"the run in {out_dir} was started from other files than these (data_dir/train.pt changed;" in error
+    assert (out_dir / "hparams.yaml").read_bytes() == hparams
     # a longer run continues from the checkpoint and says what the schedule does
     run_cli(lora.setup, [*flags, "--max_steps", "3", "--resume", "true"])
     err = capsys.readouterr().err
@@ -512,7 +522,7 @@ def test_a_run_directory_belongs_to_its_run(finished_run, tiny_dir, make_data, t
     # --overwrite true starts afresh in place
     run_cli(lora.setup, [*flags, "--max_steps", "1", "--overwrite", "true"])
     assert sorted(p.name for p in out_dir.iterdir() if p.name != "tensorboard") == [
-        "final", "hparams.yaml", "metrics.csv", "step-000001"]
+        "final", "hparams.yaml", "inputs.json", "metrics.csv", "step-000001"]
     assert [int(row["step"]) for row in training_rows(out_dir)] == [1]
 
 

@@ -232,9 +232,10 @@ def spawn(script: str, **flags) -> subprocess.CompletedProcess:
 
 
 def killed_after(run_dir: Path, step: str, out_dir: Path) -> Path:
-    """What a run killed after checkpoint `step` leaves behind: that checkpoint, metrics.csv and hparams.yaml."""
+    """What a run killed after checkpoint `step` leaves behind: that checkpoint, metrics.csv, hparams.yaml and
+    inputs.json."""
     shutil.copytree(run_dir / step, out_dir / step)
-    for name in ("metrics.csv", "hparams.yaml"):
+    for name in ("metrics.csv", "hparams.yaml", "inputs.json"):
         shutil.copy(run_dir / name, out_dir / name)
     return out_dir
 

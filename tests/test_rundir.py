@@ -2,6 +2,8 @@
 flags, damaged checkpoints, concurrent writers, Ctrl-C and full disks, each one clear line."""
 
 import errno
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -29,7 +31,8 @@ from model.training.run import save_hparams, save_training_state, warmup_cosine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-HPARAMS = {"checkpoint_dir": "checkpoints/base", "data_dir": "data/tasks", "out_dir": "out/run", "lora_r": 8,
+# paths that hold no files: these tests check the flags; inputs_of_a_run makes real input files
+HPARAMS = {"checkpoint_dir": "checkpoints/base", "data_dir": "data/no-such-dir", "out_dir": "out/run", "lora_r": 8,
            "learning_rate": 0.01, "seed": 7, "micro_batch_size": 2, "max_steps": 6, "eval_interval": 2,
            "save_interval": 2, "warmup_steps": 1, "resume": False, "overwrite": False}
 
@@ -118,7 +121,7 @@ def test_resume_names_every_differing_flag_and_accepts_an_equal_path_spelled_dif
     out_dir = old_run(fabric, tmp_path / "run")
     with pytest.raises(ValueError, match=r"--learning_rate 0.01 \(now 0.1\), --micro_batch_size 2 \(now 4\)"):
         open_run(fabric, out_dir, {**HPARAMS, "learning_rate": 0.1, "micro_batch_size": 4}, resume=True)
-    run = open_run(fabric, out_dir, {**HPARAMS, "data_dir": "./data//tasks", "resume": True}, resume=True)
+    run = open_run(fabric, out_dir, {**HPARAMS, "data_dir": "./data//no-such-dir", "resume": True}, resume=True)
     assert run.changed == {}
     run.close()
 
@@ -149,6 +152,62 @@ def test_resume_with_a_larger_max_steps_continues_exactly(fabric, tmp_path, caps
     assert state["optimizer"].state_dict()["state"][0]["exp_avg"].equal(
         reference["optimizer"].state_dict()["state"][0]["exp_avg"])
     run.close()
+
+
+def inputs_of_a_run(root: Path) -> dict:
+    """A checkpoint and prepared data on disk, as a run's flags name them."""
+    (root / "ckpt").mkdir()
+    (root / "ckpt" / "model_config.yaml").write_text("n_layer: 2\n")
+    (root / "ckpt" / "lit_model.safetensors").write_bytes(bytes(range(256)) * 64)
+    (root / "data").mkdir()
+    for split in ("train", "test"):
+        torch.save([{"input_ids": torch.arange(5)}], root / "data" / f"{split}.pt")
+    return {"checkpoint_dir": str(root / "ckpt"), "data_dir": str(root / "data")}
+
+
+@pytest.mark.parametrize("changed", ["data_dir/train.pt", "checkpoint_dir/lit_model.safetensors", "data_dir/test.pt"])
+def test_resume_refuses_inputs_whose_contents_changed_under_the_same_path(fabric, tmp_path, changed):
+    """A re-prepared data set or a checkpoint fine-tuned in place keeps its path (so its flags compare equal):
+    the SHA-256 recorded in inputs.json at the start refuses the resume, in one line, touching nothing."""
+    paths = inputs_of_a_run(tmp_path)
+    out_dir = old_run(fabric, tmp_path / "run", hparams=paths)
+    saved = json.loads((out_dir / "inputs.json").read_text())
+    assert sorted(saved) == ["checkpoint_dir/lit_model.safetensors", "checkpoint_dir/model_config.yaml",
+                             "data_dir/test.pt", "data_dir/train.pt"]
+    hparams = {**HPARAMS, "out_dir": str(out_dir), **paths}
+    open_run(fabric, out_dir, hparams, resume=True).close()  # the same files resume
+    file = Path(paths[changed.split("/")[0]]) / changed.split("/")[1]
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 1  # one bit, same size, same name
+    file.write_bytes(bytes(data))
+    before = snapshot(out_dir)
+    with pytest.raises(ValueError, match=rf"--resume: the run in {out_dir} was started from other files than these"
+                                         rf" \({changed} changed; SHA-256 in .*inputs.json\): resuming would mix two"
+                                         r" runs"):
+        open_run(fabric, out_dir, hparams, resume="auto")
+    assert snapshot(out_dir) == before
+    file.unlink()
+    with pytest.raises(ValueError, match=rf"\({changed} is gone;"):
+        open_run(fabric, out_dir, hparams, resume=True)
+
+
+def test_a_large_file_is_fingerprinted_by_sampled_pieces_that_include_both_ends(tmp_path, monkeypatch):
+    monkeypatch.setattr(rundir, "FULL_HASH_LIMIT", 4 << 20)
+    monkeypatch.setattr(rundir, "SAMPLED_PIECES", 4)
+    path = tmp_path / "big.bin"
+    data = bytearray(torch.randint(0, 256, (9 << 20,), dtype=torch.uint8).numpy().tobytes())
+    path.write_bytes(bytes(data))
+    first = rundir.file_fingerprint(path)
+    assert first.startswith("sampled:")
+    for where in (0, len(data) - 1, 3 << 20):  # the first and last bytes, and a byte inside the second piece
+        data[where] ^= 1
+        path.write_bytes(bytes(data))
+        assert rundir.file_fingerprint(path) != first, where
+        data[where] ^= 1
+    path.write_bytes(bytes(data) + b"x")  # another size
+    assert rundir.file_fingerprint(path) != first
+    path.write_bytes(bytes(data[: 4 << 20]))  # at the limit: the whole file
+    assert rundir.file_fingerprint(path) == hashlib.sha256(bytes(data[: 4 << 20])).hexdigest()
 
 
 def test_resume_auto_never_takes_another_runs_checkpoints(fabric, tmp_path):

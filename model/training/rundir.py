@@ -4,7 +4,9 @@
         a lock (one process per run directory; a dead process's lock is taken over), the leftovers of an
         interrupted save removed, a fresh run into an old run's directory refused (or, with --overwrite true,
         the old run removed), and on --resume the flags compared with the run's hparams.yaml: what shapes the
-        model, the data or the optimizer must be equal, the rest (RESUME_CHANGEABLE) is applied and logged.
+        model, the data or the optimizer must be equal, the rest (RESUME_CHANGEABLE) is applied and logged; and
+        the contents of the checkpoint and data it reads compared with the run's inputs.json (SHA-256 of each
+        file): a resumed run never trains on other weights or samples found under the same paths.
     run.load(fabric, state, trainable_only)                 the newest readable checkpoint (a damaged one is
         skipped with a message), and only then hparams.yaml.
     StopOnSignal, stop.requested(fabric)                   Ctrl-C / SIGTERM: the loop saves a checkpoint at the
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import atexit
 import errno
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -37,8 +41,15 @@ LOCK_NAME = ".forge.lock"
 # shapes the weights, the data order or the optimizer state the checkpoint holds.
 RESUME_CHANGEABLE = ("max_steps", "epochs", "eval_interval", "eval_iters", "save_interval", "resume", "overwrite",
                      "out_dir")
+# the SHA-256 of every file the run reads (checkpoint weights and config, train.pt and test.pt), written with
+# hparams.yaml and compared on --resume
+INPUTS_FILE = "inputs.json"
+# a file larger than this is fingerprinted by its size and SAMPLED_PIECES evenly spaced 1 MiB pieces, so a 70B
+# checkpoint costs 256 MiB of reading, not 140 GB (a fine-tune or a merge changes every piece)
+FULL_HASH_LIMIT = 1 << 30
+SAMPLED_PIECES = 256
 # what makes a directory a run's: the files and directories a training script writes into --out_dir
-RUN_FILES = ("hparams.yaml", "metrics.csv", "final", "tensorboard")
+RUN_FILES = ("hparams.yaml", INPUTS_FILE, "metrics.csv", "final", "tensorboard")
 
 
 def _temporary(out_dir: Path) -> list[Path]:
@@ -148,6 +159,7 @@ class Run:
     candidates: list[Path] = field(default_factory=list)
     changed: dict = field(default_factory=dict)
     lock: Optional[RunLock] = None
+    inputs: dict = field(default_factory=dict)
 
     def load(self, fabric, state: dict, trainable_only: bool, max_steps: Optional[int] = None,
              warmup_steps: int = 0) -> Optional[Path]:
@@ -179,6 +191,10 @@ class Run:
             _print(fabric, note)
         if fabric.global_rank == 0:
             save_hparams(self.out_dir, self.hparams)
+            if self.inputs:
+                from model.files import atomic_write_text
+
+                atomic_write_text(self.out_dir / INPUTS_FILE, json.dumps(self.inputs, indent=2) + "\n")
         return loaded
 
 
@@ -203,7 +219,7 @@ def open_run(fabric, out_dir: Path, hparams: dict, resume, overwrite: bool = Fal
     if fabric.global_rank == 0:
         try:
             run = _open_run(Path(out_dir), hparams, resume, overwrite)
-            outcome = ("ok", ([str(p) for p in run.candidates], run.changed))
+            outcome = ("ok", ([str(p) for p in run.candidates], run.changed, run.inputs))
         except (ValueError, FileExistsError, FileNotFoundError) as e:
             outcome = (type(e).__name__, str(e))
     outcome = fabric.broadcast(outcome, src=0)
@@ -212,7 +228,7 @@ def open_run(fabric, out_dir: Path, hparams: dict, resume, overwrite: bool = Fal
         raise {"ValueError": ValueError, "FileExistsError": FileExistsError,
                "FileNotFoundError": FileNotFoundError}[kind](value)
     if run is None:
-        run = Run(Path(out_dir), hparams, [Path(p) for p in value[0]], value[1])
+        run = Run(Path(out_dir), hparams, [Path(p) for p in value[0]], value[1], inputs=value[2])
     return run
 
 
@@ -221,6 +237,7 @@ def _open_run(out_dir: Path, hparams: dict, resume, overwrite: bool) -> Run:
     if overwrite and not resume_off:
         raise ValueError("--overwrite true starts the run afresh; it cannot be combined with --resume")
     check_writable(out_dir)
+    inputs = input_fingerprints(hparams)
     lock = RunLock(out_dir)
     lock.acquire()
     try:
@@ -236,7 +253,7 @@ def _open_run(out_dir: Path, hparams: dict, resume, overwrite: bool) -> Run:
             for name in found:
                 path = out_dir / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
-            return Run(out_dir, hparams, lock=lock)
+            return Run(out_dir, hparams, lock=lock, inputs=inputs)
         candidates, run_dir = _resume_candidates(resume, out_dir)
         if not candidates and found:
             raise FileExistsError(
@@ -249,7 +266,8 @@ def _open_run(out_dir: Path, hparams: dict, resume, overwrite: bool) -> Run:
                 raise FileExistsError(f"--resume {resume} continues into --out_dir {out_dir}, which holds another"
                                       " run; choose an empty --out_dir")
             changed = check_resume_flags(run_dir, hparams)
-        return Run(out_dir, hparams, candidates, changed, lock)
+            check_resume_inputs(run_dir, inputs)
+        return Run(out_dir, hparams, candidates, changed, lock, inputs)
     except BaseException:
         lock.release()
         raise
@@ -306,6 +324,58 @@ def check_resume_flags(run_dir: Path, hparams: dict) -> dict:
             f" another --out_dir. Only {', '.join('--' + k for k in RESUME_CHANGEABLE[:5])} may change"
         )
     return changed
+
+
+def file_fingerprint(path: Path) -> str:
+    """SHA-256 of the file's bytes; above FULL_HASH_LIMIT, of its size and SAMPLED_PIECES evenly spaced 1 MiB
+    pieces (prefixed "sampled:")."""
+    digest, size = hashlib.sha256(), Path(path).stat().st_size
+    with open(path, "rb") as fp:
+        if size <= FULL_HASH_LIMIT:
+            for chunk in iter(lambda: fp.read(1 << 22), b""):
+                digest.update(chunk)
+            return digest.hexdigest()
+        digest.update(str(size).encode())
+        piece = 1 << 20
+        for i in range(SAMPLED_PIECES):
+            fp.seek((size - piece) * i // (SAMPLED_PIECES - 1))
+            digest.update(fp.read(piece))
+    return "sampled:" + digest.hexdigest()
+
+
+def input_fingerprints(hparams: dict) -> dict:
+    """{"checkpoint_dir/<file>" or "data_dir/<file>": fingerprint} of what a training run reads: the checkpoint's
+    model_config.yaml and weight files, the prepared train.pt and test.pt (files that are absent are left out)."""
+    from model.weights.checkpoint import lit_weight_files
+
+    files = {}
+    if hparams.get("checkpoint_dir") is not None:
+        checkpoint_dir = Path(hparams["checkpoint_dir"])
+        try:
+            weights = lit_weight_files(checkpoint_dir)
+        except FileNotFoundError:
+            weights = []
+        files.update({f"checkpoint_dir/{p.name}": p for p in [checkpoint_dir / "model_config.yaml", *weights]})
+    if hparams.get("data_dir") is not None:
+        files.update({f"data_dir/{name}": Path(hparams["data_dir"]) / name for name in ("train.pt", "test.pt")})
+    return {key: file_fingerprint(path) for key, path in files.items() if path.is_file()}
+
+
+def check_resume_inputs(run_dir: Path, inputs: dict) -> None:
+    """Refuse to resume when a file the run read has other contents now (a run from before inputs.json existed
+    is not checked)."""
+    path = Path(run_dir) / INPUTS_FILE
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    changed = [key for key in saved if key in inputs and saved[key] != inputs[key]]
+    missing = [key for key in saved if key not in inputs]
+    if changed or missing:
+        what = ", ".join([*(f"{key} changed" for key in changed), *(f"{key} is gone" for key in missing)])
+        raise ValueError(
+            f"--resume: the run in {run_dir} was started from other files than these ({what}; SHA-256 in {path}):"
+            " resuming would mix two runs. Restore the files, or start a new run in another --out_dir"
+        )
 
 
 def describe_schedule(step: int, max_steps: int, warmup_steps: int, changed: dict) -> Optional[str]:
