@@ -44,10 +44,10 @@ RESUME_CHANGEABLE = ("max_steps", "epochs", "eval_interval", "eval_iters", "save
 # the SHA-256 of every file the run reads (checkpoint weights and config, train.pt and test.pt), written with
 # hparams.yaml and compared on --resume
 INPUTS_FILE = "inputs.json"
-# a file larger than this is fingerprinted by its size and SAMPLED_PIECES evenly spaced 1 MiB pieces, so a 70B
-# checkpoint costs 256 MiB of reading, not 140 GB (a fine-tune or a merge changes every piece)
+# a file larger than this is fingerprinted by its size and SAMPLED_PIECES evenly spaced 1 MiB pieces: 64 MiB read per
+# weight shard, about 2 GB for a 70B checkpoint instead of 140 GB (a fine-tune or a merge changes every piece)
 FULL_HASH_LIMIT = 1 << 30
-SAMPLED_PIECES = 256
+SAMPLED_PIECES = 64
 # what makes a directory a run's: the files and directories a training script writes into --out_dir
 RUN_FILES = ("hparams.yaml", INPUTS_FILE, "metrics.csv", "final", "tensorboard")
 
