@@ -162,6 +162,11 @@ def _quantized_linear(linear: torch.nn.Linear, mode: str, compute_dtype: torch.d
     return layer
 
 
+def is_quantized_linear(module: torch.nn.Module) -> bool:
+    """A bitsandbytes 4-bit or 8-bit linear layer (what `quantize_model` puts in place of nn.Linear)."""
+    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
 def weight_numel(param: torch.nn.Parameter) -> int:
     """The number of weights a parameter stands for: a 4-bit weight packs two per byte."""
     return param.quant_state.shape.numel() if isinstance(param, bnb.nn.Params4bit) else param.numel()

@@ -13,14 +13,13 @@ saved in the base checkpoint's dtype.
 
 from pathlib import Path
 
-import bitsandbytes as bnb
 import torch
 
 from model.cli import run_cli
 from model.config import Config
 from model.gpt import GPT
 from model.lora import LORA_WEIGHTS, inject_lora, load_lora_state_dict, merge_lora
-from model.quantize import dequantize_linear, quantize_model
+from model.quantize import dequantize_linear, is_quantized_linear, quantize_model
 from model.weights.checkpoint import load_state_dict, write_checkpoint_dir
 from model.weights.load import load_hparams, load_lora_run, run_output_dir
 
@@ -65,7 +64,7 @@ def dequantize_unadapted_layers(model: GPT, dtype: torch.dtype) -> None:
     """Replace the 4/8-bit layers that had no adapter (merging replaced the others) by plain nn.Linear layers holding
     their dequantized weights: the weights the adapter was trained with, in a checkpoint any script can load."""
     for path, module in list(model.named_modules()):
-        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+        if is_quantized_linear(module):
             parent_path, _, name = path.rpartition(".")
             bias = module.bias is not None
             dense = torch.nn.Linear(module.in_features, module.out_features, bias=bias, device="meta")
