@@ -21,9 +21,9 @@ python generate/base.py --checkpoint_dir "$CHECKPOINT" --prompt "What is the cap
 # every time, so it runs every time: data/tasks never holds another recipe's samples.
 python scripts/prepare_tasks.py --checkpoint_dir "$CHECKPOINT" --out_dir data/tasks \
   --more_sentences scripts/data/more_sentences.txt
-# A rerun resumes what $OUT holds (LR test, checkpoints): only if that was made from these very samples, never a mix
-# with an earlier recipe's run
-DATA_SHA=$(python -c "import hashlib; print(hashlib.sha256(open('data/tasks/train.pt', 'rb').read()).hexdigest())")
+# A rerun reuses $OUT's LR test and resumes its LoRA run: only if they were made from these very samples, never a
+# mix with an earlier recipe's run (finetune/lora.py checks its own inputs on --resume; the LR test result is ours)
+DATA_SHA=$(python -c "from model.training.rundir import file_fingerprint as f; print(f('data/tasks/train.pt'))")
 if [ -d "$OUT" ] && [ "$(cat "$OUT/train_data.sha256" 2>/dev/null)" != "$DATA_SHA" ]; then
   echo "$OUT holds a quickstart run on other training data (an earlier recipe): delete or move it, then run again" >&2
   exit 1

@@ -149,20 +149,21 @@ def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tupl
 
 
 def file_sha256(paths: Iterable[Path]) -> str:
+    """One digest of the files' names and contents (each as `rundir.file_fingerprint` reads it: a weight shard over
+    1 GiB by sampled pieces, so an 8B checkpoint is not read whole for a cache key)."""
+    from model.training.rundir import file_fingerprint
+
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(Path(path).name.encode())
-        with open(path, "rb") as fp:
-            for chunk in iter(lambda: fp.read(1 << 22), b""):
-                digest.update(chunk)
+        digest.update(f"{Path(path).name}:{file_fingerprint(path)};".encode())
     return digest.hexdigest()
 
 
 def reference_key(data_file: Path, checkpoint_dir: Path, max_seq_length: int, dtype: torch.dtype,
                   quantize: Optional[str]) -> dict:
     """What reference log-probs depend on, each part hashed or spelled out; `reference_cache_path` hashes it all.
-    The weights are hashed byte for byte (a second or two for a 135M model): a checkpoint fine-tuned in place
-    keeps its path and size but must not reuse the old log-probs."""
+    The weights are hashed by content (byte for byte up to 1 GiB a file, sampled pieces above): a checkpoint
+    fine-tuned in place keeps its path and size but must not reuse the old log-probs."""
     checkpoint_dir = Path(checkpoint_dir)
     weights = sorted(checkpoint_dir.glob("lit_model*.safetensors"))
     if not weights:
