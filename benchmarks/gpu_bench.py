@@ -15,13 +15,17 @@ AdamW lr 1e-4. Data: seeded random ids, `batch_size` x `seq_len`, labels = input
 Timing: `warmup` steps, then `steps` steps between synchronizations; tokens/s = tokens / time. Memory: the setup
 peak, then the counter is reset after setup and again after the first warm-up step (train peak). MFU counts
 4 N_matmul + 6 N_lora + 6 L T d FLOPs per token (causal attention counted half; a recomputed forward not counted).
-An out-of-memory error is a result ("OOM"), as is a row that outlives its timeout.
+An out-of-memory error is a result ("OOM"), as is a row that outlives its timeout. Host syncs/step: the
+operations of the last warm-up step (forward, backward, optimizer) that make the host wait for the GPU, counted with
+`torch.cuda.set_sync_debug_mode("warn")` (the loss read after each step is outside the count).
 """
 
+import contextlib
 import json
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -149,16 +153,27 @@ def build_litgpt(config, mode: str, device: torch.device, seq_len: int):
                                      intermediate_size=config.intermediate_size, lora_r=16, lora_alpha=32,
                                      lora_dropout=0.0, lora_query=True, lora_key=True, lora_value=True,
                                      lora_projection=True, lora_mlp=True)
+    from model.gpt import Block
+
     with torch.device("meta"):
         model = LitGPT(lit_config)
-    model.to_empty(device=device)
-    init_(model)
-    model.to(torch.bfloat16)
-    model.max_seq_length = seq_len  # rebuilds the RoPE cache, which to_empty left uninitialized
-    with torch.no_grad():  # LoRA B = 0, as at the start of a fine-tune
+    # the random weights of the other rows, drawn in build_forge's order: litgpt loads Forge's names as they are
+    for part in (model.transformer.wte, model.transformer.ln_f, model.lm_head):
+        materialize(part, device)
+    for i, lit_block in enumerate(model.transformer.h):
+        with torch.device("meta"):
+            block = Block(config, i)
+        materialize(block, device)
+        lit_block.to_empty(device=device)
+        missing, unexpected = lit_block.load_state_dict(block.state_dict(), strict=False)
+        assert not unexpected and all("lora_" in key for key in missing), (missing, unexpected)
+        del block
+    with torch.no_grad():  # LoRA A random, B = 0, as at the start of a fine-tune (drawn after every base weight)
         for name, param in model.named_parameters():
-            if name.endswith("lora_B"):
-                param.zero_()
+            param.normal_(0, 0.02) if name.endswith("lora_A") else param.zero_() if name.endswith("lora_B") else None
+    model.to(torch.bfloat16)
+    model.cos, model.sin = model.rope_cache(device=device)  # the RoPE cache, still on the meta device
+    model.max_seq_length = seq_len
     if mode == "qlora":
         from model.quantize import quantize_model
 
@@ -205,15 +220,24 @@ def run_row(engine: str, mode: str, config, batch_size: int, seq_len: int, warmu
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
-    times, losses = [], []
+    times, losses, syncs = [], [], float("nan")
     for i, batch in enumerate(batches):
         if cuda:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        loss = loss_fn(batch, batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        # the last warm-up step counts the operations that make the host wait for the GPU (untimed: the warnings cost)
+        count_syncs = cuda and i == warmup - 1
+        with warnings.catch_warnings(record=True) if count_syncs else contextlib.nullcontext() as caught:
+            if count_syncs:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+            t0 = time.perf_counter()
+            loss = loss_fn(batch, batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if count_syncs:
+                torch.cuda.set_sync_debug_mode("default")
+                syncs = sum("synchroniz" in str(w.message) for w in caught)
         if cuda:
             torch.cuda.synchronize()
         if i == 0 and cuda:
@@ -227,7 +251,7 @@ def run_row(engine: str, mode: str, config, batch_size: int, seq_len: int, warmu
         "engine": engine, "mode": mode, "tokens_per_s": tokens_per_s, "setup_s": setup_s, "setup_peak_gb": setup_peak,
         "train_peak_gb": memory(), "reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30 if cuda else float("nan"),
         "mfu": tokens_per_s * flops_per_token(config, n_trainable, seq_len) / (peak_tflops * 1e12),
-        "first_loss": losses[0], "last_loss": losses[-1], "trainable_params": n_trainable,
+        "first_loss": losses[0], "last_loss": losses[-1], "trainable_params": n_trainable, "syncs_per_step": syncs,
     }
 
 
@@ -263,8 +287,9 @@ def main(
         r for r in ROWS if r[0] != "litgpt" or litgpt_python]
     print(f"Llama-3.1-8B shape, {layers} layers, vocab {vocab}, {batch_size} x {seq_len} tokens, {warmup} + {steps} steps,"
           f" device {torch.cuda.get_device_name() if device == 'cuda' else device}")
-    print("| engine | mode | tokens/s | setup peak (GB) | train peak (GB) | reserved (GB) | MFU | loss first -> last |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| engine | mode | tokens/s | setup peak (GB) | train peak (GB) | reserved (GB) | MFU | loss first -> last |"
+          " host syncs/step |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row_engine, row_mode in selected:
         python = litgpt_python if row_engine == "litgpt" else sys.executable
         args = [python, __file__, "--engine", row_engine, "--mode", row_mode, "--layers", str(layers), "--vocab", str(vocab),
@@ -281,11 +306,12 @@ def main(
         except subprocess.TimeoutExpired:
             result = {"error": f"over {row_timeout} s"}
         if "error" in result:
-            print(f"| {row_engine} | {row_mode} | {result['error']} | | | | | |", flush=True)
+            print(f"| {row_engine} | {row_mode} | {result['error']} | | | | | | |", flush=True)
             continue
         r = result
         print(f"| {row_engine} | {row_mode} | {r['tokens_per_s']:.0f} | {r['setup_peak_gb']:.2f} | {r['train_peak_gb']:.2f} |"
-              f" {r['reserved_gb']:.2f} | {r['mfu']:.1%} | {r['first_loss']:.3f} -> {r['last_loss']:.3f} |", flush=True)
+              f" {r['reserved_gb']:.2f} | {r['mfu']:.1%} | {r['first_loss']:.3f} -> {r['last_loss']:.3f} |"
+              f" {r['syncs_per_step']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

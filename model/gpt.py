@@ -262,7 +262,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split((q_size, kv_size, kv_size), dim=-1)
         q = q.view(B, T, c.n_head, c.head_size).transpose(1, 2)  # (B, n_head, T, head_size)
         k = k.view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)
-        v = v.view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)
+        # v in its own storage: the attention saves v for its backward pass, and a view would keep the whole qkv
+        # output alive with it (10 of its 12 KB per token at 8B width are q and k, which RoPE has copied already)
+        v = v.contiguous().view(B, T, c.n_query_groups, c.head_size).transpose(1, 2)
         q = apply_rope(q, cos, sin, c.rope_n_elem)
         k = apply_rope(k, cos, sin, c.rope_n_elem)
 
@@ -460,11 +462,37 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalize in float32, then scale in the input dtype, as the reference Llama implementation does
-        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
+        return RMSNormFunction.apply(x, self.weight, self.eps)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """`weight * rms_norm(x.float()).to(x.dtype)`: normalized in float32, scaled in the input dtype, as the reference
+    Llama implementation does, keeping for the backward pass only `x` and one float32 scale per position. Autograd
+    through the same expression keeps a float32 copy of `x` (twice its bytes in bf16: 16 KB per token at 8B width,
+    for each of a Block's two norms); the gradients are the same expression's."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x32 * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], None]:
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.float() * rstd
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            # the gradient reaches the float32 normalization through the cast to x's dtype, as it would in autograd
+            g = (grad * weight).to(x.dtype).float()
+            grad_x = ((g - normed * (g * normed).mean(-1, keepdim=True)) * rstd).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * normed.to(x.dtype)).reshape(-1, x.size(-1)).sum(0).to(weight.dtype)
+        return grad_x, grad_weight, None
 
 
 def build_norm(config: Config) -> nn.Module:
@@ -494,7 +522,25 @@ class LLaMAMLP(nn.Module):
         self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.silu(self.fc_1(x)) * self.fc_2(x))
+        return self.proj(SwiGLUFunction.apply(self.fc_1(x), self.fc_2(x)))
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """`silu(gate) * up`, keeping only `gate` and `up` for the backward pass, which computes `silu(gate)` again.
+    Autograd through the same expression also keeps `silu(gate)`: one more intermediate-size activation per token
+    (28 KB at 8B width, a quarter of the MLP's). The gradients are the ones autograd computes, op for op."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        gate, up = ctx.saved_tensors
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
 
 
 class LLaMAMoE(nn.Module):

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU benchmark as one prepared run, for a GPU machine without network access whose Python already has CUDA
+# torch, transformers, peft, lightning, safetensors and tokenizers (the machine lent to our sessions).
+#
+#   bash benchmarks/gpu_run.sh download          # where the package index is reachable: ./gpu_wheels, about 46 MB
+#   bash benchmarks/gpu_run.sh run [ARGS...]     # on the GPU machine, with ./gpu_wheels copied along
+#
+# `run` installs the wheels (no index, no dependencies resolved: the list below is complete for that machine),
+# prints the versions and the GPU, and runs every row of benchmarks/gpu_bench.py (ARGS are passed to it, e.g.
+# `--rows forge:lora,hf:lora`), litgpt in the same Python. The table goes to stdout and to $OUT/gpu_bench.md
+# (OUT defaults to ./out). On the CPU, `run --device cpu --layers 2 --n_embd 256 --intermediate_size 512 --vocab 512
+# --seq_len 64 --batch_size 2 --warmup 1 --steps 2 --row_timeout 300` checks the whole path in a few minutes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+WHEELS=${WHEELS:-gpu_wheels}
+# bitsandbytes: QLoRA; liger-kernel: the HF+PEFT+Liger rows; litgpt and what it needs beyond the machine's packages
+PACKAGES="bitsandbytes>=0.49 liger-kernel jsonargparse docstring-parser typeshed-client litgpt==0.5.13"
+
+case "${1:-}" in
+download)
+    mkdir -p "$WHEELS"
+    # shellcheck disable=SC2086
+    "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --platform manylinux_2_24_x86_64 \
+        --dest "$WHEELS" $PACKAGES
+    du -sh "$WHEELS"
+    ;;
+run)
+    shift
+    "$PYTHON" -m pip install --quiet --no-index --no-deps "$WHEELS"/*.whl
+    "$PYTHON" - <<'EOF'
+from importlib import metadata
+import torch
+for name in ("torch", "transformers", "peft", "lightning", "bitsandbytes", "liger-kernel", "litgpt"):
+    try:
+        print(name, metadata.version(name), end="; ")
+    except metadata.PackageNotFoundError:
+        print(name, "missing", end="; ")
+print()
+print("GPU:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
+EOF
+    mkdir -p "${OUT:-out}"
+    "$PYTHON" benchmarks/gpu_bench.py --litgpt_python "$(command -v "$PYTHON")" "$@" | tee "${OUT:-out}/gpu_bench.md"
+    ;;
+*)
+    echo "usage: bash benchmarks/gpu_run.sh download | run [gpu_bench.py arguments]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,92 @@
+"""What a Block keeps for its backward pass: the RMSNorm and SwiGLU autograd functions give the gradients of the
+expressions they replace while keeping less, and the attention keeps v without the whole qkv output."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import Config
+from model.gpt import CausalSelfAttention, GPT, RMSNormFunction, SwiGLUFunction
+
+
+def saved_storages(fn) -> dict[int, int]:
+    """`fn()`'s output and the bytes of every distinct storage autograd saved while it ran."""
+    saved = {}
+
+    def pack(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = fn()
+    return out, saved
+
+
+def grads(fn, inputs: list[torch.Tensor], grad_output: torch.Tensor) -> list:
+    for tensor in inputs:
+        tensor.grad = None
+    out = fn(*inputs)
+    out.backward(grad_output)
+    return [out.detach()] + [None if t.grad is None else t.grad.clone() for t in inputs]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("train_weight", [True, False])
+def test_rms_norm_function_gives_the_gradients_of_the_expression(dtype, train_weight):
+    torch.manual_seed(0)
+    x = (torch.randn(3, 7, 48) * 3).to(dtype).requires_grad_()
+    weight = (1 + 0.1 * torch.randn(48)).to(dtype).requires_grad_(train_weight)
+    grad_output = torch.randn(3, 7, 48).to(dtype)
+
+    def expression(x, weight):
+        return weight * F.rms_norm(x.float(), (48,), eps=1e-5).to(x.dtype)
+
+    expected = grads(expression, [x, weight], grad_output)
+    actual = grads(lambda x, weight: RMSNormFunction.apply(x, weight, 1e-5), [x, weight], grad_output)
+    assert (actual[2] is None) == (not train_weight)
+    torch.testing.assert_close(actual[0], expected[0], atol=0, rtol=0)
+    # float32: to rounding; bf16: the same float32 formula before the cast, so at most one bf16 step apart
+    tolerance = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1.6e-2)
+    for got, want in zip(actual[1:], expected[1:]):
+        if want is not None:
+            torch.testing.assert_close(got, want, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_function_gives_the_gradients_of_the_expression_exactly(dtype):
+    torch.manual_seed(0)
+    gate, up = (torch.randn(2, 5, 40).to(dtype).requires_grad_() for _ in range(2))
+    grad_output = torch.randn(2, 5, 40).to(dtype)
+    expected = grads(lambda gate, up: F.silu(gate) * up, [gate, up], grad_output)
+    actual = grads(SwiGLUFunction.apply, [gate, up], grad_output)
+    for got, want in zip(actual, expected):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_the_functions_keep_only_their_inputs():
+    x = torch.randn(4, 6, 32, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.ones(32, dtype=torch.bfloat16)
+    _, saved = saved_storages(lambda: RMSNormFunction.apply(x, weight, 1e-5))
+    # x and one float32 scale per position (the expression keeps a float32 copy of x: twice x's bytes in bf16)
+    assert sorted(saved.values()) == sorted([4 * 6 * 4, x.nbytes, weight.nbytes])
+
+    gate, up = (torch.randn(4, 6, 80, requires_grad=True) for _ in range(2))
+    _, saved = saved_storages(lambda: SwiGLUFunction.apply(gate, up))
+    assert sorted(saved.values()) == [gate.nbytes, up.nbytes]  # not silu(gate)
+
+
+def test_attention_keeps_v_without_the_qkv_output():
+    config = Config(name="tiny", vocab_size=50, n_layer=1, n_head=4, n_query_groups=2, n_embd=64,
+                    intermediate_size=96, block_size=32)
+    attention = CausalSelfAttention(config, 0)
+    x = torch.randn(2, 16, 64, requires_grad=True)
+    cos, sin = GPT(config).rope(torch.arange(16))
+    out, saved = saved_storages(lambda: attention(x, cos, sin, torch.arange(16)))
+    for weight in attention.parameters():  # the weights are kept anyway
+        saved.pop(weight.untyped_storage().data_ptr())
+    qkv_bytes = 2 * 16 * (4 + 2 * 2) * config.head_size * 4
+    v_bytes = 2 * 16 * 2 * config.head_size * 4
+    assert qkv_bytes not in saved.values()
+    assert v_bytes in saved.values()
+    out.sum().backward()  # and the backward pass runs from what was kept
+    assert x.grad is not None
