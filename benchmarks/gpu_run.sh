@@ -31,12 +31,13 @@ run)
     "$PYTHON" - <<'EOF'
 from importlib import metadata
 import torch
+versions = []
 for name in ("torch", "transformers", "peft", "lightning", "bitsandbytes", "liger-kernel", "litgpt"):
     try:
-        print(name, metadata.version(name), end="; ")
+        versions.append(f"{name} {metadata.version(name)}")
     except metadata.PackageNotFoundError:
-        print(name, "missing", end="; ")
-print()
+        versions.append(f"{name} missing")
+print("; ".join(versions))
 print("GPU:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
 EOF
     mkdir -p "${OUT:-out}"
