@@ -154,32 +154,30 @@ def build_litgpt(config, mode: str, device: torch.device, seq_len: int):
                                      lora_dropout=0.0, lora_query=True, lora_key=True, lora_value=True,
                                      lora_projection=True, lora_mlp=True)
     from model.gpt import Block
+    from model.quantize import quantize_model
 
     with torch.device("meta"):
         model = LitGPT(lit_config)
-    # the random weights of the other rows, drawn in build_forge's order: litgpt loads Forge's names as they are
+    # the random weights of the other rows, drawn in build_forge's order (litgpt loads Forge's names as they are),
+    # a Block at a time in bf16 and quantized as it comes for QLoRA, as build_forge and build_hf load theirs
     for part in (model.transformer.wte, model.transformer.ln_f, model.lm_head):
         materialize(part, device)
     for i, lit_block in enumerate(model.transformer.h):
         with torch.device("meta"):
             block = Block(config, i)
         materialize(block, device)
-        lit_block.to_empty(device=device)
+        lit_block.to_empty(device=device).to(torch.bfloat16)
         missing, unexpected = lit_block.load_state_dict(block.state_dict(), strict=False)
         assert not unexpected and all("lora_" in key for key in missing), (missing, unexpected)
         del block
+        if mode == "qlora":  # litgpt's LoRA layers hold their base layer as `linear`: quantize that
+            for layer in [m for m in lit_block.modules() if hasattr(m, "lora_A")]:
+                layer.linear = quantize_model(torch.nn.Sequential(layer.linear), "bnb.nf4", torch.bfloat16, skip=())[0]
     with torch.no_grad():  # LoRA A random, B = 0, as at the start of a fine-tune (drawn after every base weight)
         for name, param in model.named_parameters():
             param.normal_(0, 0.02) if name.endswith("lora_A") else param.zero_() if name.endswith("lora_B") else None
-    model.to(torch.bfloat16)
     model.cos, model.sin = model.rope_cache(device=device)  # the RoPE cache, still on the meta device
     model.max_seq_length = seq_len
-    if mode == "qlora":
-        from model.quantize import quantize_model
-
-        for block in model.transformer.h:  # litgpt's LoRA layers subclass nn.Linear: quantize their base weight
-            for layer in [m for m in block.modules() if hasattr(m, "lora_A")]:
-                layer.linear = quantize_model(torch.nn.Sequential(layer.linear), "bnb.nf4", torch.bfloat16, skip=())[0]
     mark_only_lora_as_trainable(model)
     model.train()
 
