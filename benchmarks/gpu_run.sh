@@ -14,8 +14,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 WHEELS=${WHEELS:-gpu_wheels}
-# bitsandbytes: QLoRA; liger-kernel: the HF+PEFT+Liger rows; litgpt and what it needs beyond the machine's packages
-PACKAGES="bitsandbytes>=0.49 liger-kernel jsonargparse docstring-parser typeshed-client litgpt==0.5.13"
+# bitsandbytes: QLoRA; liger-kernel: the HF+PEFT+Liger rows; lightning-fabric: Forge's Fabric (the machine has the
+# full `lightning`, which does not provide it); litgpt and what it needs beyond the machine's packages
+PACKAGES="bitsandbytes>=0.49 liger-kernel lightning-fabric jsonargparse docstring-parser typeshed-client litgpt==0.5.13"
 
 case "${1:-}" in
 download)
@@ -32,7 +33,8 @@ run)
 from importlib import metadata
 import torch
 versions = []
-for name in ("torch", "transformers", "peft", "lightning", "bitsandbytes", "liger-kernel", "litgpt"):
+for name in ("torch", "transformers", "peft", "lightning", "lightning-fabric", "bitsandbytes", "liger-kernel",
+             "litgpt"):
     try:
         versions.append(f"{name} {metadata.version(name)}")
     except metadata.PackageNotFoundError:

@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-import lightning as L
+import lightning_fabric as L
 import torch
 
 from model.adapter import (

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-import lightning as L
+import lightning_fabric as L
 import torch
 import torch.nn.functional as F
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-import lightning as L
+import lightning_fabric as L
 import torch
 
 from model.cli import NonNegativeInt, PositiveInt, run_cli

@@ -1,7 +1,7 @@
 """RoPE frequencies stay float32 whatever casts the model: a bf16-true run rotates by the angles evaluation uses."""
 
 import torch
-from lightning.fabric import Fabric
+from lightning_fabric import Fabric
 
 from model import GPT, Config
 

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-import lightning as L
+import lightning_fabric as L
 import pytest
 import torch
 import yaml

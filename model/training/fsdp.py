@@ -63,7 +63,7 @@ def fsdp_strategy(checkpoint_dir: Optional[Path], devices: int, num_nodes: int, 
     `parallelize_fn` shards the model and, when it is still on the meta device, loads `checkpoint_dir` into the
     shards (`checkpoint_dir=None`: the model's weights are set already), with the Blocks' linears quantized to
     torchao's NF4 when `quantize` is "ao.nf4"."""
-    from lightning.fabric.strategies import ModelParallelStrategy
+    from lightning_fabric.strategies import ModelParallelStrategy
 
     return ModelParallelStrategy(
         parallelize_fn=partial(shard_and_load, checkpoint_dir=checkpoint_dir, precision=precision, quantize=quantize),
@@ -72,7 +72,7 @@ def fsdp_strategy(checkpoint_dir: Optional[Path], devices: int, num_nodes: int, 
 
 
 def is_fsdp(fabric) -> bool:
-    from lightning.fabric.strategies import ModelParallelStrategy
+    from lightning_fabric.strategies import ModelParallelStrategy
 
     return isinstance(fabric.strategy, ModelParallelStrategy)
 

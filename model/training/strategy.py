@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import lightning as L
+import lightning_fabric as L
 import torch
 
 from model.device import PRECISIONS
