@@ -2,7 +2,7 @@
 # The GPU benchmark as one prepared run, for a GPU machine without network access whose Python already has CUDA
 # torch, transformers, peft, lightning, safetensors and tokenizers (the machine lent to our sessions).
 #
-#   bash benchmarks/gpu_run.sh download          # where the package index is reachable: ./gpu_wheels, about 46 MB
+#   bash benchmarks/gpu_run.sh download          # where the package index is reachable: ./gpu_wheels, about 44 MB
 #   bash benchmarks/gpu_run.sh run [ARGS...]     # on the GPU machine, with ./gpu_wheels copied along
 #
 # `run` installs the wheels (no index, no dependencies resolved: the list below is complete for that machine),
