@@ -1,5 +1,6 @@
 """The chunked head + cross-entropy equals F.cross_entropy on the full logits: losses and gradients, with ignored
-targets, a bias, a frozen head, and through GPT's logits_mask."""
+targets, a bias, a trainable or a frozen head (whose gradient is formed in the forward pass), and through GPT's
+logits_mask."""
 
 import pytest
 import torch
@@ -28,9 +29,13 @@ def inputs(n=37, dim=16, vocab=53, bias=True, ignore=True, seed=0):
 @pytest.mark.parametrize("chunk_size", [1, 5, 37, 100])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("ignore", [False, True])
-def test_chunked_loss_and_gradients_equal_cross_entropy(chunk_size, bias, ignore):
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_chunked_loss_and_gradients_equal_cross_entropy(chunk_size, bias, ignore, frozen_head):
     hidden, weight, b, targets = inputs(bias=bias, ignore=ignore)
-    params = [t for t in (hidden, weight, b) if t is not None]
+    if frozen_head:
+        weight.requires_grad_(False)
+        b is None or b.requires_grad_(False)
+    params = [t for t in (hidden, weight, b) if t is not None and t.requires_grad]
     upstream = torch.randn(hidden.size(0), generator=torch.Generator().manual_seed(3))
     expected = reference(hidden, weight, b, targets)
     expected_grads = torch.autograd.grad((expected * upstream).sum(), params)
@@ -62,13 +67,17 @@ def test_no_gradient_work_without_autograd():
     torch.testing.assert_close(loss, reference(hidden, weight, b, targets).detach(), atol=1e-5, rtol=1e-5)
 
 
-def test_the_full_logits_never_exist_at_once():
-    """Every float32 tensor created in the forward and backward passes is at most one chunk of logits."""
-    hidden, weight, b, targets = inputs(n=64, vocab=101)
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_the_full_logits_never_exist_at_once(frozen_head):
+    """Every tensor created in the forward and backward passes is at most one chunk of logits (or the weight's size)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    hidden, weight, b, targets = inputs(n=64, vocab=101, bias=not frozen_head)
+    weight.requires_grad_(not frozen_head)
     biggest = []
 
-    class Watch(torch.overrides.TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
+    class Watch(TorchDispatchMode):  # a dispatch mode: it also sees the backward pass's operations
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             if isinstance(out, torch.Tensor):
                 biggest.append(out.numel())
@@ -77,8 +86,28 @@ def test_the_full_logits_never_exist_at_once():
     with Watch():
         loss = linear_cross_entropy(hidden, weight, b, targets, chunk_size=8)
         loss.sum().backward()
-    assert max(biggest) <= max(8 * 101, weight.numel())
+    assert len(biggest) > 50 and max(biggest) <= max(8 * 101, weight.numel())  # views of the weight count too
     assert max(biggest) < 64 * 101
+
+
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_two_head_matmuls_with_a_frozen_head_three_with_a_trainable_one(frozen_head):
+    """A frozen head's backward pass recomputes nothing: its logits and its gradient of hidden are both formed in the
+    forward pass; a trainable head's backward pass computes each chunk's logits again."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    hidden, weight, _, targets = inputs(n=40, bias=False)
+    weight.requires_grad_(not frozen_head)
+    one_matmul = 2 * 40 * 53 * 16
+    with FlopCounterMode(display=False) as forward:
+        loss = linear_cross_entropy(hidden, weight, None, targets, chunk_size=10)
+    with FlopCounterMode(display=False) as backward:
+        torch.autograd.grad(loss.sum(), [t for t in (hidden, weight) if t.requires_grad])
+    if frozen_head:
+        assert (forward.get_total_flops(), backward.get_total_flops()) == (2 * one_matmul, 0)
+    else:  # the logits; then the logits again and the gradient of hidden (the weight's, an in-place addmm_, is not
+        # counted by the FLOP counter)
+        assert (forward.get_total_flops(), backward.get_total_flops()) == (one_matmul, 2 * one_matmul)
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -2,10 +2,16 @@
 
 At a 128k vocabulary the logits of one token are 0.5 MB in float32, and PyTorch's cross-entropy keeps them, their
 log-softmax and then their gradient: about 1.5 MB per labelled token, 12 GB for 8k labelled tokens. `linear_cross_entropy`
-computes the head and the loss over chunks of positions and keeps only each position's log-sum-exp; the backward pass
-recomputes one chunk's logits at a time to form its gradient (the idea of Apple's Cut Cross-Entropy and Liger's
-fused linear cross-entropy, written in plain PyTorch so it runs on any device). Memory per labelled token is then the
-hidden state and a few scalars; the price is one more head matmul in the backward pass.
+computes the head and the loss over chunks of positions, so the full logits never exist at once (the idea of Apple's
+Cut Cross-Entropy and Liger's fused linear cross-entropy, written in plain PyTorch so it runs on any device).
+
+With a frozen head (LoRA, adapters, DPO: the usual case) the gradient of each position's loss with respect to its
+hidden state does not depend on what comes after the loss except through one scalar per position, so the forward
+pass computes it while the chunk's logits are at hand, `(softmax - one_hot) @ W`, and the backward pass only scales
+it by the incoming gradient: two head matmuls per chunk, as with full logits, and the `(N, n_embd)` gradient is kept
+in place of the hidden state. A trainable head (full fine-tuning) needs the incoming gradient inside its weight's
+gradient: the forward pass keeps the hidden state and each position's log-sum-exp, and the backward pass recomputes
+one chunk's logits at a time (one more head matmul).
 """
 
 from __future__ import annotations
@@ -21,6 +27,10 @@ from model.lora import LoRALinear
 
 # float32 logits per chunk: 2**25 elements = 128 MB (about 260 positions at a 128k vocabulary)
 CHUNK_ELEMENTS = 2**25
+# on the CPU 24 MB (128 positions at a 49k vocabulary): glibc maps every allocation over 32 MB afresh and the kernel
+# zero-fills its pages on first touch, which made a chunk's float32 copy of its logits 7x slower than the copy itself;
+# a smaller chunk is served from memory already mapped (SmolLM2's full-loss head + loss: 0.50 -> 0.41 s)
+CPU_CHUNK_ELEMENTS = 3 * 2**21
 
 
 def linear_cross_entropy(
@@ -31,9 +41,10 @@ def linear_cross_entropy(
 
     `hidden` `(N, n_embd)`, `weight` `(vocab, n_embd)`, `targets` `(N,)`; a target of -100 gives a loss of 0 and no
     gradient. The head runs in the autocast dtype when autocast is on, else in `weight`'s dtype; logits and softmax
-    are float32. `chunk_size` positions at a time (default: 128 MB of float32 logits).
+    are float32. `chunk_size` positions at a time (default: 128 MB of float32 logits, 24 MB on the CPU).
     """
-    chunk_size = chunk_size or max(1, CHUNK_ELEMENTS // weight.size(0))
+    elements = CPU_CHUNK_ELEMENTS if hidden.device.type == "cpu" else CHUNK_ELEMENTS
+    chunk_size = chunk_size or max(1, elements // weight.size(0))
     return LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size)
 
 
@@ -58,10 +69,31 @@ def chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     return F.linear(hidden, weight, bias).float()
 
 
+def softmax_minus_one_hot_(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """d loss / d logits of each position, `softmax(logits) - one_hot(target)`, computed in `logits`' memory."""
+    grad_logits = torch.exp_(logits.sub_(lse.unsqueeze(1)))
+    return one_hot_subtracted_(grad_logits, targets)
+
+
+def one_hot_subtracted_(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return probs.scatter_add_(1, targets.unsqueeze(1), probs.new_full((probs.size(0), 1), -1.0))
+
+
+def log_softmax_parts_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The log-sum-exp of each row of `logits` and `exp(logits - max)`, computed in `logits`' memory, and their row
+    sums: in place, where `torch.logsumexp` allocates several temporaries the size of the chunk on the CPU (it took
+    12% of a SmolLM2 LoRA step on full-loss data)."""
+    top = logits.amax(dim=1, keepdim=True)
+    exps = torch.exp_(logits.sub_(top))
+    sums = exps.sum(dim=1)
+    return top.squeeze(1) + sums.log(), exps, sums
+
+
 class LinearCrossEntropy(torch.autograd.Function):
-    """Forward: per chunk, float32 logits -> log-sum-exp and the loss; only the log-sum-exp is kept. Backward: per
-    chunk, logits again -> softmax minus one-hot, scaled by the incoming gradient -> the gradients of hidden, weight
-    and bias."""
+    """Forward: per chunk, float32 logits -> log-sum-exp and the loss. A frozen head: also softmax minus one-hot ->
+    the gradient of hidden, kept for the backward pass, which scales it by the incoming gradient. A trainable head:
+    only the log-sum-exp is kept; the backward pass computes the logits again per chunk -> softmax minus one-hot,
+    scaled by the incoming gradient -> the gradients of hidden, weight and bias."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size):
@@ -72,20 +104,34 @@ class LinearCrossEntropy(torch.autograd.Function):
         safe_targets = targets.masked_fill(~valid, 0)
         lse = torch.empty(h.size(0), device=h.device, dtype=torch.float32)
         loss = torch.empty_like(lse)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        # a frozen head: the gradient of hidden now, per position up to the incoming gradient (no recomputation)
+        grad_h = torch.empty_like(h) if need_h and not (need_w or need_b) else None
         with torch.autocast(h.device.type, enabled=False):
             for start in range(0, h.size(0), chunk_size):
                 rows = slice(start, start + chunk_size)
                 logits = chunk_logits(h[rows], w, b)
-                lse[rows] = torch.logsumexp(logits, dim=-1)
-                loss[rows] = lse[rows] - logits.gather(1, safe_targets[rows].unsqueeze(1)).squeeze(1)
+                target_logits = logits.gather(1, safe_targets[rows].unsqueeze(1)).squeeze(1)
+                lse[rows], exps, sums = log_softmax_parts_(logits)
+                loss[rows] = lse[rows] - target_logits
+                if grad_h is not None:
+                    grad_logits = one_hot_subtracted_(exps.div_(sums.unsqueeze(1)), safe_targets[rows])
+                    grad_h[rows] = grad_logits.mul_(valid[rows].unsqueeze(1)).to(w.dtype) @ w
         loss.masked_fill_(~valid, 0.0)
-        ctx.save_for_backward(h, w, b, safe_targets, valid, lse)
+        if grad_h is not None:
+            ctx.save_for_backward(grad_h)
+        else:
+            ctx.save_for_backward(h, w, b, safe_targets, valid, lse)
         ctx.chunk_size, ctx.dtypes = chunk_size, (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.mark_non_differentiable(lse)
+        ctx.frozen_head = grad_h is not None
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
+        hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
+        if ctx.frozen_head:  # the gradient of hidden was computed in the forward pass
+            (grad_h,) = ctx.saved_tensors
+            return (grad_h * grad_loss.unsqueeze(1)).to(hidden_dtype), None, None, None, None
         h, w, b, targets, valid, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(h) if need_h else None
@@ -95,9 +141,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             for start in range(0, h.size(0), ctx.chunk_size):
                 rows = slice(start, start + ctx.chunk_size)
-                # d loss / d logits = softmax - one_hot(target), per position times its incoming gradient
-                grad_logits = torch.exp_(chunk_logits(h[rows], w, b).sub_(lse[rows].unsqueeze(1)))
-                grad_logits.scatter_add_(1, targets[rows].unsqueeze(1), torch.full_like(lse[rows], -1.0).unsqueeze(1))
+                grad_logits = softmax_minus_one_hot_(chunk_logits(h[rows], w, b), lse[rows], targets[rows])
                 grad_logits.mul_(scale[rows])
                 if need_h:
                     grad_h[rows] = grad_logits.to(w.dtype) @ w
@@ -107,7 +151,6 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad_w += grad_logits.t().to(w.dtype) @ h[rows]
                 if need_b:
                     grad_b += grad_logits.sum(0)
-        hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
         return (
             None if grad_h is None else grad_h.to(hidden_dtype),
             None if grad_w is None else grad_w.to(weight_dtype),
