@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import GPT, Config
 from model.gpt import CHECKPOINTING_MODES
@@ -99,8 +100,8 @@ def loss_table(config: Config, labelled: int, dtype: torch.dtype) -> list[str]:
     targets = torch.randint(0, config.vocab_size, (labelled,))
     largest = []
 
-    class Largest(torch.overrides.TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
+    class Largest(TorchDispatchMode):  # a dispatch mode sees the backward pass's temporaries too
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             if isinstance(out, torch.Tensor) and out.data_ptr() != weight.data_ptr():
                 largest.append(out.untyped_storage().nbytes())
@@ -114,8 +115,8 @@ def loss_table(config: Config, labelled: int, dtype: torch.dtype) -> list[str]:
     ):
         largest.clear()
         with Largest():
-            # the hidden states and the head weight are kept by any loss (the model's own tensors): count what is added
-            added = saved_bytes(lambda: fn().backward(), held=(hidden, weight))
+            # the head weight is the model's own: count what the loss adds (the hidden states, if it keeps them)
+            added = saved_bytes(lambda: fn().backward(), held=(weight,))
         rows.append(f"| {name} | {added / labelled / 1024:.2f} | {max(largest) / 2**20:.0f} |")
     return rows
 
