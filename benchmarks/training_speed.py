@@ -1,4 +1,5 @@
-"""What length-grouped micro-batches and `--compile` save in LoRA training steps: same checkpoint, data, one run.
+"""What length-grouped micro-batches and `--compile` save, and what `--gradient_checkpointing block` costs, in LoRA
+training steps: same checkpoint, data, one run.
 
     python benchmarks/training_speed.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct \\
         --data_dir data/tasks
@@ -7,9 +8,10 @@ Padding: the positions one epoch of `data_dir/train.pt` computes when each micro
 sample, with a plain shuffle and with length grouping (`model.training.run.epoch_batches`): exact counts.
 
 Speed: finetune/lora.py's model and step (LoRA r=8 on query and value, AdamW, the head and its loss only where a
-label follows) in three copies that take turns over `rounds`, each round `steps` optimizer steps of one micro-batch:
-eager on plain-shuffled micro-batches, eager on length-grouped ones, and compiled Blocks (`GPT.compile_blocks`) on
-the same length-grouped ones. Tokens/s counts real tokens (padding excluded), the median over the rounds. The
+label follows) in four copies that take turns over `rounds`, each round `steps` optimizer steps of one micro-batch:
+eager on plain-shuffled micro-batches, eager on length-grouped ones, eager with every Block recomputed in the
+backward pass (`GPT.set_gradient_checkpointing("block")`; on the CPU `offload` computes the same) and compiled Blocks
+(`GPT.compile_blocks`), the last two on the same length-grouped micro-batches. Tokens/s counts real tokens (padding excluded), the median over the rounds. The
 compile time is the compiled copy's first step minus the eager one's (both on the epoch's longest micro-batch).
 """
 
@@ -34,11 +36,13 @@ from model.training.run import epoch_batches
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def lora_model(checkpoint_dir: Path, device: torch.device, dtype: torch.dtype, compiled: bool) -> tuple:
+def lora_model(checkpoint_dir: Path, device: torch.device, dtype: torch.dtype, compiled: bool,
+               checkpointing: str) -> tuple:
     torch.manual_seed(0)
     model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype)
     inject_lora(model, LoRAConfig(r=8, alpha=16, dropout=0.05), dtype=dtype)
     mark_only_lora_as_trainable(model)
+    model.set_gradient_checkpointing(checkpointing)
     if compiled:
         model.compile_blocks()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4, betas=(0.9, 0.95))
@@ -77,8 +81,8 @@ def main(
     rounds: PositiveInt = 3,
     seed: int = 1337,
 ) -> None:
-    """Print the padding one epoch computes with and without length grouping, and the real tokens/s of eager and
-    compiled LoRA steps.
+    """Print the padding one epoch computes with and without length grouping, and the real tokens/s of eager,
+    checkpointed and compiled LoRA steps.
 
     Args:
         checkpoint_dir: A converted checkpoint directory.
@@ -107,13 +111,14 @@ def main(
     collate = get_collate_fn(pad_id=0, max_seq_length=block_size)
     needed = 1 + steps * rounds
     # full micro-batches only: a batch of 1 would compile one more (specialized) graph and time that
-    runs = {"eager, plain shuffle": (False, False), "eager, grouped": (True, False), "compiled, grouped": (True, True)}
+    runs = {"eager, plain shuffle": (False, False, "none"), "eager, grouped": (True, False, "none"),
+            "checkpointed, grouped": (True, False, "block"), "compiled, grouped": (True, True, "none")}
     engines = {}
-    for name, (grouped, compiled) in runs.items():
+    for name, (grouped, compiled, checkpointing) in runs.items():
         batches = [b for b in orders[grouped] if len(b) == micro_batch_size][:needed]
         if len(batches) < needed:
             raise ValueError(f"{data_dir / 'train.pt'} has too few samples for {needed} micro-batches; lower --steps")
-        model, optimizer = lora_model(checkpoint_dir, device_, DTYPES[dtype], compiled)
+        model, optimizer = lora_model(checkpoint_dir, device_, DTYPES[dtype], compiled, checkpointing)
         tensors = [tuple(t.to(device_) for t in collate([samples[i] for i in b]).values()) for b in batches]
         engines[name] = (model, optimizer, tensors, [sum(lengths[i] for i in b) for b in batches])
 
