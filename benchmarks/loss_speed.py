@@ -12,12 +12,9 @@ in one process, the variants taking turns on the same inputs.
    commit's alternating step by step; the paired ratio is robust to a machine whose speed drifts.
 """
 
-import importlib.util
 import statistics
 import subprocess
-import sys
-import tempfile
-import time
+import types
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -26,29 +23,21 @@ import torch.nn.functional as F
 
 import model.training.loss as loss_module
 from finetune_speed import DTYPES, forge_lora, make_batches  # this directory's Forge engine and batches
+from training_speed import timed
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+CPU = torch.device("cpu")
 
 
-def loss_module_at(commit: str):
+def loss_module_at(commit: str) -> types.ModuleType:
     """`model/training/loss.py` as it was at `commit`, imported as its own module."""
-    source = subprocess.run(["git", "show", f"{commit}:model/training/loss.py"], cwd=REPO_ROOT, capture_output=True,
-                            text=True)
+    path = "model/training/loss.py"
+    source = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=REPO_ROOT, capture_output=True, text=True)
     if source.returncode != 0:
-        raise SystemExit(f"git show {commit}:model/training/loss.py failed: {source.stderr.strip()}")
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-        f.write(source.stdout)
-    spec = importlib.util.spec_from_file_location(f"loss_at_{commit}", f.name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    Path(f.name).unlink()
+        raise SystemExit(f"git show {commit}:{path} failed: {source.stderr.strip()}")
+    module = types.ModuleType(f"loss_at_{commit}")
+    exec(compile(source.stdout, f"{commit}:{path}", "exec"), module.__dict__)
     return module
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def paired(times: dict[str, list[float]], name: str, reference: str) -> str:
@@ -93,7 +82,7 @@ def main(
     times = {name: [] for name in variants}
     for step in range(steps + 2):
         for name, loss_fn in variants.items():
-            seconds = timed(lambda: torch.autograd.grad(loss_fn(), hidden))
+            seconds = timed(CPU, lambda: torch.autograd.grad(loss_fn(), hidden))
             if step >= 2:
                 times[name].append(seconds)
     print(f"head + loss, forward + backward: {positions} positions x {n_embd} -> vocabulary {vocab}, {dtype}, frozen "
@@ -105,7 +94,7 @@ def main(
     if not earlier:
         return
 
-    model, loss_fn = forge_lora(checkpoint_dir, torch.device("cpu"), dtype_, 0.0)
+    model, loss_fn = forge_lora(checkpoint_dir, CPU, dtype_, 0.0)
     model.train()
     batches = make_batches("random", Path("data/tasks"), steps + 2, micro_batch_size, seq_len)
     classes = {"forge": loss_module.LinearCrossEntropy, against: earlier.LinearCrossEntropy}
@@ -116,7 +105,7 @@ def main(
         # `linear_cross_entropy` looks both up when it is called; the earlier commit's has its own chunk size
         loss_module.LinearCrossEntropy = classes[name]
         loss_module.CPU_CHUNK_ELEMENTS = chunks[name] or loss_module.CHUNK_ELEMENTS
-        seconds = timed(lambda: loss_fn(*batch).backward())
+        seconds = timed(CPU, lambda: loss_fn(*batch).backward())
         model.zero_grad(set_to_none=True)
         return seconds
 

@@ -11,8 +11,9 @@ Speed: finetune/lora.py's model and step (LoRA r=8 on query and value, AdamW, th
 label follows) in four copies that take turns over `rounds`, each round `steps` optimizer steps of one micro-batch:
 eager on plain-shuffled micro-batches, eager on length-grouped ones, eager with every Block recomputed in the
 backward pass (`GPT.set_gradient_checkpointing("block")`; on the CPU `offload` computes the same) and compiled Blocks
-(`GPT.compile_blocks`), the last two on the same length-grouped micro-batches. Tokens/s counts real tokens (padding excluded), the median over the rounds. The
-compile time is the compiled copy's first step minus the eager one's (both on the epoch's longest micro-batch).
+(`GPT.compile_blocks`), the last two on the same length-grouped micro-batches. Tokens/s counts real tokens (padding
+excluded), the median over the rounds. The compile time is the compiled copy's first step minus the eager one's (both
+on the epoch's longest micro-batch).
 """
 
 import statistics
