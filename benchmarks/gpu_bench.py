@@ -1,7 +1,7 @@
 """One-GPU fine-tuning speed and memory at Llama-3.1-8B shape: Forge vs HF+PEFT (+Liger, +gradient checkpointing)
 vs litgpt, LoRA in bf16 and QLoRA nf4, each engine in its own process on the same batches.
 
-    # all rows on one GPU, each under `--row_timeout` seconds (about 6 minutes on an H200):
+    # all rows on one GPU, each under `--row_timeout` seconds and all under `--time_budget`:
     python benchmarks/gpu_bench.py --litgpt_python /path/to/litgpt-venv/bin/python
     # check it works first, on the CPU, at a tiny width:
     python benchmarks/gpu_bench.py --device cpu --layers 2 --n_embd 256 --intermediate_size 512 --vocab 512 \\
@@ -22,6 +22,7 @@ operations of the last warm-up step (forward, backward, optimizer) that make the
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -35,10 +36,11 @@ import torch
 # the litgpt engine runs in litgpt's own environment, where Forge is not installed: import `model` from this checkout
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
+# in the order they run, the most telling first, so a run cut short by `--time_budget` still answers the main questions
 ROWS = (
-    ("forge", "lora"), ("forge", "qlora"), ("hf", "lora"), ("hf", "qlora"), ("hf_liger", "lora"), ("hf_liger", "qlora"),
-    ("litgpt", "lora"), ("litgpt", "qlora"), ("hf_gc", "lora"), ("hf_gc", "qlora"), ("forge_offload", "lora"),
-    ("forge_offload", "qlora"),
+    ("forge", "lora"), ("hf", "lora"), ("forge", "qlora"), ("hf", "qlora"), ("forge_offload", "qlora"),
+    ("forge_offload", "lora"), ("hf_liger", "lora"), ("hf_liger", "qlora"), ("hf_gc", "lora"), ("hf_gc", "qlora"),
+    ("litgpt", "lora"), ("litgpt", "qlora"),
 )
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -253,11 +255,28 @@ def run_row(engine: str, mode: str, config, batch_size: int, seq_len: int, warmu
     }
 
 
+def matmul_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -> float:
+    """The measured dense bf16 matmul rate (random operands, after warm-up): the ceiling MFU is also read against."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize(device)
+    rate = 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+    del a, b
+    torch.cuda.empty_cache()
+    return rate
+
+
 def main(
     engine: Optional[str] = None, mode: str = "lora", rows: Optional[str] = None, layers: int = 32,
     vocab: int = 128256, n_embd: Optional[int] = None, intermediate_size: Optional[int] = None,
     batch_size: int = 4, seq_len: int = 2048, warmup: int = 3, steps: int = 8, device: str = "cuda",
-    peak_tflops: float = 989.0, row_timeout: int = 70, litgpt_python: Optional[str] = None,
+    peak_tflops: float = 989.0, row_timeout: int = 150, time_budget: Optional[float] = None,
+    litgpt_python: Optional[str] = None, log_dir: Optional[Path] = None,
 ) -> None:
     """Run every row (the default), or one `engine` + `mode` row in this process (printing one JSON line).
 
@@ -271,7 +290,11 @@ def main(
         device: cuda or cpu (a dry run).
         peak_tflops: the device's dense bf16 peak for MFU (989: H100/H200 SXM).
         row_timeout: seconds each row may take; a row over it is reported as such.
+        time_budget: seconds for all rows together; a row gets at most what is left, and rows that would start with
+            under 20 s left are reported as not run (so a lease-bound run ends with its table, not killed mid-way).
         litgpt_python: the Python of a virtual environment with litgpt (and the same torch) for the litgpt rows.
+        log_dir: where to write each row's JSON line (gpu_bench.jsonl) and the last lines of a failed row's stderr
+            (gpu_bench_errors.log).
     """
     config = shape_config(layers, vocab, n_embd, intermediate_size)
     if engine is not None:
@@ -281,13 +304,20 @@ def main(
             result = {"engine": engine, "mode": mode, "error": "OOM"}
         print(json.dumps(result))
         return
+    began = time.perf_counter()
     selected = [tuple(r.split(":")) for r in rows.split(",")] if rows else [
         r for r in ROWS if r[0] != "litgpt" or litgpt_python]
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    ceiling = ""
+    if device == "cuda":
+        measured = matmul_tflops(torch.device(device))
+        ceiling = f", measured bf16 matmul {measured:.0f} TFLOP/s (MFU below is against {peak_tflops:.0f})"
     print(f"Llama-3.1-8B shape, {layers} layers, vocab {vocab}, {batch_size} x {seq_len} tokens, {warmup} + {steps} steps,"
-          f" device {torch.cuda.get_device_name() if device == 'cuda' else device}")
+          f" device {torch.cuda.get_device_name() if device == 'cuda' else device}{ceiling}")
     print("| engine | mode | tokens/s | setup peak (GB) | train peak (GB) | reserved (GB) | MFU | loss first -> last |"
-          " host syncs/step |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          " host syncs/step | row s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row_engine, row_mode in selected:
         python = litgpt_python if row_engine == "litgpt" else sys.executable
         args = [python, __file__, "--engine", row_engine, "--mode", row_mode, "--layers", str(layers), "--vocab", str(vocab),
@@ -295,21 +325,36 @@ def main(
                 "--device", device, "--peak_tflops", str(peak_tflops)]
         if n_embd:
             args += ["--n_embd", str(n_embd), "--intermediate_size", str(intermediate_size)]
-        try:
-            out = subprocess.run(args, capture_output=True, text=True, timeout=row_timeout,
-                                 env={**__import__("os").environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
-            lines = out.stdout.strip().splitlines()
-            result = json.loads(lines[-1]) if out.returncode == 0 and lines else {
-                "error": (out.stderr.strip().splitlines() or ["failed"])[-1][:120]}
-        except subprocess.TimeoutExpired:
-            result = {"error": f"over {row_timeout} s"}
+        timeout = row_timeout
+        if time_budget is not None:
+            timeout = min(timeout, time_budget - (time.perf_counter() - began))
+        row_start, stderr = time.perf_counter(), ""
+        if timeout < 20:
+            result = {"error": "not run (time budget spent)"}
+        else:
+            try:
+                out = subprocess.run(args, capture_output=True, text=True, timeout=timeout,
+                                     env={**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
+                lines, stderr = out.stdout.strip().splitlines(), out.stderr
+                result = json.loads(lines[-1]) if out.returncode == 0 and lines else {
+                    "error": (stderr.strip().splitlines() or ["failed"])[-1][:120]}
+            except subprocess.TimeoutExpired as timed_out:
+                result = {"error": f"over {timeout:.0f} s"}
+                stderr = timed_out.stderr.decode(errors="replace") if isinstance(timed_out.stderr, bytes) else ""
+        seconds = time.perf_counter() - row_start
+        if log_dir is not None:
+            with open(log_dir / "gpu_bench.jsonl", "a") as f:
+                f.write(json.dumps({"engine": row_engine, "mode": row_mode, "row_s": seconds, **result}) + "\n")
+            if "error" in result and stderr:
+                with open(log_dir / "gpu_bench_errors.log", "a") as f:
+                    f.write(f"== {row_engine}:{row_mode}\n" + "\n".join(stderr.strip().splitlines()[-40:]) + "\n")
         if "error" in result:
-            print(f"| {row_engine} | {row_mode} | {result['error']} | | | | | | |", flush=True)
+            print(f"| {row_engine} | {row_mode} | {result['error']} | | | | | | | {seconds:.0f} |", flush=True)
             continue
         r = result
         print(f"| {row_engine} | {row_mode} | {r['tokens_per_s']:.0f} | {r['setup_peak_gb']:.2f} | {r['train_peak_gb']:.2f} |"
               f" {r['reserved_gb']:.2f} | {r['mfu']:.1%} | {r['first_loss']:.3f} -> {r['last_loss']:.3f} |"
-              f" {r['syncs_per_step']:.0f} |", flush=True)
+              f" {r['syncs_per_step']:.0f} | {seconds:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,13 @@
 #   bash benchmarks/gpu_run.sh download          # where the package index is reachable: ./gpu_wheels, about 44 MB
 #   bash benchmarks/gpu_run.sh run [ARGS...]     # on the GPU machine, with ./gpu_wheels copied along
 #
-# `run` installs the wheels (no index, no dependencies resolved: the list below is complete for that machine),
-# prints the versions and the GPU, and runs every row of benchmarks/gpu_bench.py (ARGS are passed to it, e.g.
-# `--rows forge:lora,hf:lora`), litgpt in the same Python. The table goes to stdout and to $OUT/gpu_bench.md
-# (OUT defaults to ./out). On the CPU, `run --device cpu --layers 2 --n_embd 256 --intermediate_size 512 --vocab 512
-# --seq_len 64 --batch_size 2 --warmup 1 --steps 2 --row_timeout 300` checks the whole path in a few minutes.
+# `run` installs the wheels into a folder of their own (no index, no dependencies resolved: the list below is complete
+# for that machine), prints the versions and the GPU, and runs every row of benchmarks/gpu_bench.py (ARGS are passed
+# to it, e.g. `--rows forge:lora,hf:lora --time_budget 480`), litgpt in the same Python. The table goes to stdout and
+# to $OUT/gpu_bench.md, each row's JSON to $OUT/gpu_bench.jsonl and the end of a failed row's stderr to
+# $OUT/gpu_bench_errors.log (OUT defaults to ./out). On the CPU, `run --device cpu --layers 2 --n_embd 256
+# --intermediate_size 512 --vocab 512 --seq_len 64 --batch_size 2 --warmup 1 --steps 2 --row_timeout 300` checks
+# the whole path in a few minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -28,7 +30,11 @@ download)
     ;;
 run)
     shift
-    "$PYTHON" -m pip install --quiet --no-index --no-deps "$WHEELS"/*.whl
+    # into a folder of its own on PYTHONPATH (the rows' processes inherit it), leaving the machine's packages as they are
+    SITE=${SITE:-/tmp/forge_site}
+    "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+        "$WHEELS"/*.whl
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
     "$PYTHON" - <<'EOF'
 from importlib import metadata
 import torch
@@ -43,7 +49,8 @@ print("; ".join(versions))
 print("GPU:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
 EOF
     mkdir -p "${OUT:-out}"
-    "$PYTHON" benchmarks/gpu_bench.py --litgpt_python "$(command -v "$PYTHON")" "$@" | tee "${OUT:-out}/gpu_bench.md"
+    "$PYTHON" benchmarks/gpu_bench.py --litgpt_python "$(command -v "$PYTHON")" --log_dir "${OUT:-out}" "$@" \
+        | tee "${OUT:-out}/gpu_bench.md"
     ;;
 *)
     echo "usage: bash benchmarks/gpu_run.sh download | run [gpu_bench.py arguments]" >&2
