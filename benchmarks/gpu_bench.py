@@ -67,7 +67,7 @@ def materialize(module: torch.nn.Module, device: torch.device) -> None:
     module.to(torch.bfloat16)
 
 
-def build_forge(config, mode: str, device: torch.device, checkpointing: str):
+def build_forge(config, mode: str, device: torch.device, checkpointing: str, compile: bool):
     from functools import partial
 
     from model import GPT
@@ -87,6 +87,8 @@ def build_forge(config, mode: str, device: torch.device, checkpointing: str):
     inject_lora(model, LoRAConfig(r=16, alpha=32, dropout=0.0, key=True, projection=True, mlp=True))
     mark_only_lora_as_trainable(model)
     model.set_gradient_checkpointing(checkpointing).train()
+    if compile:
+        model.compile_blocks()
 
     def loss_fn(input_ids, labels):
         targets = labels[:, 1:]
@@ -198,14 +200,50 @@ def flops_per_token(config, trainable: int, seq_len: int) -> float:
     return 4 * matmul + 6 * trainable + 6 * config.n_layer * seq_len * config.n_embd
 
 
+def kernel_profile(step, cuda: bool, top: int = 25) -> list:
+    """One call of `step` under the profiler: [kind, name, ms, calls] per GPU kernel (top `top` by time) and the
+    total per kind (gemm, attention, triton, copy, other), to see where a row's time goes. On the CPU (a dry run),
+    the same for the operators' own CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    kernels = [(e.key, own(e) / 1e3, e.count) for e in prof.key_averages() if own(e) > 0]
+
+    def kind(name: str) -> str:
+        lowered = name.lower()
+        if any(k in lowered for k in ("gemm", "cutlass", "nvjet", "xmma", "cublas")):
+            return "gemm"
+        if "flash" in lowered or "fmha" in lowered or "attention" in lowered:
+            return "attention"
+        if "triton" in lowered or lowered.startswith("_"):
+            return "triton"
+        if "memcpy" in lowered or "memset" in lowered:
+            return "copy"
+        return "other"
+
+    totals: dict = {}
+    for name, ms, _ in kernels:
+        totals[kind(name)] = totals.get(kind(name), 0.0) + ms
+    rows = [["total", k, round(v, 2), 0] for k, v in sorted(totals.items(), key=lambda kv: -kv[1])]
+    rows += [[kind(n), n[:110], round(ms, 2), c] for n, ms, c in sorted(kernels, key=lambda k: -k[1])[:top]]
+    return rows
+
+
 def run_row(engine: str, mode: str, config, batch_size: int, seq_len: int, warmup: int, steps: int,
-            device: torch.device, peak_tflops: float) -> dict:
+            device: torch.device, peak_tflops: float, profile: bool = False) -> dict:
     cuda = device.type == "cuda"
     memory = (lambda: torch.cuda.max_memory_allocated(device) / 2**30) if cuda else (lambda: float("nan"))
     torch.manual_seed(0)
     start = time.perf_counter()
     if engine.startswith("forge"):
-        model, loss_fn = build_forge(config, mode, device, "offload" if engine == "forge_offload" else "none")
+        model, loss_fn = build_forge(config, mode, device, "offload" if "_offload" in engine else "none",
+                                     compile=engine.endswith("_compile"))
     elif engine.startswith("hf"):
         model, loss_fn = build_hf(config, mode, device, liger=engine == "hf_liger", checkpointing=engine == "hf_gc")
     else:
@@ -246,12 +284,20 @@ def run_row(engine: str, mode: str, config, batch_size: int, seq_len: int, warmu
             times.append(time.perf_counter() - t0)
         losses.append(loss.item())
     tokens_per_s = batch_size * seq_len * steps / sum(times)
+
+    def step():
+        loss_fn(batches[-1], batches[-1]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    kernels = kernel_profile(step, cuda) if profile else []
     n_trainable = sum(p.numel() for p in trainable)
     return {
         "engine": engine, "mode": mode, "tokens_per_s": tokens_per_s, "setup_s": setup_s, "setup_peak_gb": setup_peak,
         "train_peak_gb": memory(), "reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30 if cuda else float("nan"),
         "mfu": tokens_per_s * flops_per_token(config, n_trainable, seq_len) / (peak_tflops * 1e12),
         "first_loss": losses[0], "last_loss": losses[-1], "trainable_params": n_trainable, "syncs_per_step": syncs,
+        "kernels": kernels,
     }
 
 
@@ -276,12 +322,13 @@ def main(
     vocab: int = 128256, n_embd: Optional[int] = None, intermediate_size: Optional[int] = None,
     batch_size: int = 4, seq_len: int = 2048, warmup: int = 3, steps: int = 8, device: str = "cuda",
     peak_tflops: float = 989.0, row_timeout: int = 150, time_budget: Optional[float] = None,
-    litgpt_python: Optional[str] = None, log_dir: Optional[Path] = None,
+    litgpt_python: Optional[str] = None, log_dir: Optional[Path] = None, profile: Optional[str] = None,
 ) -> None:
     """Run every row (the default), or one `engine` + `mode` row in this process (printing one JSON line).
 
     Args:
-        engine: forge, forge_offload, hf, hf_liger, hf_gc (gradient checkpointing) or litgpt: run only this row.
+        engine: forge, forge_offload, forge_compile, forge_offload_compile, hf, hf_liger, hf_gc (gradient
+            checkpointing) or litgpt: run only this row.
         mode: lora (bf16 base) or qlora (nf4 base).
         rows: comma-separated engine:mode rows to run (default: all, litgpt only with `litgpt_python`).
         layers, vocab, n_embd, intermediate_size: the model's shape (default: Llama-3.1-8B in full).
@@ -295,11 +342,14 @@ def main(
         litgpt_python: the Python of a virtual environment with litgpt (and the same torch) for the litgpt rows.
         log_dir: where to write each row's JSON line (gpu_bench.jsonl) and the last lines of a failed row's stderr
             (gpu_bench_errors.log).
+        profile: comma-separated engine:mode rows (or "all") that also profile one extra step after the timed ones
+            and write their GPU kernel times to gpu_bench_profile.txt in `log_dir` (with `engine`: any value).
     """
     config = shape_config(layers, vocab, n_embd, intermediate_size)
     if engine is not None:
         try:
-            result = run_row(engine, mode, config, batch_size, seq_len, warmup, steps, torch.device(device), peak_tflops)
+            result = run_row(engine, mode, config, batch_size, seq_len, warmup, steps, torch.device(device), peak_tflops,
+                             profile=profile is not None)
         except torch.OutOfMemoryError:
             result = {"engine": engine, "mode": mode, "error": "OOM"}
         print(json.dumps(result))
@@ -325,6 +375,8 @@ def main(
                 "--device", device, "--peak_tflops", str(peak_tflops)]
         if n_embd:
             args += ["--n_embd", str(n_embd), "--intermediate_size", str(intermediate_size)]
+        if profile is not None and (profile == "all" or f"{row_engine}:{row_mode}" in profile.split(",")):
+            args += ["--profile", "yes"]
         timeout = row_timeout
         if time_budget is not None:
             timeout = min(timeout, time_budget - (time.perf_counter() - began))
@@ -344,7 +396,12 @@ def main(
         seconds = time.perf_counter() - row_start
         if log_dir is not None:
             with open(log_dir / "gpu_bench.jsonl", "a") as f:
-                f.write(json.dumps({"engine": row_engine, "mode": row_mode, "row_s": seconds, **result}) + "\n")
+                f.write(json.dumps({"engine": row_engine, "mode": row_mode, "row_s": seconds,
+                                    **{k: v for k, v in result.items() if k != "kernels"}}) + "\n")
+            if result.get("kernels"):
+                with open(log_dir / "gpu_bench_profile.txt", "a") as f:
+                    f.write(f"== {row_engine}:{row_mode} (ms in one step, calls)\n")
+                    f.writelines(f"{kind:9} {ms:9.2f} {calls:6} {name}\n" for kind, name, ms, calls in result["kernels"])
             if "error" in result and stderr:
                 with open(log_dir / "gpu_bench_errors.log", "a") as f:
                     f.write(f"== {row_engine}:{row_mode}\n" + "\n".join(stderr.strip().splitlines()[-40:]) + "\n")
