@@ -135,6 +135,45 @@ class LoRAAdapter(nn.Module):
         return slice(self.start, self.start + self.size)
 
 
+class LoRAUpdate(torch.autograd.Function):
+    """`out[..., rows_i] += scaling * x A_i^T B_i^T` for each adapter i, in place: one GEMM for the A of every slice
+    (q, k and v of a fused qkv), then one GEMM per B that adds into its rows of the base output (`addmm_`, the
+    scaling and the addition done by the GEMM itself: no update tensor, no slicing and concatenating).
+
+    Autograd through the same in-place additions on slices would clone the whole output gradient (its CopySlices
+    step) and scale it once per adapter; here the gradient of `out` passes through as it is and the scaling lands on
+    the (tokens, r) products. Saved for the backward pass: `x` and the (tokens, r per adapter) low-rank activations,
+    as before. The base layer's backward (nn.Linear or bitsandbytes) stays autograd's, and its own output is never
+    needed by it, so writing into that output is safe."""
+
+    @staticmethod
+    def forward(ctx, out, x, A, rows, r, scaling, *Bs):
+        flat_x, flat_out = x.reshape(-1, x.size(-1)), out.view(-1, out.size(-1))
+        low_rank = flat_x @ A.t()
+        for i, (B, (start, stop)) in enumerate(zip(Bs, rows)):
+            flat_out[:, start:stop].addmm_(low_rank[:, i * r:(i + 1) * r], B.t(), alpha=scaling)
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(x, A, low_rank, *Bs)
+        ctx.rows, ctx.r, ctx.scaling = rows, r, scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, A, low_rank, *Bs = ctx.saved_tensors
+        r, scaling = ctx.r, ctx.scaling
+        flat_grad, flat_x = grad.reshape(-1, grad.size(-1)), x.reshape(-1, x.size(-1))
+        grad_Bs, grad_low = [], []
+        for i, (B, (start, stop)) in enumerate(zip(Bs, ctx.rows)):
+            rows_grad = flat_grad[:, start:stop]
+            needed = ctx.needs_input_grad[6 + i]
+            grad_Bs.append((rows_grad.t() @ low_rank[:, i * r:(i + 1) * r]).mul_(scaling) if needed else None)
+            grad_low.append(rows_grad @ B)
+        grad_low = (grad_low[0] if len(grad_low) == 1 else torch.cat(grad_low, dim=1)).mul_(scaling)
+        grad_A = grad_low.t() @ flat_x if ctx.needs_input_grad[2] else None
+        grad_x = (grad_low @ A).view_as(x) if ctx.needs_input_grad[1] else None
+        return grad, grad_x, grad_A, None, None, None, *grad_Bs
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer (`self.linear`: nn.Linear, bnb Linear4bit or Linear8bitLt) plus LoRA/DoRA adapters.
 
@@ -182,18 +221,22 @@ class LoRALinear(nn.Module):
         dropped = self.dropout(x.to(adapters[0].A.dtype))
         if self.dora:
             return self._dora_forward(out, dropped)
-        # One GEMM for the A of every slice (q, k and v of a fused qkv), then each slice's B GEMM added into its rows
-        # of the base output in place: no per-slice A GEMMs, no slicing and concatenating of the output. The backward
-        # of nn.Linear does not need its output, so writing into it is safe; bitsandbytes' autograd functions return
-        # views that autograd forbids writing into, so their output is copied once.
+        # bitsandbytes' autograd functions return views that autograd forbids writing into: copy their output once
         if type(self.linear) is not nn.Linear:
             out = out.clone()
         A = adapters[0].A if len(adapters) == 1 else torch.cat([adapter.A for adapter in adapters])
+        rows = tuple((adapter.start, adapter.start + adapter.size) for adapter in adapters)
+        # torch.compile stops its graph at `mark_dirty`: compiled Blocks take the autograd path below, whose scaling
+        # and additions inductor fuses by itself
+        fused = out.dtype == A.dtype and not torch.is_autocast_enabled(out.device.type)
+        if fused and not torch.compiler.is_compiling():
+            return LoRAUpdate.apply(out, dropped, A, rows, self.r, self.scaling, *(a.B for a in adapters))
+        # adapters in another dtype than the base output, autocast, or compiled: the same update through autograd
         low_rank = F.linear(dropped, A)
-        for i, adapter in enumerate(adapters):
-            update = F.linear(low_rank if len(adapters) == 1 else low_rank[..., i * self.r:(i + 1) * self.r], adapter.B)
-            rows = out if adapter.size == self.out_features else out[..., adapter.rows]
-            rows.add_(update.to(out.dtype), alpha=self.scaling)
+        for i, (adapter, (start, stop)) in enumerate(zip(adapters, rows)):
+            update = F.linear(low_rank[..., i * self.r:(i + 1) * self.r], adapter.B)
+            target = out if adapter.size == self.out_features else out[..., start:stop]
+            target.add_(update.to(out.dtype), alpha=self.scaling)
         return out
 
     def _dora_forward(self, out: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:

@@ -495,7 +495,12 @@ def per_slice_reference(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("slices", [None, {"q": (0, 8), "v": (12, 4)}, {"q": (0, 8), "k": (8, 4), "v": (12, 4)}])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("quantized", [False, True])
-def test_one_a_gemm_and_in_place_updates_equal_the_per_slice_layer(slices, dropout, quantized):
+@pytest.mark.parametrize("fused", [True, False])
+def test_one_a_gemm_and_in_place_updates_equal_the_per_slice_layer(slices, dropout, quantized, fused, monkeypatch):
+    """Both ways the layer adds its update: `LoRAUpdate` (GEMMs that add into the output) and, under autocast or with
+    adapters in another dtype than the output, autograd through in-place additions (forced here with fp32 numerics)."""
+    if not fused:
+        monkeypatch.setattr(torch, "is_autocast_enabled", lambda *args: True)
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 16, bias=True)
     if quantized:
