@@ -1,5 +1,6 @@
-"""One-GPU fine-tuning speed and memory at Llama-3.1-8B shape: Forge vs HF+PEFT (+Liger, +gradient checkpointing)
-vs litgpt, LoRA in bf16 and QLoRA nf4, each engine in its own process on the same batches.
+"""One-GPU fine-tuning speed and memory at Llama-3.1-8B shape: Forge (eager, `offload`, compiled) vs HF+PEFT (+Liger,
++gradient checkpointing) vs litgpt, LoRA in bf16 and QLoRA nf4, each engine in its own process on the same batches.
+Results (an H200): tutorials/performance.md.
 
     # all rows on one GPU, each under `--row_timeout` seconds and all under `--time_budget`:
     python benchmarks/gpu_bench.py --litgpt_python /path/to/litgpt-venv/bin/python
