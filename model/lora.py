@@ -153,7 +153,8 @@ class LoRAUpdate(torch.autograd.Function):
         for i, (B, (start, stop)) in enumerate(zip(Bs, rows)):
             flat_out[:, start:stop].addmm_(low_rank[:, i * r:(i + 1) * r], B.t(), alpha=scaling)
         ctx.mark_dirty(out)
-        ctx.save_for_backward(x, A, low_rank, *Bs)
+        # A only for the input's gradient: the first Block's input needs none under LoRA
+        ctx.save_for_backward(x, A if ctx.needs_input_grad[1] else None, low_rank, *Bs)
         ctx.rows, ctx.r, ctx.scaling = rows, r, scaling
         return out
 

@@ -520,6 +520,19 @@ def test_one_a_gemm_and_in_place_updates_equal_the_per_slice_layer(slices, dropo
         torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-5)
 
 
+def test_the_update_trains_the_adapters_of_a_layer_whose_input_needs_no_gradient():
+    """The first Block under LoRA: its input needs no gradient, so `LoRAUpdate` keeps no A for it; A and B still get
+    the reference layer's gradients."""
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(64, 16), r=4, alpha=8, out_slices={"q": (0, 8), "v": (12, 4)}).train()
+    perturb_lora(layer)
+    x = torch.randn(2, 5, 64)
+    grads = [torch.autograd.grad((forward(x) * torch.linspace(-1, 1, 16)).sum(), list(layer.lora.parameters()))
+             for forward in (layer, lambda inputs: per_slice_reference(layer, inputs))]
+    for grad, expected in zip(*grads):
+        torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("out_features", [24, 40, 100])
 def test_a_4bit_layer_of_any_shape_runs_in_eval_and_then_trains(out_features):
     """bitsandbytes' AVX512-BF16 CPU path repacks the weight at the first eval forward, which asserts unless
