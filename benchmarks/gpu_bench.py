@@ -393,7 +393,8 @@ def main(
                     "error": (stderr.strip().splitlines() or ["failed"])[-1][:120]}
             except subprocess.TimeoutExpired as timed_out:
                 result = {"error": f"over {timeout:.0f} s"}
-                stderr = timed_out.stderr.decode(errors="replace") if isinstance(timed_out.stderr, bytes) else ""
+                stderr = timed_out.stderr or ""
+                stderr = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
         seconds = time.perf_counter() - row_start
         if log_dir is not None:
             with open(log_dir / "gpu_bench.jsonl", "a") as f:
