@@ -1,6 +1,9 @@
 """Speed of this checkout's LoRA layer against an earlier commit's, in one process, taking turns on the same inputs.
 
     python benchmarks/lora_speed.py --against 3344b3c
+    # where the git history is not at hand (a GPU machine given a copy of the working tree):
+    git show 3344b3c:model/lora.py > /tmp/lora_3344b3c.py   # here; then there:
+    python benchmarks/lora_speed.py --against /tmp/lora_3344b3c.py --device cuda --tokens 8192
 
 One Llama-3.1-8B Block (4096 wide, its real shapes; random weights) with LoRA r=16 on every linear (q, k, v, o,
 gate, up, down), frozen base in `dtype`, on `tokens` tokens: forward and backward, the Block's input needing a
@@ -31,14 +34,19 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def lora_module_at(commit: str) -> types.ModuleType:
-    """`model/lora.py` as it was at `commit`, imported as its own module."""
+    """`model/lora.py` as it was at `commit` (or the file at that path, for a machine without the git history),
+    imported as its own module."""
     path = "model/lora.py"
-    source = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=REPO_ROOT, capture_output=True, text=True)
-    if source.returncode != 0:
-        raise SystemExit(f"git show {commit}:{path} failed: {source.stderr.strip()}")
-    module = types.ModuleType(f"lora_at_{commit}")
+    if Path(commit).is_file():
+        text, origin = Path(commit).read_text(), commit
+    else:
+        source = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=REPO_ROOT, capture_output=True, text=True)
+        if source.returncode != 0:
+            raise SystemExit(f"git show {commit}:{path} failed: {source.stderr.strip()}")
+        text, origin = source.stdout, f"{commit}:{path}"
+    module = types.ModuleType(f"lora_at_{abs(hash(origin))}")
     sys.modules[module.__name__] = module  # dataclasses look their module up by name
-    exec(compile(source.stdout, f"{commit}:{path}", "exec"), module.__dict__)
+    exec(compile(text, origin, "exec"), module.__dict__)
     return module
 
 
@@ -56,7 +64,7 @@ def main(against: str, tokens: int = 1024, dtype: Literal["float32", "bfloat16"]
     """Print the seconds of a LoRA Block step with this checkout's layer and with `against`'s.
 
     Args:
-        against: a git commit whose `model/lora.py` is measured too.
+        against: a git commit whose `model/lora.py` is measured too, or the path of such a file.
         tokens: tokens in the micro-batch (one sequence).
         dtype: the weights', adapters' and activations' dtype.
         device: cpu or cuda.
