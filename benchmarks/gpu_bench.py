@@ -358,6 +358,11 @@ def main(
     began = time.perf_counter()
     selected = [tuple(r.split(":")) for r in rows.split(",")] if rows else [
         r for r in ROWS if r[0] != "litgpt" or litgpt_python]
+    known = {*(e for e, _ in ROWS), "forge_compile", "forge_offload_compile"}
+    for row in selected + ([] if profile in (None, "all") else [tuple(r.split(":")) for r in profile.split(",")]):
+        if len(row) != 2 or row[0] not in known or row[1] not in ("lora", "qlora"):
+            raise SystemExit(f"Unknown row {':'.join(row)!r}: rows are ENGINE:MODE with ENGINE one of "
+                             f"{', '.join(sorted(known))} and MODE lora or qlora")
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
     ceiling = ""

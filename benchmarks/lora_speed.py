@@ -8,46 +8,24 @@
 One Llama-3.1-8B Block (4096 wide, its real shapes; random weights) with LoRA r=16 on every linear (q, k, v, o,
 gate, up, down), frozen base in `dtype`, on `tokens` tokens: forward and backward, the Block's input needing a
 gradient as in every Block after the first. The two variants hold the same weights; the earlier commit's
-`model/lora.py` is loaded from `git show` and injected into a copy of the same base Block. Printed: the median
+`model/lora.py` is loaded from `git show` (loss_speed.module_at) and injected into a copy of the same base Block. Printed: the median
 seconds of each, the paired ratio, and the operators each step runs (counted with the profiler): the elementwise
 passes that a GPU runs as separate kernels.
 """
 
 import copy
 import statistics
-import subprocess
-import sys
-import types
 from collections import Counter
 from dataclasses import replace
-from pathlib import Path
+from functools import partial
 from typing import Literal
 
 import torch
 
 import model.lora as lora_module
+from loss_speed import module_at, paired, take_turns  # this directory's helpers for comparing with a commit
 from model import GPT, Config
-from training_speed import timed  # this directory's timer
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def lora_module_at(commit: str) -> types.ModuleType:
-    """`model/lora.py` as it was at `commit` (or the file at that path, for a machine without the git history),
-    imported as its own module."""
-    path = "model/lora.py"
-    if Path(commit).is_file():
-        text, origin = Path(commit).read_text(), commit
-    else:
-        source = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=REPO_ROOT, capture_output=True, text=True)
-        if source.returncode != 0:
-            raise SystemExit(f"git show {commit}:{path} failed: {source.stderr.strip()}")
-        text, origin = source.stdout, f"{commit}:{path}"
-    module = types.ModuleType(f"lora_at_{abs(hash(origin))}")
-    sys.modules[module.__name__] = module  # dataclasses look their module up by name
-    exec(compile(text, origin, "exec"), module.__dict__)
-    return module
+from training_speed import DTYPES
 
 
 def operators(step) -> Counter:
@@ -75,7 +53,7 @@ def main(against: str, tokens: int = 1024, dtype: Literal["float32", "bfloat16"]
     config = replace(Config.from_name("Llama-3.1-8B"), n_layer=1, vocab_size=256)
     with torch.device(device_):
         base = GPT(config).to(dtype_)
-    earlier = lora_module_at(against)
+    earlier = module_at(against, "model/lora.py")
     variants = {}
     for name, module in (("this checkout", lora_module), (against, earlier)):
         model = copy.deepcopy(base)
@@ -99,20 +77,13 @@ def main(against: str, tokens: int = 1024, dtype: Literal["float32", "bfloat16"]
         for p in block.parameters():
             p.grad = None
 
-    times = {name: [] for name in variants}
-    for i in range(steps + 2):
-        for name in (list(variants) if i % 2 else list(variants)[::-1]):
-            seconds = timed(device_, lambda: step(variants[name]))
-            if i >= 2:
-                times[name].append(seconds)
+    times = take_turns({name: partial(step, block) for name, block in variants.items()}, steps, device_)
     print(f"Llama-3.1-8B Block, LoRA r=16 on every linear, {tokens} tokens, {dtype}, {device}, "
           f"{torch.get_num_threads()} threads, {steps} steps alternating:")
     for name, seconds in times.items():
         print(f"{name:>14}: median {statistics.median(seconds):.3f} s")
-    ratios = [t / r for t, r in zip(times[against], times["this checkout"])]
-    low, median, high = statistics.quantiles(ratios, n=4)
-    print(f"{against} / this checkout, paired: median {median:.3f} (quartiles {low:.3f}-{high:.3f})")
-    counts = {name: operators(lambda: step(block)) for name, block in variants.items()}
+    print(paired(times, against, "this checkout"))
+    counts = {name: operators(partial(step, block)) for name, block in variants.items()}
     print("operators per step (forward + backward) that differ:")
     for op in sorted(set().union(*counts.values())):
         if counts["this checkout"][op] != counts[against][op]:

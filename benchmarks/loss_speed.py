@@ -14,9 +14,10 @@ in one process, the variants taking turns on the same inputs.
 
 import statistics
 import subprocess
+import sys
 import types
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,15 +30,33 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
 
 
-def loss_module_at(commit: str) -> types.ModuleType:
-    """`model/training/loss.py` as it was at `commit`, imported as its own module."""
-    path = "model/training/loss.py"
-    source = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=REPO_ROOT, capture_output=True, text=True)
-    if source.returncode != 0:
-        raise SystemExit(f"git show {commit}:{path} failed: {source.stderr.strip()}")
-    module = types.ModuleType(f"loss_at_{commit}")
-    exec(compile(source.stdout, f"{commit}:{path}", "exec"), module.__dict__)
+def module_at(commit: str, path: str) -> types.ModuleType:
+    """The file `path` of this repository as it was at `commit` (or the file at the path `commit`, for a machine
+    without the git history), imported as a module of its own."""
+    if Path(commit).is_file():
+        text, origin = Path(commit).read_text(), commit
+    else:
+        source = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=REPO_ROOT, capture_output=True, text=True)
+        if source.returncode != 0:
+            raise SystemExit(f"git show {commit}:{path} failed: {source.stderr.strip()}")
+        text, origin = source.stdout, f"{commit}:{path}"
+    module = types.ModuleType(f"{Path(path).stem}_at_{abs(hash(origin))}")
+    sys.modules[module.__name__] = module  # dataclasses look their module up by name
+    exec(compile(text, origin, "exec"), module.__dict__)
     return module
+
+
+def take_turns(functions: dict[str, Callable[[], object]], steps: int, device: torch.device,
+               warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds of each function over `warmup` + `steps` rounds (the first `warmup` untimed), the order reversed every
+    other round so that neither gains from coming first."""
+    times = {name: [] for name in functions}
+    for i in range(warmup + steps):
+        for name in (list(functions) if i % 2 else list(functions)[::-1]):
+            seconds = timed(device, functions[name])
+            if i >= warmup:
+                times[name].append(seconds)
+    return times
 
 
 def paired(times: dict[str, list[float]], name: str, reference: str) -> str:
@@ -76,15 +95,11 @@ def main(
         "forge": lambda: loss_module.linear_cross_entropy(hidden, weight, None, targets).mean(),
         "full logits": lambda: F.cross_entropy(F.linear(hidden, weight).float(), targets),
     }
-    earlier = loss_module_at(against) if against else None
+    earlier = module_at(against, "model/training/loss.py") if against else None
     if earlier:
         variants[against] = lambda: earlier.linear_cross_entropy(hidden, weight, None, targets).mean()
-    times = {name: [] for name in variants}
-    for step in range(steps + 2):
-        for name, loss_fn in variants.items():
-            seconds = timed(CPU, lambda: torch.autograd.grad(loss_fn(), hidden))
-            if step >= 2:
-                times[name].append(seconds)
+    times = take_turns({name: lambda fn=loss_fn: torch.autograd.grad(fn(), hidden) for name, loss_fn in variants.items()},
+                       steps, CPU)
     print(f"head + loss, forward + backward: {positions} positions x {n_embd} -> vocabulary {vocab}, {dtype}, frozen "
           f"head, {torch.get_num_threads()} threads")
     for name, seconds in times.items():

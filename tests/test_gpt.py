@@ -72,6 +72,32 @@ def lora_loss_and_grads(model: GPT, length: int, segment_ids=None):
     return loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
 
 
+def lora_gpt(lora_config: LoRAConfig, quantize: bool = False) -> GPT:
+    """A tiny GPT with LoRA in training mode (nf4 base with `quantize`), B drawn at random: B = 0 at init would give A
+    no gradient."""
+    model = tiny_gpt(n_embd=64)
+    if quantize:
+        from model.quantize import quantize_model
+
+        quantize_model(model, "bnb.nf4", torch.float32)
+    inject_lora(model, lora_config)
+    mark_only_lora_as_trainable(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".B"):
+                param.normal_(0, 0.1)
+    return model.train()
+
+
+def assert_same_loss_and_grads(compiled: GPT, eager: GPT, length: int) -> None:
+    loss, grads = lora_loss_and_grads(eager, length)
+    compiled_loss, compiled_grads = lora_loss_and_grads(compiled, length)
+    torch.testing.assert_close(compiled_loss, loss, atol=1e-6, rtol=1e-5)
+    assert compiled_grads.keys() == grads.keys() and all(grad.abs().sum() > 0 for grad in grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_compiled_blocks_give_the_loss_and_lora_gradients_of_eager_at_every_length(one_thread):
     """fp32 LoRA through inductor: the loss and every LoRA gradient equal eager's to float32 rounding, without and
     with gradient checkpointing (the checkpoint recomputes through the compiled Block), at three sequence lengths
@@ -80,26 +106,14 @@ def test_compiled_blocks_give_the_loss_and_lora_gradients_of_eager_at_every_leng
 
     torch._dynamo.reset()  # graphs of other tests' models would count against the recompile limit
     counters.clear()
-    eager = tiny_gpt(n_embd=64)
-    inject_lora(eager, LoRAConfig(r=4, alpha=8, dropout=0.0, key=True, mlp=True))
-    mark_only_lora_as_trainable(eager)
-    with torch.no_grad():  # B = 0 at init would give A no gradient
-        for name, param in eager.named_parameters():
-            if name.endswith(".B"):
-                param.normal_(0, 0.1)
-    eager.train()
+    eager = lora_gpt(LoRAConfig(r=4, alpha=8, dropout=0.0, key=True, mlp=True))
     compiled = copy.deepcopy(eager).compile_blocks()
     for checkpointing in ("none", "block", "offload"):
         eager.set_gradient_checkpointing(checkpointing)
         compiled.set_gradient_checkpointing(checkpointing)
         graphs = None
         for length in (24, 17, 40):
-            loss, grads = lora_loss_and_grads(eager, length)
-            compiled_loss, compiled_grads = lora_loss_and_grads(compiled, length)
-            torch.testing.assert_close(compiled_loss, loss, atol=1e-6, rtol=1e-5)
-            assert compiled_grads.keys() == grads.keys() and all(grad.abs().sum() > 0 for grad in grads.values())
-            for name, grad in grads.items():
-                torch.testing.assert_close(compiled_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+            assert_same_loss_and_grads(compiled, eager, length)
             graphs = graphs or dict(counters["stats"])
             assert dict(counters["stats"]) == graphs, f"compiled again for length {length} ({checkpointing})"
     # one graph for the first Block (its input needs no gradient: the embedding is frozen), one for the others;
@@ -119,27 +133,13 @@ def test_compiled_qlora_blocks_give_the_loss_and_lora_gradients_of_eager(one_thr
     run in 8 GB."""
     from torch._dynamo.utils import counters
 
-    from model.quantize import quantize_model
-
     torch._dynamo.reset()
     counters.clear()
-    eager = tiny_gpt(n_embd=64)
-    quantize_model(eager, "bnb.nf4", torch.float32)
-    inject_lora(eager, LoRAConfig(r=4, alpha=8, dropout=0.0, key=True, value=True, projection=True, mlp=True))
-    mark_only_lora_as_trainable(eager)
-    with torch.no_grad():  # B = 0 at init would give A no gradient
-        for name, param in eager.named_parameters():
-            if name.endswith(".B"):
-                param.normal_(0, 0.1)
-    eager.train()
+    eager = lora_gpt(LoRAConfig(r=4, alpha=8, dropout=0.0, key=True, value=True, projection=True, mlp=True),
+                     quantize=True)
     compiled = copy.deepcopy(eager).compile_blocks()
     for checkpointing in ("none", "offload"):
         eager.set_gradient_checkpointing(checkpointing)
         compiled.set_gradient_checkpointing(checkpointing)
-        loss, grads = lora_loss_and_grads(eager, 24)
-        compiled_loss, compiled_grads = lora_loss_and_grads(compiled, 24)
-        torch.testing.assert_close(compiled_loss, loss, atol=1e-6, rtol=1e-5)
-        assert compiled_grads.keys() == grads.keys() and all(grad.abs().sum() > 0 for grad in grads.values())
-        for name, grad in grads.items():
-            torch.testing.assert_close(compiled_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+        assert_same_loss_and_grads(compiled, eager, 24)
     assert counters["stats"]["unique_graphs"] >= 2, "the compiled Blocks did not compile"
