@@ -1,5 +1,6 @@
-"""One-GPU fine-tuning speed and memory at Llama-3.1-8B shape: Forge (eager, `offload`, compiled) vs HF+PEFT (+Liger,
-+gradient checkpointing) vs litgpt, LoRA in bf16 and QLoRA nf4, each engine in its own process on the same batches.
+"""One-GPU fine-tuning speed and memory at Llama-3.1-8B shape: Forge (eager, `offload`, `selective`, compiled) vs
+HF+PEFT (+Liger, +gradient checkpointing) vs litgpt, LoRA in bf16 and QLoRA nf4, each engine in its own process on
+the same batches.
 Results (an H200): tutorials/performance.md.
 
     # all rows on one GPU, each under `--row_timeout` seconds and all under `--time_budget`:
@@ -41,8 +42,10 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 ROWS = (
     ("forge", "lora"), ("hf", "lora"), ("forge", "qlora"), ("hf", "qlora"), ("forge_offload", "qlora"),
     ("forge_offload", "lora"), ("hf_liger", "lora"), ("hf_liger", "qlora"), ("hf_gc", "lora"), ("hf_gc", "qlora"),
-    ("litgpt", "lora"), ("litgpt", "qlora"),
+    ("forge_selective", "lora"), ("forge_selective", "qlora"), ("litgpt", "lora"), ("litgpt", "qlora"),
 )
+# Forge's --gradient_checkpointing per engine name (forge_selective_compile: selective, compiled)
+CHECKPOINTING = {"_offload": "offload", "_selective": "selective"}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -243,8 +246,8 @@ def run_row(engine: str, mode: str, config, batch_size: int, seq_len: int, warmu
     torch.manual_seed(0)
     start = time.perf_counter()
     if engine.startswith("forge"):
-        model, loss_fn = build_forge(config, mode, device, "offload" if "_offload" in engine else "none",
-                                     compile=engine.endswith("_compile"))
+        checkpointing = next((value for part, value in CHECKPOINTING.items() if part in engine), "none")
+        model, loss_fn = build_forge(config, mode, device, checkpointing, compile=engine.endswith("_compile"))
     elif engine.startswith("hf"):
         model, loss_fn = build_hf(config, mode, device, liger=engine == "hf_liger", checkpointing=engine == "hf_gc")
     else:
@@ -328,8 +331,9 @@ def main(
     """Run every row (the default), or one `engine` + `mode` row in this process (printing one JSON line).
 
     Args:
-        engine: forge, forge_offload, forge_compile, forge_offload_compile, hf, hf_liger, hf_gc (gradient
-            checkpointing) or litgpt: run only this row.
+        engine: forge, forge_offload, forge_selective (--gradient_checkpointing), forge_compile,
+            forge_offload_compile, forge_selective_compile, hf, hf_liger, hf_gc (gradient checkpointing) or litgpt:
+            run only this row.
         mode: lora (bf16 base) or qlora (nf4 base).
         rows: comma-separated engine:mode rows to run (default: all, litgpt only with `litgpt_python`).
         layers, vocab, n_embd, intermediate_size: the model's shape (default: Llama-3.1-8B in full).
@@ -358,7 +362,7 @@ def main(
     began = time.perf_counter()
     selected = [tuple(r.split(":")) for r in rows.split(",")] if rows else [
         r for r in ROWS if r[0] != "litgpt" or litgpt_python]
-    known = {*(e for e, _ in ROWS), "forge_compile", "forge_offload_compile"}
+    known = {*(e for e, _ in ROWS), "forge_compile", "forge_offload_compile", "forge_selective_compile"}
     for row in selected + ([] if profile in (None, "all") else [tuple(r.split(":")) for r in profile.split(",")]):
         if len(row) != 2 or row[0] not in known or row[1] not in ("lora", "qlora"):
             raise SystemExit(f"Unknown row {':'.join(row)!r}: rows are ENGINE:MODE with ENGINE one of "

@@ -88,7 +88,7 @@ def setup(
     max_seq_length: Optional[PositiveInt] = None,
     packing: bool = False,
     group_by_length: bool = True,
-    gradient_checkpointing: Literal["none", "block", "offload"] = "none",
+    gradient_checkpointing: Literal["none", "selective", "block", "offload"] = "none",
     compile: bool = False,
     optimizer: Literal["adamw", "adamw_fused", "adamw8bit", "paged_adamw8bit"] = "adamw",
     eval_interval: PositiveInt = 50,
@@ -138,9 +138,11 @@ def setup(
         group_by_length: Cut micro-batches from samples of similar length (sorted within windows of 50
             micro-batches of the shuffled data, the batch order shuffled again), so little padding is computed;
             false: a plain shuffle. With --packing it groups the packed rows.
-        gradient_checkpointing: none; block (recompute each Block in the backward pass: activation memory from
-            ~150-180 KB to 8 KB per token per layer at 8B width, for about one more forward pass of compute); offload
-            (block, and each Block's input waits in pinned CPU memory: activations no longer grow with depth).
+        gradient_checkpointing: none (keep what the backward pass needs: 98-133 KB per token per layer at 8B width);
+            selective (compute the norms' and activations' outputs again instead of keeping them: 133 -> 89 KB with
+            LoRA on every linear, for a few % of time); block (recompute each Block in the backward pass: 8 KB, for
+            about one more forward pass of compute); offload (block, and each Block's input waits in pinned CPU
+            memory: activations no longer grow with depth).
         compile: torch.compile each Block of the training forward and backward pass (dynamic shapes: one graph for
             every sequence length; validation, generation and --packing's rows stay eager). Costs a compilation at
             step 1.

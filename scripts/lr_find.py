@@ -61,7 +61,7 @@ def lr_find(
     beta: float = 0.1,
     sft_weight: float = 0.0,
     micro_batch_size: int = 4,
-    gradient_checkpointing: Literal["none", "block", "offload"] = "none",
+    gradient_checkpointing: Literal["none", "selective", "block", "offload"] = "none",
     global_batch_size: int = 16,
     weight_decay: float = 0.0,
     max_seq_length: Optional[int] = None,
@@ -101,7 +101,7 @@ def lr_find(
         beta: DPO's KL strength (dpo).
         sft_weight: Adds this times the NLL of the chosen answers to the DPO loss (dpo).
         micro_batch_size: Samples (pairs for dpo) per forward pass.
-        gradient_checkpointing: none, block or offload, as the fine-tune run will use it (finetune/lora.py's flag):
+        gradient_checkpointing: none, selective, block or offload, as the fine-tune run will use it (finetune/lora.py's flag):
             the test then fits in the memory the run fits in.
         global_batch_size: Samples per optimizer step, as in the fine-tune run (gradient accumulation makes up the
             difference).

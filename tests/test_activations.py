@@ -1,12 +1,17 @@
 """What a Block keeps for its backward pass: the RMSNorm and SwiGLU autograd functions give the gradients of the
-expressions they replace while keeping less, and the attention keeps v without the whole qkv output."""
+expressions they replace while keeping less, the attention keeps v without the whole qkv output, and the outputs of
+the norms and activations are computed again in the backward pass (`RecomputeCheap`) with the same gradients."""
+
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from model import Config
-from model.gpt import CausalSelfAttention, GPT, RMSNormFunction, SwiGLUFunction
+from model.gpt import CausalSelfAttention, GPT, RecomputeCheap, RMSNormFunction, SwiGLUFunction, swiglu
+from model.lora import LoRAConfig, inject_lora, mark_only_lora_as_trainable
+from tests.test_checkpointing import SETUPS, VOCAB, loss_and_grads
 
 
 def saved_storages(fn) -> dict[int, int]:
@@ -90,3 +95,73 @@ def test_attention_keeps_v_without_the_qkv_output():
     assert v_bytes in saved.values()
     out.sum().backward()  # and the backward pass runs from what was kept
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("setup", [*SETUPS, "layernorm_gelu", "bf16_autocast"])
+def test_selective_gives_the_loss_and_gradients_of_none_bit_for_bit(setup):
+    """Norm and activation outputs computed again in the backward pass: the same loss and gradients, exactly, for
+    every fine-tuning method, packed rows, a mixture of experts, LayerNorm + GELU (Phi, Falcon) and bf16 autocast."""
+    overrides = dict(norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP") if setup == "layernorm_gelu" else {}
+    base_setup = "lora" if setup in ("layernorm_gelu", "bf16_autocast") else setup
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup == "bf16_autocast"):
+        loss, grads = loss_and_grads(base_setup, "none", **overrides)
+        selective_loss, selective_grads = loss_and_grads(base_setup, "selective", **overrides)
+    torch.testing.assert_close(selective_loss, loss, atol=0, rtol=0)
+    assert grads.keys() == selective_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(selective_grads[name], grad, atol=0, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("mlp", ["LLaMAMLP", "GptNeoxMLP"])
+def test_selective_keeps_no_norm_or_activation_output(mlp, monkeypatch):
+    """All-linear LoRA, bf16: without recomputation a Block keeps its two norm outputs and the MLP's activation
+    output (which the next LoRA layers save for their A gradients); `selective` keeps none of them, and they are
+    freed after the forward pass."""
+    norm = "RMSNorm" if mlp == "LLaMAMLP" else "LayerNorm"
+    config = Config(name="tiny", vocab_size=VOCAB, n_layer=2, n_head=4, n_query_groups=2, n_embd=64,
+                    intermediate_size=160, block_size=64, norm_class_name=norm, mlp_class_name=mlp)
+    torch.manual_seed(0)
+    model = GPT(config).to(torch.bfloat16)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, key=True, projection=True, mlp=True))
+    mark_only_lora_as_trainable(model)
+    model.train()
+    T = 16
+    x = torch.randn(1, T, 64, dtype=torch.bfloat16)
+    cos, sin = (t.to(torch.bfloat16) for t in model.rope(torch.arange(T)))
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def kept(mode: str, after_forward=lambda: None) -> int:
+        model.set_gradient_checkpointing(mode)
+        out, saved = saved_storages(lambda: model.run_blocks(x, cos, sin, torch.arange(T)))
+        after_forward()
+        out.sum().backward()  # the backward pass runs from what was kept
+        return sum(size for ptr, size in saved.items() if ptr not in weights)
+
+    outputs, freed = [], []
+    register = RecomputeCheap.register
+
+    def recording(output, fn, *inputs):
+        if output.requires_grad:
+            outputs.append(weakref.ref(output))
+        return register(output, fn, *inputs)
+
+    monkeypatch.setattr(RecomputeCheap, "register", staticmethod(recording))
+    before = kept("none")
+    outputs.clear()
+    after = kept("selective", lambda: freed.extend(ref() is None for ref in outputs))
+    per_layer = 2 * T * 64 * 2 + T * 160 * 2  # two norm outputs and the activation's, bf16
+    # but the first norm's output: its input (the frozen embeddings') needs no gradient, so nothing keeps it
+    assert before - after == config.n_layer * per_layer - T * 64 * 2
+    assert len(freed) == 3 * config.n_layer - 1 and all(freed)
+
+
+def test_an_input_changed_in_place_after_the_forward_pass_is_an_error():
+    gate, up = (torch.randn(3, 8, requires_grad=True) for _ in range(2))
+    weight = torch.randn(4, 8, requires_grad=True)
+    with RecomputeCheap():
+        g, u = gate * 1, up * 1
+        out = F.linear(RecomputeCheap.register(SwiGLUFunction.apply(g, u), swiglu, g, u), weight)
+    with torch.no_grad():
+        u.add_(1)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        out.sum().backward()

@@ -1,5 +1,6 @@
 """Gradient checkpointing (`block`, and `offload` with the block input in CPU memory) gives the loss and the gradients
-of `none`, exactly in float32: full fine-tuning, LoRA with dropout, DoRA, QLoRA, packed samples."""
+of `none`, exactly in float32: full fine-tuning, LoRA with dropout, DoRA, QLoRA, packed samples. (`selective`:
+tests/test_activations.py.)"""
 
 import pytest
 import torch
@@ -15,9 +16,9 @@ VOCAB = 97
 SETUPS = ("full", "lora", "lora_dropout", "dora", "qlora", "packed", "mixtral")
 
 
-def build(setup: str) -> GPT:
+def build(setup: str, **overrides) -> GPT:
     torch.manual_seed(0)
-    extra = dict(mlp_class_name="LLaMAMoE", n_expert=4, n_expert_per_token=2) if setup == "mixtral" else {}
+    extra = dict(mlp_class_name="LLaMAMoE", n_expert=4, n_expert_per_token=2) if setup == "mixtral" else overrides
     config = Config(name="tiny", vocab_size=VOCAB, n_layer=3, n_head=4, n_query_groups=2, n_embd=64,
                     intermediate_size=96, block_size=64, **extra)
     model = GPT(config)
@@ -35,8 +36,8 @@ def build(setup: str) -> GPT:
     return model.train()
 
 
-def loss_and_grads(setup: str, mode: str):
-    model = build(setup).set_gradient_checkpointing(mode)
+def loss_and_grads(setup: str, mode: str, **overrides):
+    model = build(setup, **overrides).set_gradient_checkpointing(mode)
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (2, 24), generator=generator)
     targets = torch.randint(0, VOCAB, (2, 24), generator=generator)
@@ -79,11 +80,11 @@ def saved_bytes(mode: str) -> int:
 
 
 def test_block_keeps_each_blocks_input_and_offload_not_even_that():
-    none, block, offload = (saved_bytes(mode) for mode in CHECKPOINTING_MODES)
+    none, selective, block, offload = (saved_bytes(mode) for mode in CHECKPOINTING_MODES)
     hidden_bytes = 2 * 24 * 64 * 4  # one block's input (B, T, n_embd) in float32
     # each of the 3 blocks keeps its input under `block`; `offload` moves those to the CPU (outside autograd)
     assert block - offload == 3 * hidden_bytes
-    assert none > 5 * block
+    assert none > selective > 5 * block
 
 
 def test_an_unknown_mode_is_refused():

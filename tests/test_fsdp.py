@@ -247,10 +247,10 @@ def assert_same_tensors(saved: dict, expected: dict, atol: float, rtol: float) -
         torch.testing.assert_close(saved[key], expected[key], atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("checkpointing", ["block", "offload"])
+@pytest.mark.parametrize("checkpointing", ["selective", "block", "offload"])
 def test_fsdp_with_gradient_checkpointing_equals_fsdp_without(checkpointing, tiny_dir, data_dir, fsdp_run, tmp_path):
-    """Each Block recomputed in the backward pass (FSDP all-gathers its shards again for the recompute): the same
-    losses and adapter as the run that kept its activations, in fp32."""
+    """Each Block (or, `selective`, its norms and activations) recomputed in the backward pass (FSDP all-gathers its
+    shards again for the recompute): the same losses and adapter as the run that kept its activations, in fp32."""
     result = run_lora(tiny_dir, data_dir, tmp_path / "run", tmp_path / "ranks", 2, "fsdp",
                       gradient_checkpointing=checkpointing, **LORA_FLAGS)
     assert result.returncode == 0, result.stderr[-3000:]

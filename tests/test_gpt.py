@@ -72,6 +72,21 @@ def lora_loss_and_grads(model: GPT, length: int, segment_ids=None):
     return loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
 
 
+def kept_bytes(model: GPT, length: int) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward pass of `model`'s loss, the weights excluded."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in weights:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        lora_loss_and_grads(model, length)
+    return sum(saved.values())
+
+
 def lora_gpt(lora_config: LoRAConfig, quantize: bool = False) -> GPT:
     """A tiny GPT with LoRA in training mode (nf4 base with `quantize`), B drawn at random: B = 0 at init would give A
     no gradient."""
@@ -108,7 +123,7 @@ def test_compiled_blocks_give_the_loss_and_lora_gradients_of_eager_at_every_leng
     counters.clear()
     eager = lora_gpt(LoRAConfig(r=4, alpha=8, dropout=0.0, key=True, mlp=True))
     compiled = copy.deepcopy(eager).compile_blocks()
-    for checkpointing in ("none", "block", "offload"):
+    for checkpointing in ("none", "selective", "block", "offload"):
         eager.set_gradient_checkpointing(checkpointing)
         compiled.set_gradient_checkpointing(checkpointing)
         graphs = None
@@ -116,9 +131,16 @@ def test_compiled_blocks_give_the_loss_and_lora_gradients_of_eager_at_every_leng
             assert_same_loss_and_grads(compiled, eager, length)
             graphs = graphs or dict(counters["stats"])
             assert dict(counters["stats"]) == graphs, f"compiled again for length {length} ({checkpointing})"
+    # `selective` under inductor keeps about what eager `selective` keeps (the partitioner chooses, within the ops
+    # `model.gpt.CHEAP_OPS` lets it compute again), well under `none`
+    compiled_kept = {mode: kept_bytes(compiled.set_gradient_checkpointing(mode), 24) for mode in ("none", "selective")}
+    eager_selective = kept_bytes(eager.set_gradient_checkpointing("selective"), 24)
+    assert compiled_kept["selective"] < 0.85 * compiled_kept["none"]
+    assert compiled_kept["selective"] < 1.05 * eager_selective
     # one graph for the first Block (its input needs no gradient: the embedding is frozen), one for the others;
-    # offload also runs them without gradients in the forward pass: two more
-    assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+    # selective's Blocks (another function) two more; offload also runs them without gradients in the forward pass:
+    # two more
+    assert counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])
     with torch.no_grad():  # no gradients: the eager Blocks, no compilation
         compiled(torch.randint(0, VOCAB, (1, 9)))
     # packed rows: the eager Blocks too (a compiled one would compile again for every layout of samples)
@@ -138,7 +160,7 @@ def test_compiled_qlora_blocks_give_the_loss_and_lora_gradients_of_eager(one_thr
     eager = lora_gpt(LoRAConfig(r=4, alpha=8, dropout=0.0, key=True, value=True, projection=True, mlp=True),
                      quantize=True)
     compiled = copy.deepcopy(eager).compile_blocks()
-    for checkpointing in ("none", "offload"):
+    for checkpointing in ("none", "selective", "offload"):
         eager.set_gradient_checkpointing(checkpointing)
         compiled.set_gradient_checkpointing(checkpointing)
         assert_same_loss_and_grads(compiled, eager, 24)
