@@ -443,8 +443,10 @@ class RecomputeCheap:
         # reused inside the Block, and the registry is emptied when the Block returns
         self.recipes: dict[int, tuple[torch.Tensor, int, Callable[..., torch.Tensor], tuple[torch.Tensor, ...]]] = {}
         # saved-tensor hooks do not nest (the innermost ones see every tensor): hooks already in place (a
-        # measurement's, `torch.autograd.graph.save_on_cpu`) still get every tensor this does not replace
-        self.outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        # measurement's, `torch.autograd.graph.save_on_cpu`) still get every tensor this does not replace (torch
+        # before 2.8 cannot say which hooks are in place: there they see none of a Block's tensors)
+        top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+        self.outer = top(False) if top is not None else None
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
     def __enter__(self) -> "RecomputeCheap":
