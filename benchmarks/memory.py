@@ -68,7 +68,7 @@ def saved_bytes(fn, held: tuple[torch.Tensor, ...] = ()) -> int:
     return sum(storages.values())
 
 
-def activation_table(config: Config, seq_len: int, dtype: torch.dtype) -> list[str]:
+def activation_table(config: Config, seq_len: int, dtype: torch.dtype, compiled: bool = False) -> list[str]:
     base = random_blocks(config, dtype).train()
     rows = ["| setting | checkpointing | kept on the device (KB/token/layer) | offloaded to CPU (KB/token/layer) |",
             "|---|---|---|---|"]
@@ -83,12 +83,18 @@ def activation_table(config: Config, seq_len: int, dtype: torch.dtype) -> list[s
         inject_lora(model, lora_config)
         mark_only_lora_as_trainable(model)
         model.train()
+        kept = partial(saved_bytes, partial(model.run_blocks, x, cos, sin, positions),
+                       held=(*model.parameters(), cos, sin, positions))
+        per = seq_len * config.n_layer * 1024
         for mode in CHECKPOINTING_MODES:
             model.set_gradient_checkpointing(mode)
-            kept = saved_bytes(partial(model.run_blocks, x, cos, sin, positions), held=(*model.parameters(), cos, sin, positions))
             offloaded = x.nbytes if mode == "offload" else 0
-            per = seq_len * config.n_layer * 1024
-            rows.append(f"| {setting} | {mode} | {kept / per:.1f} | {offloaded / seq_len / 1024:.1f} |")
+            rows.append(f"| {setting} | {mode} | {kept() / per:.1f} | {offloaded / seq_len / 1024:.1f} |")
+        if compiled and not quantized:
+            model.compile_blocks()
+            for mode in ("none", "selective"):
+                model.set_gradient_checkpointing(mode)
+                rows.append(f"| {setting} | {mode}, `--compile true` | {kept() / per:.1f} | 0.0 |")
         del model
     return rows
 
@@ -181,7 +187,7 @@ def materialized_bytes(module: torch.nn.Module) -> int:
 
 
 def main(layers: int = 2, seq_len: int = 512, labelled: int = 512, setup_layers: int = 3,
-         setup_vocab: int = 32000) -> None:
+         setup_vocab: int = 32000, compiled: bool = False) -> None:
     """Print the three tables.
 
     Args:
@@ -191,12 +197,14 @@ def main(layers: int = 2, seq_len: int = 512, labelled: int = 512, setup_layers:
         setup_layers: Blocks in the checkpoint that the QLoRA setup measurement loads.
         setup_vocab: vocabulary of that checkpoint (smaller than Llama 3's to keep the file small; the embedding and
             head are loaded in bf16 either way and only add to both sides of the bound).
+        compiled: also measure compiled Blocks (`--compile true`) without checkpointing and with `selective`, for
+            the bf16-base LoRA settings (a few minutes of compilation on a CPU).
     """
     torch.manual_seed(0)
     config = replace(Config.from_name("Llama-3.1-8B"), n_layer=layers)
     print(f"Llama-3.1-8B width (n_embd {config.n_embd}, intermediate {config.intermediate_size}, "
           f"{config.n_head} heads / {config.n_query_groups} KV), bf16, {layers} layers x {seq_len} tokens")
-    print("\n".join(activation_table(config, seq_len, torch.bfloat16)))
+    print("\n".join(activation_table(config, seq_len, torch.bfloat16, compiled)))
     print()
     print("\n".join(loss_table(config, labelled, torch.bfloat16)))
     print()

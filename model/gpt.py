@@ -579,7 +579,7 @@ class RMSNorm(nn.Module):
         return RecomputeCheap.register(RMSNormFunction.apply(x, self.weight, self.eps), self.recompute, x)
 
     def recompute(self, x: torch.Tensor) -> torch.Tensor:
-        return RMSNormFunction.forward(None, x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)[0]
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -593,11 +593,9 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)
-        if ctx is not None:  # None: RMSNorm.recompute
-            ctx.save_for_backward(x, weight, rstd)
-        return weight * (x32 * rstd).to(x.dtype)
+        out, rstd = rms_norm(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], None]:
@@ -611,6 +609,13 @@ class RMSNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_weight = (grad * normed.to(x.dtype)).reshape(-1, x.size(-1)).sum(0).to(weight.dtype)
         return grad_x, grad_weight, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalized and scaled `x`, and its float32 reciprocal RMS per position."""
+    x32 = x.float()
+    rstd = torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)
+    return weight * (x32 * rstd).to(x.dtype), rstd
 
 
 def build_norm(config: Config) -> nn.Module:
@@ -635,7 +640,7 @@ class GptNeoxMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.fc(x)
-        return self.proj(RecomputeCheap.register(F.gelu(hidden, approximate=self.approximate), self.activation, hidden))
+        return self.proj(RecomputeCheap.register(self.activation(hidden), self.activation, hidden))
 
     def activation(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.gelu(hidden, approximate=self.approximate)
