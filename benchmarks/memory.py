@@ -198,7 +198,7 @@ def main(layers: int = 2, seq_len: int = 512, labelled: int = 512, setup_layers:
         setup_vocab: vocabulary of that checkpoint (smaller than Llama 3's to keep the file small; the embedding and
             head are loaded in bf16 either way and only add to both sides of the bound).
         compiled: also measure compiled Blocks (`--compile true`) without checkpointing and with `selective`, for
-            the bf16-base LoRA settings (a few minutes of compilation on a CPU).
+            the bf16-base LoRA settings (about a minute more on a 2-core CPU).
     """
     torch.manual_seed(0)
     config = replace(Config.from_name("Llama-3.1-8B"), n_layer=layers)

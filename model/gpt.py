@@ -480,13 +480,13 @@ class RecomputeCheap:
         return packed if self.outer is None else self.outer[1](packed)
 
 
-# what a compiled Block under `selective` may compute again in the backward pass: elementwise ops and norms (RMSNorm,
-# SwiGLU, RoPE, GELU, casts, residual sums); every other op's output (matmuls, attention, 4-bit dequantization) is
-# kept when the backward pass needs it
-CHEAP_OPS = {getattr(torch.ops.aten, op).default for op in
-             ("silu", "gelu", "neg", "rsqrt", "_to_copy", "native_layer_norm", "cat")} | {
-             torch.ops.aten.mul.Tensor, torch.ops.aten.add.Tensor, torch.ops.aten.mean.dim,
-             torch.ops.aten.pow.Tensor_Scalar, torch.ops.aten.slice.Tensor}
+# what a compiled Block under `selective` may compute again in the backward pass: the elementwise ops and reductions
+# of the norms (RMSNorm: cast, square, mean, rsqrt, scale) and of the MLP's activation (silu or gelu, and the
+# product). The outputs of every other op (matmuls, attention, RoPE's and the residual's sums, 4-bit dequantization)
+# are kept when the backward pass needs them: a sum made recomputable would have the partitioner keep its inputs
+# (RoPE's: the whole qkv output) instead of its output.
+CHEAP_OPS = {getattr(torch.ops.aten, op).default for op in ("silu", "gelu", "rsqrt", "_to_copy", "native_layer_norm")} | {
+    torch.ops.aten.mul.Tensor, torch.ops.aten.mean.dim, torch.ops.aten.pow.Tensor_Scalar}
 
 
 def selective_policy(ctx, op, *args, **kwargs) -> torch.utils.checkpoint.CheckpointPolicy:
@@ -497,7 +497,7 @@ def selective_policy(ctx, op, *args, **kwargs) -> torch.utils.checkpoint.Checkpo
 def selective_block(block: Block, *args) -> torch.Tensor:
     """`block(*args)` for torch.compile under `selective`: a checkpoint whose policy lets the partitioner compute the
     outputs of cheap ops again in the backward pass instead of keeping them (what `RecomputeCheap` does for eager
-    Blocks). At Llama-3.1-8B width with LoRA on every linear: 94 KB kept per token instead of 138."""
+    Blocks), keeping the same bytes (`benchmarks/memory.py --compiled true`)."""
     return torch.utils.checkpoint.checkpoint(
         block, *args, use_reentrant=False,
         context_fn=partial(torch.utils.checkpoint.create_selective_checkpoint_contexts, selective_policy))

@@ -53,7 +53,9 @@ class Dropout(nn.Module):
     `torch.profiler`; tutorials/performance.md). Here one 64-bit draw gives the keep/drop decision of four elements: each 16-bit
     lane is kept when it is at least `p` of the way up its range, so the drop probability is `p` rounded to 1/65536,
     and the kept elements are scaled by the inverse of the exact keep probability (the expectation is unchanged). On
-    other devices, whose dropout kernels draw in parallel, this is `F.dropout`.
+    other devices, whose dropout kernels draw in parallel, and inside compiled code (inductor draws its own random
+    numbers, and the in-place draw cannot be traced inside `--gradient_checkpointing selective`'s checkpoint), this
+    is `F.dropout`.
     """
 
     LANES = 65536
@@ -68,7 +70,7 @@ class Dropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
             return F.dropout(x, self.p, training=True)
         n = x.numel()
         bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)  # 64 uniform bits each

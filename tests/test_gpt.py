@@ -136,7 +136,8 @@ def test_compiled_blocks_give_the_loss_and_lora_gradients_of_eager_at_every_leng
     compiled_kept = {mode: kept_bytes(compiled.set_gradient_checkpointing(mode), 24) for mode in ("none", "selective")}
     eager_selective = kept_bytes(eager.set_gradient_checkpointing("selective"), 24)
     assert compiled_kept["selective"] < 0.85 * compiled_kept["none"]
-    assert compiled_kept["selective"] < 1.05 * eager_selective
+    # (a Block that fell back to eager would hide what its checkpoint keeps: far less)
+    assert 0.95 * eager_selective < compiled_kept["selective"] < 1.05 * eager_selective
     # one graph for the first Block (its input needs no gradient: the embedding is frozen), one for the others;
     # selective's Blocks (another function) two more; offload also runs them without gradients in the forward pass:
     # two more
@@ -147,6 +148,20 @@ def test_compiled_blocks_give_the_loss_and_lora_gradients_of_eager_at_every_leng
     for segment_ids in (torch.tensor([[0] * 10 + [1] * 14] * 2), torch.tensor([[0] * 3 + [1] * 9 + [2] * 12] * 2)):
         assert lora_loss_and_grads(compiled, 24, segment_ids)[0] == lora_loss_and_grads(eager, 24, segment_ids)[0]
     assert dict(counters["stats"]) == graphs
+
+
+def test_compiled_selective_blocks_with_lora_dropout_compile_whole(one_thread):
+    """LoRA dropout on the CPU draws its mask in place, which Dynamo cannot trace inside `selective`'s checkpoint:
+    compiled, it is `F.dropout`, so the Blocks compile without a graph break (a break would run the whole Block
+    eagerly) and train."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = lora_gpt(LoRAConfig(r=4, alpha=8, dropout=0.1, mlp=True)).compile_blocks()
+    loss, grads = lora_loss_and_grads(model.set_gradient_checkpointing("selective"), 24)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
+    assert torch.isfinite(loss) and all(grad.abs().sum() > 0 for grad in grads.values())
 
 
 def test_compiled_qlora_blocks_give_the_loss_and_lora_gradients_of_eager(one_thread):
