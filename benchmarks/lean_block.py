@@ -8,7 +8,8 @@ computes their outputs again instead of keeping them (`--gradient_checkpointing 
 rms_norm(x.float()).to(x.dtype)` and `silu(fc_1(x)) * fc_2(x)` through autograd), the bytes autograd keeps for the
 backward pass of one micro-batch (every saved storage once, the weights excluded) and the seconds of forward +
 backward, the variants alternating step by step over `--steps` micro-batches (the paired ratios are robust to a
-machine whose speed drifts). All variants keep v in its own storage (`CausalSelfAttention.forward`), which this does not switch.
+machine whose speed drifts). All variants keep v in its own storage (`CausalSelfAttention.forward`), which this does
+not switch.
 """
 
 import statistics
