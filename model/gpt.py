@@ -446,7 +446,10 @@ class RecomputeCheap:
         # measurement's, `torch.autograd.graph.save_on_cpu`) still get every tensor this does not replace (torch
         # before 2.8 cannot say which hooks are in place: there they see none of a Block's tensors)
         top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-        self.outer = top(False) if top is not None else None
+        try:
+            self.outer = top(False) if top is not None else None  # False: ignore_is_tracing
+        except TypeError:  # the versions without that argument
+            self.outer = top()
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
     def __enter__(self) -> "RecomputeCheap":

@@ -165,3 +165,26 @@ def test_an_input_changed_in_place_after_the_forward_pass_is_an_error():
         u.add_(1)
     with pytest.raises(RuntimeError, match="modified in place"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("case", ["llama-gqa", "moe", "neox-layernorm-bias"])
+def test_selective_gives_the_adapters_gradients_of_none_bit_for_bit(case, version):
+    """LLaMA-Adapter v1 and v2 (whose norms and linears carry trainable scales and biases): the same, exactly."""
+    from model.adapter import AdapterConfig, inject_adapter, mark_only_adapter_as_trainable
+    from tests.test_adapter import CONFIGS, perturb, tiny_gpt, tokens
+
+    results = []
+    for mode in ("none", "selective"):
+        model = inject_adapter(tiny_gpt(**CONFIGS[case]), AdapterConfig(prompt_length=5, start_layer=1, version=version))
+        perturb(model)
+        mark_only_adapter_as_trainable(model)
+        idx = tokens()
+        loss = F.cross_entropy(model.train().set_gradient_checkpointing(mode)(idx).flatten(0, 1), idx.flatten())
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (loss, grads), (selective_loss, selective_grads) = results
+    torch.testing.assert_close(selective_loss, loss, atol=0, rtol=0)
+    assert grads.keys() == selective_grads.keys() and all(grad is not None for grad in grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(selective_grads[name], grad, atol=0, rtol=0, msg=name)
