@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from functools import partial
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -439,9 +439,9 @@ class RecomputeCheap:
     active: Optional["RecomputeCheap"] = None
 
     def __init__(self) -> None:
-        # storage address -> (output, its version, fn, inputs): holding the output keeps the address from being
-        # reused inside the Block, and the registry is emptied when the Block returns
-        self.recipes: dict[int, tuple[torch.Tensor, int, Callable[..., torch.Tensor], tuple[torch.Tensor, ...]]] = {}
+        # storage address -> (output, its version, how to compute it): holding the output keeps the address from
+        # being reused inside the Block, and the registry is emptied when the Block returns
+        self.recipes: dict[int, tuple[torch.Tensor, int, Recomputed]] = {}
         # saved-tensor hooks do not nest (the innermost ones see every tensor): hooks already in place (a
         # measurement's, `torch.autograd.graph.save_on_cpu`) still get every tensor this does not replace (torch
         # before 2.8 cannot say which hooks are in place: there they see none of a Block's tensors)
@@ -466,20 +466,20 @@ class RecomputeCheap:
     def register(output: torch.Tensor, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
         active = RecomputeCheap.active
         if active is not None and output.requires_grad:
-            active.recipes[output.untyped_storage().data_ptr()] = (output, output._version, fn, inputs)
+            recipe = Recomputed(fn, inputs, output.storage_offset())
+            active.recipes[output.untyped_storage().data_ptr()] = (output, output._version, recipe)
         return output
 
     def pack(self, tensor: torch.Tensor):
         recipe = self.recipes.get(tensor.untyped_storage().data_ptr())
         if recipe is None or recipe[0]._version != recipe[1]:  # unknown, or changed in place since
             return tensor if self.outer is None else self.outer[0](tensor)
-        output, _, fn, inputs = recipe
-        view = (tensor.shape, tensor.stride(), tensor.storage_offset() - output.storage_offset())
-        return Recomputed(fn, inputs, view)
+        recipe[2].pending += 1
+        return RecomputedView(recipe[2], tensor.shape, tensor.stride(), tensor.storage_offset())
 
     def unpack(self, packed) -> torch.Tensor:
-        if isinstance(packed, Recomputed):
-            return packed.compute()
+        if isinstance(packed, RecomputedView):
+            return packed.recipe.view(packed.shape, packed.stride, packed.offset)
         return packed if self.outer is None else self.outer[1](packed)
 
 
@@ -507,23 +507,39 @@ def selective_block(block: Block, *args) -> torch.Tensor:
 
 
 class Recomputed:
-    """What `RecomputeCheap` keeps in place of a saved tensor."""
+    """An output that `RecomputeCheap` computes again in the backward pass, shared by every saved view of it (a norm's
+    output is saved by each LoRA layer it feeds): computed for the first of them, kept until the last is unpacked."""
 
-    def __init__(self, fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], view: tuple) -> None:
-        self.fn, self.inputs, self.view = fn, inputs, view
+    def __init__(self, fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], offset: int) -> None:
+        self.fn, self.inputs, self.offset = fn, inputs, offset
         self.versions = tuple(t._version for t in inputs)
         # the backward pass may run under another autocast state than the forward pass did
         self.device = inputs[0].device.type
         self.autocast = (torch.is_autocast_enabled(self.device), torch.get_autocast_dtype(self.device))
+        self.pending = 0  # saved views not unpacked yet
+        self.output: Optional[torch.Tensor] = None
 
-    def compute(self) -> torch.Tensor:
-        if any(t._version != version for t, version in zip(self.inputs, self.versions)):
-            raise RuntimeError("An input of a recomputed activation was modified in place after the forward pass")
-        enabled, dtype = self.autocast
-        with torch.no_grad(), torch.autocast(self.device, dtype=dtype, enabled=enabled):
-            output = self.fn(*self.inputs)
-        shape, stride, offset = self.view
-        return output.as_strided(shape, stride, output.storage_offset() + offset)
+    def view(self, shape: torch.Size, stride: tuple[int, ...], offset: int) -> torch.Tensor:
+        output = self.output
+        if output is None:
+            if any(t._version != version for t, version in zip(self.inputs, self.versions)):
+                raise RuntimeError("An input of a recomputed activation was modified in place after the forward pass")
+            enabled, dtype = self.autocast
+            with torch.no_grad(), torch.autocast(self.device, dtype=dtype, enabled=enabled):
+                output = self.output = self.fn(*self.inputs)
+        self.pending -= 1
+        if self.pending <= 0:
+            self.output = None
+        return output.as_strided(shape, stride, output.storage_offset() + offset - self.offset)
+
+
+class RecomputedView(NamedTuple):
+    """What `RecomputeCheap` keeps in place of a saved tensor: a view of a `Recomputed` output."""
+
+    recipe: Recomputed
+    shape: torch.Size
+    stride: tuple[int, ...]
+    offset: int
 
 
 class KVCache(nn.Module):

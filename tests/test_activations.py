@@ -115,8 +115,8 @@ def test_selective_gives_the_loss_and_gradients_of_none_bit_for_bit(setup):
 @pytest.mark.parametrize("mlp", ["LLaMAMLP", "GptNeoxMLP"])
 def test_selective_keeps_no_norm_or_activation_output(mlp, monkeypatch):
     """All-linear LoRA, bf16: without recomputation a Block keeps its two norm outputs and the MLP's activation
-    output (which the next LoRA layers save for their A gradients); `selective` keeps none of them, and they are
-    freed after the forward pass."""
+    output (which the next LoRA layers save for their A gradients); `selective` keeps none of them, they are freed
+    after the forward pass and computed once each in the backward pass."""
     norm = "RMSNorm" if mlp == "LLaMAMLP" else "LayerNorm"
     config = Config(name="tiny", vocab_size=VOCAB, n_layer=2, n_head=4, n_query_groups=2, n_embd=64,
                     intermediate_size=160, block_size=64, norm_class_name=norm, mlp_class_name=mlp)
@@ -137,13 +137,18 @@ def test_selective_keeps_no_norm_or_activation_output(mlp, monkeypatch):
         out.sum().backward()  # the backward pass runs from what was kept
         return sum(size for ptr, size in saved.items() if ptr not in weights)
 
-    outputs, freed = [], []
+    outputs, freed, computed = [], [], []
     register = RecomputeCheap.register
 
     def recording(output, fn, *inputs):
         if output.requires_grad:
             outputs.append(weakref.ref(output))
-        return register(output, fn, *inputs)
+
+        def counted(*args):
+            computed.append(fn)
+            return fn(*args)
+
+        return register(output, counted, *inputs)
 
     monkeypatch.setattr(RecomputeCheap, "register", staticmethod(recording))
     before = kept("none")
@@ -153,6 +158,8 @@ def test_selective_keeps_no_norm_or_activation_output(mlp, monkeypatch):
     # but the first norm's output: its input (the frozen embeddings') needs no gradient, so nothing keeps it
     assert before - after == config.n_layer * per_layer - T * 64 * 2
     assert len(freed) == 3 * config.n_layer - 1 and all(freed)
+    # each computed once in the backward pass, though the second norm's output feeds (and is saved by) two LoRA layers
+    assert len(computed) == len(freed)
 
 
 def test_an_input_changed_in_place_after_the_forward_pass_is_an_error():
