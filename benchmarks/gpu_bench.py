@@ -362,7 +362,7 @@ def main(
     began = time.perf_counter()
     selected = [tuple(r.split(":")) for r in rows.split(",")] if rows else [
         r for r in ROWS if r[0] != "litgpt" or litgpt_python]
-    known = {*(e for e, _ in ROWS), "forge_compile", "forge_offload_compile", "forge_selective_compile"}
+    known = {e for e, _ in ROWS} | {f"{e}_compile" for e, _ in ROWS if e.startswith("forge")}
     for row in selected + ([] if profile in (None, "all") else [tuple(r.split(":")) for r in profile.split(",")]):
         if len(row) != 2 or row[0] not in known or row[1] not in ("lora", "qlora"):
             raise SystemExit(f"Unknown row {':'.join(row)!r}: rows are ENGINE:MODE with ENGINE one of "

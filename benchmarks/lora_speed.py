@@ -8,9 +8,9 @@
 One Llama-3.1-8B Block (4096 wide, its real shapes; random weights) with LoRA r=16 on every linear (q, k, v, o,
 gate, up, down), frozen base in `dtype`, on `tokens` tokens: forward and backward, the Block's input needing a
 gradient as in every Block after the first. The two variants hold the same weights; the earlier commit's
-`model/lora.py` is loaded from `git show` (loss_speed.module_at) and injected into a copy of the same base Block. Printed: the median
-seconds of each, the paired ratio, and the operators each step runs (counted with the profiler): the elementwise
-passes that a GPU runs as separate kernels.
+`model/lora.py` is loaded from `git show` (loss_speed.module_at) and injected into a copy of the same base Block.
+Printed: the median seconds of each, the paired ratio, and the operators each step runs (counted with the
+profiler): the elementwise passes that a GPU runs as separate kernels.
 """
 
 import copy

@@ -160,8 +160,8 @@ def test_compiled_selective_blocks_with_lora_dropout_compile_whole(one_thread):
 
 def test_compiled_qlora_blocks_give_the_loss_and_lora_gradients_of_eager(one_thread):
     """QLoRA through inductor (bitsandbytes' 4-bit matmul inside the compiled Blocks, fp32 compute): the loss and
-    every LoRA gradient equal eager's, without checkpointing and with `offload`, the setting that fits an 8B QLoRA
-    run in 8 GB."""
+    every LoRA gradient equal eager's, without checkpointing, with `selective` and with `offload` (the setting that
+    fits an 8B QLoRA run in 8 GB)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
