@@ -8,10 +8,11 @@ Padding: the positions one epoch of `data_dir/train.pt` computes when each micro
 sample, with a plain shuffle and with length grouping (`model.training.run.epoch_batches`): exact counts.
 
 Speed: finetune/lora.py's model and step (LoRA r=8 on query and value, AdamW, the head and its loss only where a
-label follows) in four copies that take turns over `rounds`, each round `steps` optimizer steps of one micro-batch:
+label follows) in five copies that take turns over `rounds`, each round `steps` optimizer steps of one micro-batch:
 eager on plain-shuffled micro-batches, eager on length-grouped ones, eager with every Block recomputed in the
-backward pass (`GPT.set_gradient_checkpointing("block")`; on the CPU `offload` computes the same) and compiled Blocks
-(`GPT.compile_blocks`), the last two on the same length-grouped micro-batches. Tokens/s counts real tokens (padding
+backward pass (`GPT.set_gradient_checkpointing("block")`; on the CPU `offload` computes the same), eager with the
+first half of the Blocks recomputed (`--checkpoint_layers`) and compiled Blocks (`GPT.compile_blocks`), the last
+four on the same length-grouped micro-batches. Tokens/s counts real tokens (padding
 excluded), the median over the rounds. The compile time is the compiled copy's first step minus the eager one's (both
 on the epoch's longest micro-batch).
 """
@@ -38,12 +39,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def lora_model(checkpoint_dir: Path, device: torch.device, dtype: torch.dtype, compiled: bool,
-               checkpointing: str) -> tuple:
+               checkpointing: str, layers=None) -> tuple:
     torch.manual_seed(0)
     model = GPT.from_checkpoint(checkpoint_dir, device=device, dtype=dtype)
     inject_lora(model, LoRAConfig(r=8, alpha=16, dropout=0.05), dtype=dtype)
     mark_only_lora_as_trainable(model)
-    model.set_gradient_checkpointing(checkpointing)
+    model.set_gradient_checkpointing(checkpointing, layers)
     if compiled:
         model.compile_blocks()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4, betas=(0.9, 0.95))
@@ -92,7 +93,7 @@ def main(
         device: auto (CUDA when available), cpu or cuda.
         micro_batch_size: Samples per micro-batch (one micro-batch per optimizer step).
         steps: Timed optimizer steps per copy per round.
-        rounds: Rounds the three copies take turns over.
+        rounds: Rounds the copies take turns over.
         seed: The data order's seed.
     """
     device_ = resolve_device(device)
@@ -112,14 +113,16 @@ def main(
     collate = get_collate_fn(pad_id=0, max_seq_length=block_size)
     needed = 1 + steps * rounds
     # full micro-batches only: a batch of 1 would compile one more (specialized) graph and time that
-    runs = {"eager, plain shuffle": (False, False, "none"), "eager, grouped": (True, False, "none"),
-            "checkpointed, grouped": (True, False, "block"), "compiled, grouped": (True, True, "none")}
+    half = Config.from_checkpoint(checkpoint_dir).n_layer // 2
+    runs = {"eager, plain shuffle": (False, False, "none", None), "eager, grouped": (True, False, "none", None),
+            "checkpointed, grouped": (True, False, "block", None),
+            f"{half} checkpointed, grouped": (True, False, "block", half), "compiled, grouped": (True, True, "none", None)}
     engines = {}
-    for name, (grouped, compiled, checkpointing) in runs.items():
+    for name, (grouped, compiled, checkpointing, layers) in runs.items():
         batches = [b for b in orders[grouped] if len(b) == micro_batch_size][:needed]
         if len(batches) < needed:
             raise ValueError(f"{data_dir / 'train.pt'} has too few samples for {needed} micro-batches; lower --steps")
-        model, optimizer = lora_model(checkpoint_dir, device_, DTYPES[dtype], compiled, checkpointing)
+        model, optimizer = lora_model(checkpoint_dir, device_, DTYPES[dtype], compiled, checkpointing, layers)
         tensors = [tuple(t.to(device_) for t in collate([samples[i] for i in b]).values()) for b in batches]
         engines[name] = (model, optimizer, tensors, [sum(lengths[i] for i in b) for b in batches])
 
@@ -138,7 +141,7 @@ def main(
           f" {torch.get_num_threads()} threads):")
     for name, values in rates.items():
         median = statistics.median(values)
-        print(f"  {name:22s} {median:9,.0f} tok/s  {median / base:.2f}x eager grouped")
+        print(f"  {name:25s} {median:9,.0f} tok/s  {median / base:.2f}x eager grouped")
     sys.stdout.flush()
 
 

@@ -89,6 +89,8 @@ def setup(
     packing: bool = False,
     group_by_length: bool = True,
     gradient_checkpointing: Literal["none", "selective", "block", "offload"] = "none",
+    checkpoint_layers: Optional[PositiveInt] = None,
+    checkpoint_rest: Literal["none", "selective"] = "none",
     compile: bool = False,
     optimizer: Literal["adamw", "adamw_fused", "adamw8bit", "paged_adamw8bit"] = "adamw",
     eval_interval: PositiveInt = 50,
@@ -143,6 +145,10 @@ def setup(
             LoRA on every linear, for a few % of time); block (recompute each Block in the backward pass: 8 KB, for
             about one more forward pass of compute); offload (block, and each Block's input waits in pinned CPU
             memory: activations no longer grow with depth).
+        checkpoint_layers: Checkpoint only the first this many Blocks as --gradient_checkpointing says, the others
+            as --checkpoint_rest says; memory and recomputation fall in between, in proportion (at 8B width with
+            block: about 1 GB less per layer at 8k tokens, for 1.5% more time). Default: every Block.
+        checkpoint_rest: none or selective: the Blocks after the first --checkpoint_layers (with block or offload).
         compile: torch.compile each Block of the training forward and backward pass (dynamic shapes: one graph for
             every sequence length; validation, generation and --packing's rows stay eager). Costs a compilation at
             step 1.
@@ -199,7 +205,8 @@ def main(fabric: L.Fabric, args: TrainArgs, lora_config: LoRAConfig, quantize: O
             check_weights(model, base, args.checkpoint_dir)
             model.load_state_dict(base, assign=True)
             model.reset_rope(fabric.device)
-    model.set_gradient_checkpointing(args.gradient_checkpointing)
+    model.set_gradient_checkpointing(args.gradient_checkpointing, args.checkpoint_layers,
+                                   args.checkpoint_rest)
     inject_lora(model, lora_config, dtype=dtype)
     mark_only_lora_as_trainable(model)
     if lora_config.router:

@@ -49,6 +49,8 @@ class GPT(nn.Module):
         # position 4096), so a run would train on other angles than it is evaluated on.
         self.rope_cache: dict[tuple[torch.device, bool], torch.Tensor] = {}
         self.gradient_checkpointing = "none"
+        self.checkpoint_layers: Optional[int] = None
+        self.checkpoint_rest = "none"
         self.compiled_blocks: Optional[list[Callable[..., torch.Tensor]]] = None
         self.compiled_selective_blocks: Optional[list[Callable[..., torch.Tensor]]] = None
 
@@ -96,13 +98,30 @@ class GPT(nn.Module):
             self.rope_cache[key] = rope_inv_freq(self.config, long=long, device=device)
         return self.rope_cache[key]
 
-    def set_gradient_checkpointing(self, mode: str) -> "GPT":
+    def set_gradient_checkpointing(self, mode: str, layers: Optional[int] = None, rest: str = "none") -> "GPT":
         """`none`, `selective` (the norms' and activations' outputs computed again in the backward pass instead of
         kept), `block` (recompute each Block in the backward pass, keeping only its input) or `offload` (`block`, and
-        that input waits in CPU memory, pinned on CUDA). Applies to forward passes with gradients only."""
+        that input waits in CPU memory, pinned on CUDA). Applies to forward passes with gradients only.
+
+        `layers`: only the first `layers` Blocks are checkpointed as `mode` says, the others as `rest` says (`none`
+        or `selective`); the memory kept and the time spent recomputing then fall in between, in proportion. The
+        first ones, because the backward pass reaches them last, when the other Blocks' activations are freed: one
+        being recomputed then adds nothing to the peak. None: every Block."""
         if mode not in CHECKPOINTING_MODES:
             raise ValueError(f"Unknown gradient checkpointing {mode!r}; choose one of {', '.join(CHECKPOINTING_MODES)}")
+        if layers is not None and not 1 <= layers <= self.config.n_layer:
+            raise ValueError(f"checkpoint_layers must be between 1 and the model's {self.config.n_layer} layers, "
+                             f"got {layers}")
+        if layers is not None and mode == "none":
+            raise ValueError("checkpoint_layers needs a gradient checkpointing mode other than none")
+        if rest not in ("none", "selective"):
+            raise ValueError(f"checkpoint_rest must be none or selective, got {rest!r}")
+        if rest != "none" and (layers is None or mode not in ("block", "offload")):
+            raise ValueError("checkpoint_rest selective needs checkpoint_layers with gradient checkpointing block or "
+                             "offload")
         self.gradient_checkpointing = mode
+        self.checkpoint_layers = layers
+        self.checkpoint_rest = rest
         return self
 
     def compile_blocks(self) -> "GPT":
@@ -176,18 +195,19 @@ class GPT(nn.Module):
 
     def run_blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
                    spans: Optional[list[list[tuple[int, int]]]] = None) -> torch.Tensor:
-        """The hidden states `(B, T, n_embd)` through every Block, checkpointed as `gradient_checkpointing` says
-        when gradients are being recorded (never with a KV cache)."""
+        """The hidden states `(B, T, n_embd)` through every Block, checkpointed as `gradient_checkpointing` and
+        `checkpoint_layers`/`checkpoint_rest` say when gradients are being recorded (never with a KV cache)."""
         cache = self.transformer.h[0].attn.kv_cache
         training = torch.is_grad_enabled() and cache is None
-        checkpointing = self.gradient_checkpointing if training else "none"
         # packed rows run eager: their per-sample attention calls are shaped by the sample boundaries, which a
         # compiled Block would guard on and compile again for every layout of samples
         compiled = training and self.compiled_blocks is not None and spans is None
-        blocks = self.compiled_blocks if compiled else self.transformer.h
-        if compiled and checkpointing == "selective":
-            blocks = self.compiled_selective_blocks
-        for block in blocks:
+        checkpointed = self.config.n_layer if self.checkpoint_layers is None else self.checkpoint_layers
+        for i, block in enumerate(self.transformer.h):
+            checkpointing = "none" if not training else (
+                self.gradient_checkpointing if i < checkpointed else self.checkpoint_rest)
+            if compiled:
+                block = (self.compiled_selective_blocks if checkpointing == "selective" else self.compiled_blocks)[i]
             if checkpointing == "block":
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, input_pos, None, spans, use_reentrant=False)
             elif checkpointing == "offload":

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from model.adapter import AdapterConfig, inject_adapter, mark_only_adapter_as_trainable
-from model.cli import run_cli
+from model.cli import PositiveInt, run_cli
 from model.config import Config
 from model.data.preference import collate_pairs, load_pairs, pair_lengths
 from model.data.sft import get_collate_fn, load_dataset
@@ -62,6 +62,8 @@ def lr_find(
     sft_weight: float = 0.0,
     micro_batch_size: int = 4,
     gradient_checkpointing: Literal["none", "selective", "block", "offload"] = "none",
+    checkpoint_layers: Optional[PositiveInt] = None,
+    checkpoint_rest: Literal["none", "selective"] = "none",
     global_batch_size: int = 16,
     weight_decay: float = 0.0,
     max_seq_length: Optional[int] = None,
@@ -103,6 +105,8 @@ def lr_find(
         micro_batch_size: Samples (pairs for dpo) per forward pass.
         gradient_checkpointing: none, selective, block or offload, as the fine-tune run will use it (finetune/lora.py's flag):
             the test then fits in the memory the run fits in.
+        checkpoint_layers: The fine-tune run's --checkpoint_layers (checkpoint only the first this many Blocks).
+        checkpoint_rest: The fine-tune run's --checkpoint_rest (none or selective: the other Blocks).
         global_batch_size: Samples per optimizer step, as in the fine-tune run (gradient accumulation makes up the
             difference).
         weight_decay: AdamW weight decay.
@@ -150,7 +154,7 @@ def lr_find(
         inject_adapter(model, AdapterConfig(adapter_prompt_length, adapter_start_layer, adapter_version))
         mark_only_adapter_as_trainable(model)
     model = model.to(device)  # the new adapter weights too
-    model.set_gradient_checkpointing(gradient_checkpointing)
+    model.set_gradient_checkpointing(gradient_checkpointing, checkpoint_layers, checkpoint_rest)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     print(f"{method} in {precision} on {device}: {count_parameters(model):,} trainable parameters of"

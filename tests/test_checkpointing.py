@@ -1,6 +1,6 @@
 """Gradient checkpointing (`block`, and `offload` with the block input in CPU memory) gives the loss and the gradients
-of `none`, exactly in float32: full fine-tuning, LoRA with dropout, DoRA, QLoRA, packed samples. (`selective`:
-tests/test_activations.py.)"""
+of `none`, exactly in float32: full fine-tuning, LoRA with dropout, DoRA, QLoRA, packed samples; so does
+checkpointing only the first Blocks (`checkpoint_layers`). (`selective`: tests/test_activations.py.)"""
 
 import pytest
 import torch
@@ -36,8 +36,8 @@ def build(setup: str, **overrides) -> GPT:
     return model.train()
 
 
-def loss_and_grads(setup: str, mode: str, **overrides):
-    model = build(setup, **overrides).set_gradient_checkpointing(mode)
+def loss_and_grads(setup: str, mode: str, layers=None, rest="none", **overrides):
+    model = build(setup, **overrides).set_gradient_checkpointing(mode, layers, rest)
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (2, 24), generator=generator)
     targets = torch.randint(0, VOCAB, (2, 24), generator=generator)
@@ -64,9 +64,22 @@ def test_checkpointing_gives_the_loss_and_gradients_of_none(setup):
 
 
 
-def saved_bytes(mode: str) -> int:
+@pytest.mark.parametrize("setup", ("lora_dropout", "qlora", "packed"))
+@pytest.mark.parametrize("mode, rest", [("selective", "none"), ("block", "none"), ("offload", "none"),
+                                        ("block", "selective"), ("offload", "selective")])
+def test_checkpointing_the_first_blocks_gives_the_loss_and_gradients_of_none(setup, mode, rest):
+    loss, grads = loss_and_grads(setup, "none")
+    for layers in (1, 2):
+        checkpointed_loss, checkpointed_grads = loss_and_grads(setup, mode, layers, rest)
+        torch.testing.assert_close(checkpointed_loss, loss, atol=0, rtol=0)
+        assert checkpointed_grads.keys() == grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(checkpointed_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def saved_bytes(mode: str, layers=None, rest="none") -> int:
     """Bytes of the distinct device tensors autograd keeps for the backward pass of one forward pass."""
-    model = build("lora").set_gradient_checkpointing(mode)
+    model = build("lora").set_gradient_checkpointing(mode, layers, rest)
     saved = {}
 
     def pack(tensor):
@@ -85,6 +98,40 @@ def test_block_keeps_each_blocks_input_and_offload_not_even_that():
     # each of the 3 blocks keeps its input under `block`; `offload` moves those to the CPU (outside autograd)
     assert block - offload == 3 * hidden_bytes
     assert none > selective > 5 * block
+
+
+@pytest.mark.parametrize("mode", ("selective", "block", "offload"))
+def test_checkpointing_the_first_blocks_keeps_in_proportion(mode):
+    """`checkpoint_layers=k` keeps what `mode` keeps in the first k Blocks and what `none` keeps in the others: every
+    further checkpointed Block saves the same bytes (Blocks 1 and 2 are alike; Block 0's input is the frozen
+    embedding's output, which `none` does not keep), and all 3 is `mode` itself."""
+    kept = [saved_bytes("none")] + [saved_bytes(mode, layers) for layers in (1, 2, 3)]
+    assert kept[3] == saved_bytes(mode)
+    assert kept[0] > kept[1] > kept[2] > kept[3]
+    assert kept[1] - kept[2] == kept[2] - kept[3]
+
+
+def test_the_other_blocks_selective_keep_what_selective_keeps_there():
+    """`checkpoint_rest="selective"`: Blocks 1 and 2 drop under `block` on Block 0 what they drop under `selective`."""
+    selective_saves_in_blocks_1_2 = saved_bytes("selective", 1) - saved_bytes("selective")
+    assert selective_saves_in_blocks_1_2 > 0
+    assert saved_bytes("block", 1, "selective") == saved_bytes("block", 1) - selective_saves_in_blocks_1_2
+    assert saved_bytes("offload", 3, "selective") == saved_bytes("offload")
+
+
+def test_checkpoint_layers_out_of_range_or_without_a_mode_is_refused():
+    with pytest.raises(ValueError, match="between 1 and the model's 3 layers, got 4"):
+        build("full").set_gradient_checkpointing("block", 4)
+    with pytest.raises(ValueError, match="between 1 and the model's 3 layers, got 0"):
+        build("full").set_gradient_checkpointing("block", 0)
+    with pytest.raises(ValueError, match="other than none"):
+        build("full").set_gradient_checkpointing("none", 2)
+    with pytest.raises(ValueError, match="needs checkpoint_layers with gradient checkpointing block or offload"):
+        build("full").set_gradient_checkpointing("block", None, "selective")
+    with pytest.raises(ValueError, match="needs checkpoint_layers"):
+        build("full").set_gradient_checkpointing("selective", 2, "selective")
+    with pytest.raises(ValueError, match="none or selective, got 'block'"):
+        build("full").set_gradient_checkpointing("offload", 2, "block")
 
 
 def test_an_unknown_mode_is_refused():

@@ -560,7 +560,8 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tiny_dir, make_data, tmp
 
 def test_gradient_checkpointing_trains_exactly_as_without(tiny_dir, make_data, tmp_path):
     """--gradient_checkpointing selective, block and offload recompute (part of) the Blocks in the backward pass: the
-    run's losses are those of a run without, to float32 rounding (packed rows, QLoRA and dropout included)."""
+    run's losses are those of a run without, to float32 rounding (packed rows, QLoRA and dropout included), also
+    with --checkpoint_layers (only the first Blocks; the others selective)."""
     flags = dict(max_steps=3, micro_batch_size=4, global_batch_size=4, learning_rate=1e-2, warmup_steps=0,
                  lora_dropout=0.1, lora_mlp=True, packing=True, quantize="bnb.nf4", eval_interval=100)
     runs = {}
@@ -570,6 +571,10 @@ def test_gradient_checkpointing_trains_exactly_as_without(tiny_dir, make_data, t
     assert len(runs["none"]) == 3
     for mode in ("selective", "block", "offload"):
         assert runs[mode] == pytest.approx(runs["none"], rel=1e-5), mode
+    finetune(tiny_dir, make_data(8), tmp_path / "first", gradient_checkpointing="offload", checkpoint_layers=1,
+              checkpoint_rest="selective", **flags)
+    assert [float(row["loss"]) for row in training_rows(tmp_path / "first")] == pytest.approx(runs["none"], rel=1e-5)
+    assert yaml.safe_load((tmp_path / "first" / "hparams.yaml").read_text())["checkpoint_layers"] == 1
 
 
 def test_compile_trains_two_steps_and_tokens_per_s_counts_real_tokens(tiny_dir, make_data, tmp_path, monkeypatch):

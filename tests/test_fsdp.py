@@ -247,12 +247,16 @@ def assert_same_tensors(saved: dict, expected: dict, atol: float, rtol: float) -
         torch.testing.assert_close(saved[key], expected[key], atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("checkpointing", ["selective", "block", "offload"])
+@pytest.mark.parametrize("checkpointing", [
+    dict(gradient_checkpointing="selective"), dict(gradient_checkpointing="block"),
+    dict(gradient_checkpointing="offload"),
+    dict(gradient_checkpointing="offload", checkpoint_layers=1, checkpoint_rest="selective")])
 def test_fsdp_with_gradient_checkpointing_equals_fsdp_without(checkpointing, tiny_dir, data_dir, fsdp_run, tmp_path):
-    """Each Block (or, `selective`, its norms and activations) recomputed in the backward pass (FSDP all-gathers its
-    shards again for the recompute): the same losses and adapter as the run that kept its activations, in fp32."""
-    result = run_lora(tiny_dir, data_dir, tmp_path / "run", tmp_path / "ranks", 2, "fsdp",
-                      gradient_checkpointing=checkpointing, **LORA_FLAGS)
+    """Each Block (or, `selective`, its norms and activations; or only the first Block, the other `selective`)
+    recomputed in the backward pass (FSDP all-gathers its shards again for the recompute): the same losses and adapter
+    as the run that kept its activations, in fp32."""
+    result = run_lora(tiny_dir, data_dir, tmp_path / "run", tmp_path / "ranks", 2, "fsdp", **checkpointing,
+                      **LORA_FLAGS)
     assert result.returncode == 0, result.stderr[-3000:]
     assert losses(tmp_path / "run") == pytest.approx(losses(fsdp_run[0]), abs=1e-6)
     assert_same_tensors(load_file(tmp_path / "run" / "final" / LORA_WEIGHTS),

@@ -110,7 +110,8 @@ def assert_same_loss_and_grads(compiled: GPT, eager: GPT, length: int) -> None:
 def test_compiled_blocks_give_the_loss_and_lora_gradients_of_eager_at_every_length(one_thread):
     """fp32 LoRA through inductor: the loss and every LoRA gradient equal eager's to float32 rounding, without and
     with gradient checkpointing (the checkpoint recomputes through the compiled Block), at three sequence lengths
-    that reuse the graphs of the first (dynamic shapes); evaluation stays eager."""
+    that reuse the graphs of the first (dynamic shapes), and with only the first Block checkpointed (no new graphs);
+    evaluation stays eager."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()  # graphs of other tests' models would count against the recompile limit
@@ -125,6 +126,11 @@ def test_compiled_blocks_give_the_loss_and_lora_gradients_of_eager_at_every_leng
             assert_same_loss_and_grads(compiled, eager, length)
             graphs = graphs or dict(counters["stats"])
             assert dict(counters["stats"]) == graphs, f"compiled again for length {length} ({checkpointing})"
+    # only the first Block checkpointed, the other plain or selective: each Block takes its compiled version
+    for checkpointing, rest in (("selective", "none"), ("offload", "selective")):
+        eager.set_gradient_checkpointing(checkpointing, 1, rest)
+        compiled.set_gradient_checkpointing(checkpointing, 1, rest)
+        assert_same_loss_and_grads(compiled, eager, 24)
     # `selective` under inductor keeps what eager `selective` keeps (give or take what the partitioner chooses among
     # the ops `model.gpt.CHEAP_OPS` lets it compute again), well under `none`
     compiled_kept = {mode: kept_bytes(compiled.set_gradient_checkpointing(mode), 24) for mode in ("none", "selective")}

@@ -52,6 +52,8 @@ class TrainArgs:
     overwrite: bool = False
     packing: bool = False
     gradient_checkpointing: str = "none"
+    checkpoint_layers: Optional[int] = None
+    checkpoint_rest: str = "none"
     optimizer: str = "adamw"
     group_by_length: bool = True
     compile: bool = False
