@@ -1,6 +1,6 @@
-"""One-GPU fine-tuning speed and memory at Llama-3.1-8B shape: Forge (eager, `offload`, `selective`, compiled) vs
-HF+PEFT (+Liger, +gradient checkpointing) vs litgpt, LoRA in bf16 and QLoRA nf4, each engine in its own process on
-the same batches.
+"""One-GPU fine-tuning speed and memory at Llama-3.1-8B shape: Forge (eager, `offload`, `selective`, `block` on half
+the layers and `selective` on the rest, compiled) vs HF+PEFT (+Liger, +gradient checkpointing) vs litgpt, LoRA in bf16
+and QLoRA nf4, each engine in its own process on the same batches.
 Results (an H200): tutorials/performance.md.
 
     # all rows on one GPU, each under `--row_timeout` seconds and all under `--time_budget`:
@@ -42,10 +42,12 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 ROWS = (
     ("forge", "lora"), ("hf", "lora"), ("forge", "qlora"), ("hf", "qlora"), ("forge_offload", "qlora"),
     ("forge_offload", "lora"), ("hf_liger", "lora"), ("hf_liger", "qlora"), ("hf_gc", "lora"), ("hf_gc", "qlora"),
-    ("forge_selective", "lora"), ("forge_selective", "qlora"), ("litgpt", "lora"), ("litgpt", "qlora"),
+    ("forge_selective", "lora"), ("forge_selective", "qlora"), ("forge_half", "lora"), ("litgpt", "lora"),
+    ("litgpt", "qlora"),
 )
-# Forge's --gradient_checkpointing per engine name (forge_selective_compile: selective, compiled)
-CHECKPOINTING = {"_offload": "offload", "_selective": "selective"}
+# Forge's --gradient_checkpointing per engine name (forge_selective_compile: selective, compiled); forge_half: block on
+# the first half of the layers (--checkpoint_layers), selective on the others (--checkpoint_rest)
+CHECKPOINTING = {"_offload": "offload", "_selective": "selective", "_half": "block"}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -71,7 +73,8 @@ def materialize(module: torch.nn.Module, device: torch.device) -> None:
     module.to(torch.bfloat16)
 
 
-def build_forge(config, mode: str, device: torch.device, checkpointing: str, compile: bool):
+def build_forge(config, mode: str, device: torch.device, checkpointing: str, compile: bool,
+                layers: Optional[int] = None, rest: str = "none"):
     from functools import partial
 
     from model import GPT
@@ -90,7 +93,7 @@ def build_forge(config, mode: str, device: torch.device, checkpointing: str, com
     model.reset_rope()
     inject_lora(model, LoRAConfig(r=16, alpha=32, dropout=0.0, key=True, projection=True, mlp=True))
     mark_only_lora_as_trainable(model)
-    model.set_gradient_checkpointing(checkpointing).train()
+    model.set_gradient_checkpointing(checkpointing, layers, rest).train()
     if compile:
         model.compile_blocks()
 
@@ -247,7 +250,9 @@ def run_row(engine: str, mode: str, config, batch_size: int, seq_len: int, warmu
     start = time.perf_counter()
     if engine.startswith("forge"):
         checkpointing = next((value for part, value in CHECKPOINTING.items() if part in engine), "none")
-        model, loss_fn = build_forge(config, mode, device, checkpointing, compile=engine.endswith("_compile"))
+        half = "_half" in engine
+        model, loss_fn = build_forge(config, mode, device, checkpointing, compile=engine.endswith("_compile"),
+                                     layers=config.n_layer // 2 if half else None, rest="selective" if half else "none")
     elif engine.startswith("hf"):
         model, loss_fn = build_hf(config, mode, device, liger=engine == "hf_liger", checkpointing=engine == "hf_gc")
     else:
@@ -331,9 +336,10 @@ def main(
     """Run every row (the default), or one `engine` + `mode` row in this process (printing one JSON line).
 
     Args:
-        engine: forge, forge_offload, forge_selective (--gradient_checkpointing), forge_compile,
-            forge_offload_compile, forge_selective_compile, hf, hf_liger, hf_gc (gradient checkpointing) or litgpt:
-            run only this row.
+        engine: forge, forge_offload, forge_selective (--gradient_checkpointing), forge_half (block on the first
+            half of the layers, selective on the others), forge_compile, forge_offload_compile,
+            forge_selective_compile, forge_half_compile, hf, hf_liger, hf_gc (gradient checkpointing) or litgpt: run
+            only this row.
         mode: lora (bf16 base) or qlora (nf4 base).
         rows: comma-separated engine:mode rows to run (default: all, litgpt only with `litgpt_python`).
         layers, vocab, n_embd, intermediate_size: the model's shape (default: Llama-3.1-8B in full).
