@@ -3,8 +3,12 @@
     python benchmarks/memory.py --layers 2 --seq_len 512
 
 1. Bytes kept for the backward pass per token per layer (every tensor autograd saves, counted once per storage, via
-   `torch.autograd.graph.saved_tensors_hooks`) for gradient checkpointing none / block / offload x LoRA on q,v
-   (r=8, dropout 0.05: Forge's default), QLoRA (nf4 base, the same LoRA) and all-linear LoRA (r=16, dropout 0).
+   `torch.autograd.graph.saved_tensors_hooks`) for gradient checkpointing none / selective / block / offload x LoRA
+   on q,v (r=8, dropout 0.05: Forge's default), QLoRA (nf4 base, the same LoRA) and all-linear LoRA (r=16, dropout
+   0), and `block` on the first layer with `selective` on the others (`--checkpoint_layers 1 --checkpoint_rest
+   selective`).
+   The first layer and each later one apart: the first keeps less (its input, the frozen embedding's output, needs
+   no gradient), so a model of L layers keeps first + (L - 1) x later.
    `offload` keeps each Block's input in CPU memory instead (listed apart: on a GPU that is host memory).
 2. Loss memory per labelled token at the 128,256-token vocabulary: the head + `F.cross_entropy` on float32 logits
    against `model.training.loss.linear_cross_entropy` (saved tensors plus the largest temporary).
@@ -69,9 +73,14 @@ def saved_bytes(fn, held: tuple[torch.Tensor, ...] = ()) -> int:
 
 
 def activation_table(config: Config, seq_len: int, dtype: torch.dtype, compiled: bool = False) -> list[str]:
+    """KB per token kept by the first Block and by each later one: the first keeps less, because its input (the
+    frozen embedding's output) needs no gradient, so its first norm and dropout record nothing. A model of L layers
+    keeps first + (L - 1) x later."""
+    if config.n_layer < 2:
+        raise ValueError("--layers must be at least 2: the first layer keeps less than the later ones")
     base = random_blocks(config, dtype).train()
-    rows = ["| setting | checkpointing | kept on the device (KB/token/layer) | offloaded to CPU (KB/token/layer) |",
-            "|---|---|---|---|"]
+    rows = ["| setting | checkpointing | first layer (KB/token) | each later layer (KB/token) |"
+            " offloaded to CPU (KB/token/layer) |", "|---|---|---|---|---|"]
     x = torch.randn(1, seq_len, config.n_embd, dtype=dtype)
     positions = torch.arange(seq_len)
     cos, sin = (t.to(dtype) for t in base.rope(positions))
@@ -83,18 +92,35 @@ def activation_table(config: Config, seq_len: int, dtype: torch.dtype, compiled:
         inject_lora(model, lora_config)
         mark_only_lora_as_trainable(model)
         model.train()
-        kept = partial(saved_bytes, partial(model.run_blocks, x, cos, sin, positions),
-                       held=(*model.parameters(), cos, sin, positions))
-        per = seq_len * config.n_layer * 1024
+        blocks = model.transformer.h
+
+        def kept(n: int) -> int:
+            """Bytes kept by the first `n` Blocks."""
+            model.transformer.h = blocks[:n]
+            try:
+                return saved_bytes(partial(model.run_blocks, x, cos, sin, positions),
+                                   held=(*model.parameters(), cos, sin, positions))
+            finally:
+                model.transformer.h = blocks
+
+        def row(checkpointing: str) -> str:
+            first, all_ = kept(1), kept(config.n_layer)
+            later = (all_ - first) / (config.n_layer - 1)
+            offloaded = x.nbytes if "offload" in checkpointing else 0
+            return (f"| {setting} | {checkpointing} | {first / seq_len / 1024:.1f} | {later / seq_len / 1024:.1f} |"
+                    f" {offloaded / seq_len / 1024:.1f} |")
+
         for mode in CHECKPOINTING_MODES:
             model.set_gradient_checkpointing(mode)
-            offloaded = x.nbytes if mode == "offload" else 0
-            rows.append(f"| {setting} | {mode} | {kept() / per:.1f} | {offloaded / seq_len / 1024:.1f} |")
+            rows.append(row(mode))
+        # --checkpoint_layers 1 --checkpoint_rest selective: `block` on the first layer, `selective` on the others
+        model.set_gradient_checkpointing("block", 1, "selective")
+        rows.append(row("block on the first layer, selective on the others"))
         if compiled and not quantized:
             model.compile_blocks()
             for mode in ("none", "selective"):
                 model.set_gradient_checkpointing(mode)
-                rows.append(f"| {setting} | {mode}, `--compile true` | {kept() / per:.1f} | 0.0 |")
+                rows.append(row(f"{mode}, `--compile true`"))
         del model
     return rows
 
@@ -191,7 +217,8 @@ def main(layers: int = 2, seq_len: int = 512, labelled: int = 512, setup_layers:
     """Print the three tables.
 
     Args:
-        layers: Llama-3.1-8B Blocks in the activation measurement (the table is per layer).
+        layers: Llama-3.1-8B Blocks in the activation measurement (at least 2: the table gives the first layer and
+            the average of the later ones).
         seq_len: tokens per sequence in the activation measurement.
         labelled: labelled positions in the loss measurement (at the full 128,256 vocabulary).
         setup_layers: Blocks in the checkpoint that the QLoRA setup measurement loads.

@@ -12,9 +12,9 @@ label follows) in five copies that take turns over `rounds`, each round `steps` 
 eager on plain-shuffled micro-batches, eager on length-grouped ones, eager with every Block recomputed in the
 backward pass (`GPT.set_gradient_checkpointing("block")`; on the CPU `offload` computes the same), eager with the
 first half of the Blocks recomputed (`--checkpoint_layers`) and compiled Blocks (`GPT.compile_blocks`), the last
-four on the same length-grouped micro-batches. Tokens/s counts real tokens (padding
-excluded), the median over the rounds. The compile time is the compiled copy's first step minus the eager one's (both
-on the epoch's longest micro-batch).
+four on the same length-grouped micro-batches. Tokens/s counts real tokens (padding excluded), the median over the
+rounds. The compile time is the compiled copy's first step minus the eager one's (both on the epoch's longest
+micro-batch).
 """
 
 import statistics
@@ -116,7 +116,8 @@ def main(
     half = Config.from_checkpoint(checkpoint_dir).n_layer // 2
     runs = {"eager, plain shuffle": (False, False, "none", None), "eager, grouped": (True, False, "none", None),
             "checkpointed, grouped": (True, False, "block", None),
-            f"{half} checkpointed, grouped": (True, False, "block", half), "compiled, grouped": (True, True, "none", None)}
+            f"{half} checkpointed, grouped": (True, False, "block", half),
+            "compiled, grouped": (True, True, "none", None)}
     engines = {}
     for name, (grouped, compiled, checkpointing, layers) in runs.items():
         batches = [b for b in orders[grouped] if len(b) == micro_batch_size][:needed]

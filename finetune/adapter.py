@@ -123,14 +123,14 @@ def setup(
         group_by_length: Cut micro-batches from samples of similar length (sorted within windows of 50
             micro-batches of the shuffled data, the batch order shuffled again), so little padding is computed;
             false: a plain shuffle. With --packing it groups the packed rows.
-        gradient_checkpointing: none (keep what the backward pass needs: 98-133 KB per token per layer at 8B width);
-            selective (compute the norms' and activations' outputs again instead of keeping them: 133 -> 89 KB with
+        gradient_checkpointing: none (keep what the backward pass needs: 104-137 KB per token per layer at 8B width);
+            selective (compute the norms' and activations' outputs again instead of keeping them: 137 -> 93 KB with
             LoRA on every linear, for a few % of time); block (recompute each Block in the backward pass: 8 KB, for
             about one more forward pass of compute); offload (block, and each Block's input waits in pinned CPU
             memory: activations no longer grow with depth).
         checkpoint_layers: Checkpoint only the first this many Blocks as --gradient_checkpointing says, the others
             as --checkpoint_rest says; memory and recomputation fall in between, in proportion (at 8B width with
-            block: about 1 GB less per layer at 8k tokens, for 1.5% more time). Default: every Block.
+            block: about 1 GB less per layer at 8k tokens, for about 1.5% more time). Default: every Block.
         checkpoint_rest: none or selective: the Blocks after the first --checkpoint_layers (with block or offload).
         compile: torch.compile each Block of the training forward and backward pass (dynamic shapes: one graph for
             every sequence length; validation, generation and --packing's rows stay eager). Costs a compilation at
@@ -180,8 +180,7 @@ def main(fabric: L.Fabric, args: TrainArgs, adapter_config: AdapterConfig, quant
         check_weights(model, base, args.checkpoint_dir)
         model.load_state_dict(base, assign=True)
         model.reset_rope(fabric.device)
-    model.set_gradient_checkpointing(args.gradient_checkpointing, args.checkpoint_layers,
-                                   args.checkpoint_rest)
+    model.set_gradient_checkpointing(args.gradient_checkpointing, args.checkpoint_layers, args.checkpoint_rest)
     if quantize:
         quantize_model(model.to(fabric.device), quantize, compute_dtype=dtype)
     inject_adapter(model, adapter_config)

@@ -190,14 +190,14 @@ def setup(
         logistic_c: Inverse L2 regularization strength of the logistic regression (--mode features), on
             standardized features.
         feature_batch_size: Texts per forward pass when extracting features and evaluating.
-        gradient_checkpointing: none (keep what the backward pass needs: 98-133 KB per token per layer at 8B width);
-            selective (compute the norms' and activations' outputs again instead of keeping them: 133 -> 89 KB with
+        gradient_checkpointing: none (keep what the backward pass needs: 104-137 KB per token per layer at 8B width);
+            selective (compute the norms' and activations' outputs again instead of keeping them: 137 -> 93 KB with
             LoRA on every linear, for a few % of time); block (recompute each Block in the backward pass: 8 KB, for
             about one more forward pass of compute); offload (block, and each Block's input waits in pinned CPU
             memory: activations no longer grow with depth).
         checkpoint_layers: Checkpoint only the first this many Blocks as --gradient_checkpointing says, the others
             as --checkpoint_rest says; memory and recomputation fall in between, in proportion (at 8B width with
-            block: about 1 GB less per layer at 8k tokens, for 1.5% more time). Default: every Block.
+            block: about 1 GB less per layer at 8k tokens, for about 1.5% more time). Default: every Block.
         checkpoint_rest: none or selective: the Blocks after the first --checkpoint_layers (with block or offload).
         compile: torch.compile each Block of the training forward and backward pass (dynamic shapes: one graph for
             every sequence length; validation and prediction stay eager). Costs a compilation at step 1.
@@ -255,8 +255,7 @@ def main(fabric: L.Fabric, args: ClassifyArgs, lora_config: Optional[LoRAConfig]
         check_weights(gpt, base, args.checkpoint_dir)
         gpt.load_state_dict(base, assign=True)
         gpt.reset_rope(fabric.device)
-    gpt.set_gradient_checkpointing(args.gradient_checkpointing, args.checkpoint_layers,
-                                   args.checkpoint_rest)
+    gpt.set_gradient_checkpointing(args.gradient_checkpointing, args.checkpoint_layers, args.checkpoint_rest)
     if lora_config is not None:
         inject_lora(gpt, lora_config)
     classifier = Classifier(gpt, len(label_names), args.pooling, bias=args.mode == "features")
