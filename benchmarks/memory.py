@@ -5,7 +5,7 @@
 1. Bytes kept for the backward pass per token per layer (every tensor autograd saves, counted once per storage, via
    `torch.autograd.graph.saved_tensors_hooks`) for gradient checkpointing none / selective / block / offload x LoRA
    on q,v (r=8, dropout 0.05: Forge's default), QLoRA (nf4 base, the same LoRA) and all-linear LoRA (r=16, dropout
-   0), and `block` on the first layer with `selective` on the others (`--checkpoint_layers 1 --checkpoint_rest
+   0 and 0.05), and `block` on the first layer with `selective` on the others (`--checkpoint_layers 1 --checkpoint_rest
    selective`).
    The first layer and each later one apart: the first keeps less (its input, the frozen embedding's output, needs
    no gradient), so a model of L layers keeps first + (L - 1) x later.
@@ -39,6 +39,8 @@ SETUPS = {
     "LoRA q,v r=8 dropout 0.05": (LoRAConfig(r=8, alpha=16, dropout=0.05), False),
     "QLoRA nf4, q,v r=8 dropout 0.05": (LoRAConfig(r=8, alpha=16, dropout=0.05), True),
     "all-linear LoRA r=16 dropout 0": (LoRAConfig(r=16, alpha=32, dropout=0.0, key=True, projection=True, mlp=True), False),
+    "all-linear LoRA r=16 dropout 0.05": (
+        LoRAConfig(r=16, alpha=32, dropout=0.05, key=True, projection=True, mlp=True), False),
 }
 
 

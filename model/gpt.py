@@ -448,13 +448,16 @@ class RecomputeCheap:
     a trained weight for its own), are not kept but computed again when the backward pass needs them, from inputs
     that the norm's and the activation's own backward passes keep anyway. At Llama-3.1-8B width with LoRA on every
     linear that is 44 KB per token and layer (the SwiGLU output 28, the two norm outputs 8 each) of about 137, for one
-    `silu * up` and two norms more per layer in the backward pass. The gradients are the same bit for bit: the same
-    ops run on the same inputs. An output that needs no gradient (the first norm's, under LoRA with frozen
+    `silu * up` and two norms more per layer in the backward pass. With LoRA dropout the adapters keep their dropped
+    copies of those outputs instead, and the dropout its mask: neither is kept either (`model.lora.Dropout` keeps the
+    random number generator's state and draws the mask again from it). The gradients are the same bit for bit: the
+    same ops run on the same inputs. An output that needs no gradient (the first norm's, under LoRA with frozen
     embeddings) is kept as before: nothing else keeps its input.
 
     A module marks such an output with `RecomputeCheap.register(output, fn, *inputs)`; the saved-tensor hooks then
-    keep `fn` and `inputs` in place of any tensor that autograd saves from the output's storage (views included).
-    Outside a `with RecomputeCheap()` `register` does nothing."""
+    keep `fn` and `inputs` in place of any tensor that autograd saves from the output's storage (views included). An
+    input that is itself such an output is not kept either: it is computed again first. Outside a
+    `with RecomputeCheap()` `register` does nothing."""
 
     active: Optional["RecomputeCheap"] = None
 
@@ -486,16 +489,23 @@ class RecomputeCheap:
     def register(output: torch.Tensor, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
         active = RecomputeCheap.active
         if active is not None and output.requires_grad:
-            recipe = Recomputed(fn, inputs, output.storage_offset())
+            recipe = Recomputed(fn, tuple(active.view_of(t) or t for t in inputs), output.storage_offset())
             active.recipes[output.untyped_storage().data_ptr()] = (output, output._version, recipe)
         return output
 
-    def pack(self, tensor: torch.Tensor):
+    def view_of(self, tensor: torch.Tensor) -> Optional["RecomputedView"]:
+        """What stands in for `tensor` if it is (a view of) a registered output not changed in place since."""
         recipe = self.recipes.get(tensor.untyped_storage().data_ptr())
-        if recipe is None or recipe[0]._version != recipe[1]:  # unknown, or changed in place since
-            return tensor if self.outer is None else self.outer[0](tensor)
-        recipe[2].pending += 1
+        if recipe is None or recipe[0]._version != recipe[1]:
+            return None
         return RecomputedView(recipe[2], tensor.shape, tensor.stride(), tensor.storage_offset())
+
+    def pack(self, tensor: torch.Tensor):
+        view = self.view_of(tensor)
+        if view is None:  # unknown, or changed in place since
+            return tensor if self.outer is None else self.outer[0](tensor)
+        view.recipe.saved()
+        return view
 
     def unpack(self, packed) -> torch.Tensor:
         if isinstance(packed, RecomputedView):
@@ -528,25 +538,40 @@ def selective_block(block: Block, *args) -> torch.Tensor:
 
 class Recomputed:
     """An output that `RecomputeCheap` computes again in the backward pass, shared by every saved view of it (a norm's
-    output is saved by each LoRA layer it feeds): computed for the first of them, kept until the last is unpacked."""
+    output is saved by each LoRA layer it feeds): computed for the first of them, kept until the last is unpacked.
+    An input may be a `RecomputedView` of another such output (LoRA dropout's input is a norm's output): it counts as
+    one more pending view of that output once this one is saved, and is computed again first."""
 
-    def __init__(self, fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], offset: int) -> None:
+    def __init__(self, fn: Callable[..., torch.Tensor], inputs: tuple, offset: int) -> None:
         self.fn, self.inputs, self.offset = fn, inputs, offset
-        self.versions = tuple(t._version for t in inputs)
+        self.versions = tuple(t._version if isinstance(t, torch.Tensor) else None for t in inputs)
         # the backward pass may run under another autocast state than the forward pass did
-        self.device = inputs[0].device.type
+        first = inputs[0]
+        self.device = first.device.type if isinstance(first, torch.Tensor) else first.recipe.device
         self.autocast = (torch.is_autocast_enabled(self.device), torch.get_autocast_dtype(self.device))
         self.pending = 0  # saved views not unpacked yet
         self.output: Optional[torch.Tensor] = None
+        self.attached = False  # saved at least once (then its recomputed inputs wait for it)
+
+    def saved(self) -> None:
+        """One more saved view of this output; the first one makes it a pending view of each recomputed input."""
+        if not self.attached:
+            self.attached = True
+            for t in self.inputs:
+                if isinstance(t, RecomputedView):
+                    t.recipe.saved()
+        self.pending += 1
 
     def view(self, shape: torch.Size, stride: tuple[int, ...], offset: int) -> torch.Tensor:
         output = self.output
         if output is None:
-            if any(t._version != version for t, version in zip(self.inputs, self.versions)):
+            if any(isinstance(t, torch.Tensor) and t._version != v for t, v in zip(self.inputs, self.versions)):
                 raise RuntimeError("An input of a recomputed activation was modified in place after the forward pass")
+            inputs = [t.recipe.view(t.shape, t.stride, t.offset) if isinstance(t, RecomputedView) else t
+                      for t in self.inputs]
             enabled, dtype = self.autocast
             with torch.no_grad(), torch.autocast(self.device, dtype=dtype, enabled=enabled):
-                output = self.output = self.fn(*self.inputs)
+                output = self.output = self.fn(*inputs)
         self.pending -= 1
         if self.pending <= 0:
             self.output = None

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.gpt import GPT
+from model.gpt import GPT, RecomputeCheap
 from model.quantize import dequantize_linear, weight_numel
 
 LORA_WEIGHTS = "lora.safetensors"
@@ -56,6 +56,12 @@ class Dropout(nn.Module):
     other devices, whose dropout kernels draw in parallel, and inside compiled code (inductor draws its own random
     numbers, and the in-place draw cannot be traced inside `--gradient_checkpointing selective`'s checkpoint), this
     is `F.dropout`.
+
+    Under `--gradient_checkpointing selective` (eager, on the CPU or CUDA) neither the dropped copy nor the mask is
+    kept for the backward pass: the random number generator's state before the draw is, and the backward pass draws
+    the same mask again from it (`ReplayedDropout`), and computes the dropped copy again from the input when the
+    adapter needs it (the input is a norm's or the activation's output, itself computed again, or the attention's
+    output, which the attention keeps). The same draws, so the same numbers as without.
     """
 
     LANES = 65536
@@ -66,19 +72,88 @@ class Dropout(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {p}")
         self.p = p
         self.threshold = round(p * self.LANES)
+        self.scale = self.LANES / (self.LANES - self.threshold)  # 1 / the exact keep probability
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        if x.device.type != "cpu" or torch.compiler.is_compiling():
+        if x.device.type not in ("cpu", "cuda") or torch.compiler.is_compiling():
             return F.dropout(x, self.p, training=True)
+        if x.requires_grad and RecomputeCheap.active is not None:
+            state = rng_state(x.device)
+            dropped = ReplayedDropout.apply(x, self, state)
+            return RecomputeCheap.register(dropped, lambda x: self.draw(x, state)[0], x)
+        if x.device.type == "cuda":
+            return F.dropout(x, self.p, training=True)
+        keep = self.keep(x)
+        return torch.where(keep, x * self.scale, 0)
+
+    def keep(self, x: torch.Tensor) -> torch.Tensor:
+        """The CPU mask: True where an element of `x` is kept."""
         n = x.numel()
         bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)  # 64 uniform bits each
-        keep = bits.view(torch.int16)[:n].view(x.shape) >= self.threshold - self.LANES // 2
-        return torch.where(keep, x * (self.LANES / (self.LANES - self.threshold)), 0)
+        return bits.view(torch.int16)[:n].view(x.shape) >= self.threshold - self.LANES // 2
+
+    def draw(self, x: torch.Tensor, state: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dropped `x` and the mask, drawn as `forward` draws them (F.dropout's kernel on CUDA); from `state`
+        without moving the generator on, if given."""
+        with replaying(x.device, state):
+            if x.device.type == "cuda":
+                return torch.ops.aten.native_dropout(x, self.p, True)
+            keep = self.keep(x)
+            return torch.where(keep, x * self.scale, 0), keep
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def rng_state(device: torch.device) -> torch.Tensor:
+    """The state of the generator that dropout on `device` draws from."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+@contextmanager
+def replaying(device: torch.device, state: Optional[torch.Tensor]):
+    """Draw from `state` (if given) and leave the generator as it was."""
+    if state is None:
+        yield
+        return
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else [], device_type="cuda"):
+        if cuda:
+            torch.cuda.set_rng_state(state, device)
+        else:
+            torch.set_rng_state(state)
+        yield
+
+
+class ReplayedDropout(torch.autograd.Function):
+    """`Dropout` that keeps only the generator's state for the backward pass, which draws the mask again from it:
+    the gradient is the one autograd computes through the same draw (`where(keep, grad, 0) * scale` on the CPU,
+    `native_dropout_backward` on CUDA).
+
+    The CPU mask depends on the state and the number of elements only. CUDA's kernel assigns its random numbers to
+    elements by the input's layout, so there the mask is drawn again from the input itself, as `torch.utils.checkpoint`
+    replays dropout: the input is saved, which under `selective` keeps it only if it is kept anyway (a norm's or the
+    activation's output is computed again; the attention's output is what the attention keeps). This CUDA path has
+    not run on a GPU yet."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dropout: Dropout, state: torch.Tensor) -> torch.Tensor:
+        ctx.dropout, ctx.state = dropout, state
+        if x.device.type == "cuda":
+            ctx.save_for_backward(x)
+        return dropout.draw(x)[0]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        dropout = ctx.dropout
+        if grad.device.type == "cuda":
+            mask = dropout.draw(ctx.saved_tensors[0], ctx.state)[1]
+            return torch.ops.aten.native_dropout_backward(grad, mask, 1 / (1 - dropout.p)), None, None
+        with replaying(grad.device, ctx.state):
+            keep = dropout.keep(grad)
+        return torch.where(keep, grad, 0) * dropout.scale, None, None
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """What a Block keeps for its backward pass: the RMSNorm and SwiGLU autograd functions give the gradients of the
 expressions they replace while keeping less, the attention keeps v without the whole qkv output, and the outputs of
-the norms and activations are computed again in the backward pass (`RecomputeCheap`) with the same gradients."""
+the norms and activations, and LoRA dropout's dropped copies of them, are computed again in the backward pass
+(`RecomputeCheap`) with the same gradients."""
 
 import weakref
 
@@ -160,6 +161,69 @@ def test_selective_keeps_no_norm_or_activation_output(mlp, monkeypatch):
     assert len(freed) == 3 * config.n_layer - 1 and all(freed)
     # each computed once in the backward pass, though the second norm's output feeds (and is saved by) two LoRA layers
     assert len(computed) == len(freed)
+
+
+def test_selective_keeps_no_dropped_copy_nor_mask_of_lora_dropout():
+    """All-linear LoRA with dropout 0.1, bf16: without recomputation each adapter keeps its dropped copy of the input
+    and the dropout its mask; under `selective` the Blocks keep exactly what they keep without dropout (the generator
+    state is all that stays), the dropped copies are freed after the forward pass and computed once each in the
+    backward pass (their inputs, norm and activation outputs, computed again first), and the loss, the gradients and
+    the generator's next numbers are those of `none`, exactly."""
+    config = Config(name="tiny", vocab_size=VOCAB, n_layer=2, n_head=4, n_query_groups=2, n_embd=64,
+                    intermediate_size=160, block_size=64)
+    T = 16
+    x = torch.randn(1, T, 64, dtype=torch.bfloat16)
+
+    def run(mode: str, dropout: float, after_forward=lambda: None):
+        torch.manual_seed(0)
+        model = GPT(config).to(torch.bfloat16)
+        inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=dropout, key=True, projection=True, mlp=True))
+        mark_only_lora_as_trainable(model)
+        with torch.no_grad():  # B = 0 at init would give A no gradient
+            for name, param in model.named_parameters():
+                if name.endswith(".B"):
+                    param.normal_(0, 0.1)
+        model.train().set_gradient_checkpointing(mode)
+        cos, sin = (t.to(torch.bfloat16) for t in model.rope(torch.arange(T)))
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        torch.manual_seed(1)
+        out, saved = saved_storages(lambda: model.run_blocks(x, cos, sin, torch.arange(T)))
+        after_forward()
+        out.float().square().sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        kept = sum(size for ptr, size in saved.items() if ptr not in weights)
+        return kept, out.detach(), grads, torch.rand(4)
+
+    outputs, computed = [], []
+    register = RecomputeCheap.register
+
+    def recording(output, fn, *inputs):
+        if output.requires_grad:
+            outputs.append((fn.__name__, weakref.ref(output)))
+
+        def counted(*args):
+            computed.append(fn.__name__)
+            return fn(*args)
+
+        return register(output, counted, *inputs)
+
+    kept_none, out, grads, after = run("none", 0.1)
+    kept_undropped = run("selective", 0.0)[0]
+    freed = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RecomputeCheap, "register", staticmethod(recording))
+        kept, selective_out, selective_grads, selective_after = run(
+            "selective", 0.1, lambda: freed.extend(ref() is None for _, ref in outputs))
+    assert kept == kept_undropped < 0.6 * kept_none
+    dropped = [name for name, _ in outputs if name == "<lambda>"]
+    assert len(dropped) == 5 * config.n_layer - 1  # qkv, proj, fc_1, fc_2, proj of the MLP; not the first qkv's
+    assert len(freed) == len(outputs) and all(freed)
+    assert sorted(computed) == sorted(name for name, _ in outputs)  # each once
+    torch.testing.assert_close(selective_out, out, atol=0, rtol=0)
+    assert grads.keys() == selective_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(selective_grads[name], grad, atol=0, rtol=0, msg=name)
+    torch.testing.assert_close(selective_after, after, atol=0, rtol=0)
 
 
 def test_an_input_changed_in_place_after_the_forward_pass_is_an_error():

@@ -1,5 +1,5 @@
 """Gradient checkpointing (`block`, and `offload` with the block input in CPU memory) gives the loss and the gradients
-of `none`, exactly in float32: full fine-tuning, LoRA with dropout, DoRA, QLoRA, packed samples; so does
+of `none`, exactly in float32: full fine-tuning, LoRA and DoRA with dropout, QLoRA, packed samples; so does
 checkpointing only the first Blocks (`checkpoint_layers`). (`selective`: tests/test_activations.py.)"""
 
 import pytest
@@ -13,7 +13,7 @@ from model.lora import LoRAConfig, inject_lora, mark_only_lora_as_trainable
 from model.quantize import quantize_model
 
 VOCAB = 97
-SETUPS = ("full", "lora", "lora_dropout", "dora", "qlora", "packed", "mixtral")
+SETUPS = ("full", "lora", "lora_dropout", "dora", "dora_dropout", "qlora", "packed", "mixtral")
 
 
 def build(setup: str, **overrides) -> GPT:
@@ -25,8 +25,8 @@ def build(setup: str, **overrides) -> GPT:
     if setup == "qlora":
         quantize_model(model, "bnb.nf4", torch.float32)
     if setup != "full":
-        lora = LoRAConfig(r=4, alpha=8, dropout=0.1 if setup == "lora_dropout" else 0.0, key=True, projection=True,
-                          mlp=True, dora=setup == "dora")
+        lora = LoRAConfig(r=4, alpha=8, dropout=0.1 if setup.endswith("_dropout") else 0.0, key=True, projection=True,
+                          mlp=True, dora=setup.startswith("dora"))
         inject_lora(model, lora)
         mark_only_lora_as_trainable(model)
         with torch.no_grad():  # B = 0 at init would give A no gradient
