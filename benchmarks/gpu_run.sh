@@ -2,8 +2,9 @@
 # The GPU benchmark as one prepared run, for a GPU machine without network access whose Python already has CUDA
 # torch, transformers, peft, lightning, safetensors and tokenizers (the machine lent to our sessions).
 #
-#   bash benchmarks/gpu_run.sh download          # where the package index is reachable: ./gpu_wheels, about 44 MB
+#   bash benchmarks/gpu_run.sh download          # where the package index is reachable: ./gpu_wheels, about 46 MB
 #   bash benchmarks/gpu_run.sh run [ARGS...]     # on the GPU machine, with ./gpu_wheels copied along
+#   bash benchmarks/gpu_run.sh check             # there too: the tests of CUDA-only code paths, on the GPU
 #
 # `run` installs the wheels into a folder of their own (no index, no dependencies resolved: the list below is complete
 # for that machine), prints the versions and the GPU, and runs every row of benchmarks/gpu_bench.py (ARGS are passed
@@ -17,8 +18,10 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 WHEELS=${WHEELS:-gpu_wheels}
 # bitsandbytes: QLoRA; liger-kernel: the HF+PEFT+Liger rows; lightning-fabric: Forge's Fabric (the machine has the
-# full `lightning`, which does not provide it); litgpt and what it needs beyond the machine's packages
-PACKAGES="bitsandbytes>=0.49 liger-kernel lightning-fabric jsonargparse docstring-parser typeshed-client litgpt==0.5.13"
+# full `lightning`, which does not provide it); litgpt and what it needs beyond the machine's packages; pytest for
+# `check`
+PACKAGES="bitsandbytes>=0.49 liger-kernel lightning-fabric jsonargparse docstring-parser typeshed-client litgpt==0.5.13
+pytest pluggy iniconfig pygments exceptiongroup tomli"
 
 case "${1:-}" in
 download)
@@ -28,13 +31,18 @@ download)
         --dest "$WHEELS" $PACKAGES
     du -sh "$WHEELS"
     ;;
-run)
+run | check)
+    command=$1
     shift
     # into a folder of its own on PYTHONPATH (the rows' processes inherit it), leaving the machine's packages as they are
     SITE=${SITE:-/tmp/forge_site}
     "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
         "$WHEELS"/*.whl
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    if [ "$command" = check ]; then
+        # the CUDA cases of tests that have one (skipped on a machine without a GPU)
+        exec "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_activations.py -k cuda "$@"
+    fi
     "$PYTHON" - <<'EOF'
 from importlib import metadata
 import torch
@@ -53,7 +61,7 @@ EOF
         | tee "${OUT:-out}/gpu_bench.md"
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_run.sh download | run [gpu_bench.py arguments]" >&2
+    echo "usage: bash benchmarks/gpu_run.sh download | run [gpu_bench.py arguments] | check [pytest arguments]" >&2
     exit 2
     ;;
 esac

@@ -163,7 +163,9 @@ def test_selective_keeps_no_norm_or_activation_output(mlp, monkeypatch):
     assert len(computed) == len(freed)
 
 
-def test_selective_keeps_no_dropped_copy_nor_mask_of_lora_dropout():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA's dropout path (benchmarks/gpu_run.sh check runs it on a GPU)"))])
+def test_selective_keeps_no_dropped_copy_nor_mask_of_lora_dropout(device):
     """All-linear LoRA with dropout 0.1, bf16: without recomputation each adapter keeps its dropped copy of the input
     and the dropout its mask; under `selective` the Blocks keep exactly what they keep without dropout (the generator
     state is all that stays), the dropped copies are freed after the forward pass and computed once each in the
@@ -172,11 +174,11 @@ def test_selective_keeps_no_dropped_copy_nor_mask_of_lora_dropout():
     config = Config(name="tiny", vocab_size=VOCAB, n_layer=2, n_head=4, n_query_groups=2, n_embd=64,
                     intermediate_size=160, block_size=64)
     T = 16
-    x = torch.randn(1, T, 64, dtype=torch.bfloat16)
+    x = torch.randn(1, T, 64, dtype=torch.bfloat16).to(device)
 
     def run(mode: str, dropout: float, after_forward=lambda: None):
         torch.manual_seed(0)
-        model = GPT(config).to(torch.bfloat16)
+        model = GPT(config).to(device, torch.bfloat16)
         inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=dropout, key=True, projection=True, mlp=True))
         mark_only_lora_as_trainable(model)
         with torch.no_grad():  # B = 0 at init would give A no gradient
@@ -184,15 +186,16 @@ def test_selective_keeps_no_dropped_copy_nor_mask_of_lora_dropout():
                 if name.endswith(".B"):
                     param.normal_(0, 0.1)
         model.train().set_gradient_checkpointing(mode)
-        cos, sin = (t.to(torch.bfloat16) for t in model.rope(torch.arange(T)))
+        positions = torch.arange(T, device=device)
+        cos, sin = (t.to(torch.bfloat16) for t in model.rope(positions))
         weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
         torch.manual_seed(1)
-        out, saved = saved_storages(lambda: model.run_blocks(x, cos, sin, torch.arange(T)))
+        out, saved = saved_storages(lambda: model.run_blocks(x, cos, sin, positions))
         after_forward()
         out.float().square().sum().backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
         kept = sum(size for ptr, size in saved.items() if ptr not in weights)
-        return kept, out.detach(), grads, torch.rand(4)
+        return kept, out.detach(), grads, torch.rand(4, device=device)
 
     outputs, computed = [], []
     register = RecomputeCheap.register
