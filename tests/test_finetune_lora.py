@@ -577,6 +577,29 @@ def test_gradient_checkpointing_trains_exactly_as_without(tiny_dir, make_data, t
     assert yaml.safe_load((tmp_path / "first" / "hparams.yaml").read_text())["checkpoint_layers"] == 1
 
 
+def test_a_run_resumes_with_more_gradient_checkpointing(tiny_dir, make_data, tmp_path, capsys):
+    """Out of memory at step 3: the run resumes from its step-2 checkpoint with `offload` on the first Block and
+    `selective` on the other, and ends at the adapter of the run that never stopped (to float32 rounding)."""
+    flags = dict(max_steps=4, micro_batch_size=2, global_batch_size=4, learning_rate=1e-2, warmup_steps=1,
+                 lora_dropout=0.1, lora_mlp=True, save_interval=2, eval_interval=100)
+    data_dir = make_data(8)
+    reference, out_dir = tmp_path / "uninterrupted", tmp_path / "resumed"
+    finetune(tiny_dir, data_dir, reference, **flags)
+    shutil.copytree(reference, out_dir)
+    for later in ("step-000004", "final"):  # as if it had died in step 3
+        shutil.rmtree(out_dir / later)
+    capsys.readouterr()
+    finetune(tiny_dir, data_dir, out_dir, resume=True, gradient_checkpointing="offload", checkpoint_layers=1,
+             checkpoint_rest="selective", **flags)
+    err = capsys.readouterr().err
+    assert "--gradient_checkpointing changed on resume: none -> offload" in err
+    assert f"Resumed from {out_dir / 'step-000002'} at step 2" in err
+    expected, resumed = (load_file(d / "final" / LORA_WEIGHTS) for d in (reference, out_dir))
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_compile_trains_two_steps_and_tokens_per_s_counts_real_tokens(tiny_dir, make_data, tmp_path, monkeypatch):
     """--compile true trains through the compiled Blocks (validation stays eager), and the throughput counts each
     micro-batch's real tokens, not the padded batch's positions."""

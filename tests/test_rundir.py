@@ -126,6 +126,21 @@ def test_resume_names_every_differing_flag_and_accepts_an_equal_path_spelled_dif
     run.close()
 
 
+def test_resume_may_change_what_is_recomputed(fabric, tmp_path, capsys):
+    """A run that ran out of memory resumes with more gradient checkpointing: the modes give the same gradients."""
+    out_dir = old_run(fabric, tmp_path / "run", hparams={"gradient_checkpointing": "none", "checkpoint_layers": None})
+    hparams = {**HPARAMS, "out_dir": str(out_dir), "resume": True, "gradient_checkpointing": "block",
+               "checkpoint_layers": 1}
+    run = open_run(fabric, out_dir, hparams, resume=True)
+    assert run.changed == {"gradient_checkpointing": ("none", "block"), "checkpoint_layers": (None, 1)}
+    run.load(fabric, make_state(), trainable_only=False)
+    assert "--gradient_checkpointing changed on resume: none -> block" in capsys.readouterr().err
+    run.close()
+    with pytest.raises(ValueError, match="Only --max_steps, --epochs, --eval_interval, --eval_iters, --save_interval,"
+                                         " --gradient_checkpointing, --checkpoint_layers, --checkpoint_rest may change"):
+        open_run(fabric, out_dir, {**hparams, "seed": 8}, resume=True)
+
+
 def test_resume_with_a_larger_max_steps_continues_exactly(fabric, tmp_path, capsys):
     out_dir = old_run(fabric, tmp_path / "run", steps=(2, 4))
     hparams = {**HPARAMS, "out_dir": str(out_dir), "max_steps": 8, "eval_interval": 3, "resume": True}

@@ -36,11 +36,12 @@ from model.cli import Interrupted
 from model.training.run import STEP_DIR_PREFIX, load_training_state, save_hparams, set_rng_state
 
 LOCK_NAME = ".forge.lock"
-# the flags a resumed run may change: how long it trains and how often it evaluates and saves. Everything else
-# (checkpoint, data, method, adapter shape, batch sizes, seed, precision, quantization, optimizer, schedule)
-# shapes the weights, the data order or the optimizer state the checkpoint holds.
-RESUME_CHANGEABLE = ("max_steps", "epochs", "eval_interval", "eval_iters", "save_interval", "resume", "overwrite",
-                     "out_dir")
+# the flags a resumed run may change: how long it trains, how often it evaluates and saves, and what it recomputes
+# instead of keeping (the checkpointing modes give the same gradients: a run that ran out of memory resumes with
+# more of it). Everything else (checkpoint, data, method, adapter shape, batch sizes, seed, precision, quantization,
+# optimizer, schedule) shapes the weights, the data order or the optimizer state the checkpoint holds.
+RESUME_CHANGEABLE = ("max_steps", "epochs", "eval_interval", "eval_iters", "save_interval", "gradient_checkpointing",
+                     "checkpoint_layers", "checkpoint_rest", "resume", "overwrite", "out_dir")
 # the SHA-256 of every file the run reads (checkpoint weights and config, train.pt and test.pt), written with
 # hparams.yaml and compared on --resume
 INPUTS_FILE = "inputs.json"
@@ -321,7 +322,7 @@ def check_resume_flags(run_dir: Path, hparams: dict) -> dict:
         raise ValueError(
             f"--resume: the run in {run_dir} was started with {', '.join(differing)}; these shape the model, data"
             " or optimizer the checkpoint holds. Pass the run's values (see its hparams.yaml), or start a new run in"
-            f" another --out_dir. Only {', '.join('--' + k for k in RESUME_CHANGEABLE[:5])} may change"
+            f" another --out_dir. Only {', '.join('--' + k for k in RESUME_CHANGEABLE[:8])} may change"
         )
     return changed
 
