@@ -126,7 +126,7 @@ def setup(
         gradient_checkpointing: none (keep what the backward pass needs: 104-137 KB per token per layer at 8B width);
             selective (compute the norms' and activations' outputs, and LoRA dropout's copies of them, again instead of
             keeping them: 137 -> 93 KB with LoRA on every linear, 183 -> 93 at dropout 0.05; on the CPU 3% more
-            time, 24% with dropout); block (recompute each Block in the backward pass: 8 KB, for
+            time, 12% with dropout); block (recompute each Block in the backward pass: 8 KB, for
             about one more forward pass of compute); offload (block, and each Block's input waits in pinned CPU
             memory: activations no longer grow with depth).
         checkpoint_layers: Checkpoint only the first this many Blocks as --gradient_checkpointing says, the others

@@ -59,9 +59,10 @@ class Dropout(nn.Module):
 
     Under `--gradient_checkpointing selective` (eager, on the CPU or CUDA) neither the dropped copy nor the mask is
     kept for the backward pass: the random number generator's state before the draw is, and the backward pass draws
-    the same mask again from it (`ReplayedDropout`), and computes the dropped copy again from the input when the
-    adapter needs it (the input is a norm's or the activation's output, itself computed again, or the attention's
-    output, which the attention keeps). The same draws, so the same numbers as without.
+    the same mask again from it once (`ReplayedDropout`, `DropoutReplay`), both for the dropped copy, which it
+    computes again from the input (a norm's or the activation's output, itself computed again, or the attention's
+    output, which the attention keeps), and for the dropout's own gradient. The same draws, so the same numbers as
+    without.
     """
 
     LANES = 65536
@@ -80,9 +81,8 @@ class Dropout(nn.Module):
         if x.device.type not in ("cpu", "cuda") or torch.compiler.is_compiling():
             return F.dropout(x, self.p, training=True)
         if x.requires_grad and RecomputeCheap.active is not None:
-            state = rng_state(x.device)
-            dropped = ReplayedDropout.apply(x, self, state)
-            return RecomputeCheap.register(dropped, lambda x: self.draw(x, state)[0], x)
+            replay = DropoutReplay(self, rng_state(x.device))
+            return RecomputeCheap.register(ReplayedDropout.apply(x, replay), replay.dropped, x)
         if x.device.type == "cuda":
             return F.dropout(x, self.p, training=True)
         keep = self.keep(x)
@@ -127,33 +127,56 @@ def replaying(device: torch.device, state: Optional[torch.Tensor]):
         yield
 
 
+class DropoutReplay:
+    """One draw of `Dropout` under `selective`: the generator's state before it, and the mask drawn again in the
+    backward pass. The adapter's backward pass needs the dropped copy first (`dropped`, computed again from the
+    input); the dropout's own backward pass then takes the mask that drawing it left (`mask`), so each mask is drawn
+    once more, not twice."""
+
+    def __init__(self, dropout: Dropout, state: torch.Tensor) -> None:
+        self.dropout, self.state = dropout, state
+        self.keep: Optional[torch.Tensor] = None
+
+    def dropped(self, x: torch.Tensor) -> torch.Tensor:
+        dropped, self.keep = self.dropout.draw(x, self.state)
+        return dropped
+
+    def mask(self, x: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """The mask of this draw: the one `dropped` left, else drawn again (from `x` on CUDA, whose kernel assigns
+        its random numbers by the input's layout; from the state and the number of elements of `like` on the CPU)."""
+        keep, self.keep = self.keep, None
+        if keep is not None:
+            return keep
+        if like.device.type == "cuda":
+            return self.dropout.draw(x, self.state)[1]
+        with replaying(like.device, self.state):
+            return self.dropout.keep(like)
+
+
 class ReplayedDropout(torch.autograd.Function):
     """`Dropout` that keeps only the generator's state for the backward pass, which draws the mask again from it:
     the gradient is the one autograd computes through the same draw (`where(keep, grad, 0) * scale` on the CPU,
     `native_dropout_backward` on CUDA).
 
-    The CPU mask depends on the state and the number of elements only. CUDA's kernel assigns its random numbers to
-    elements by the input's layout, so there the mask is drawn again from the input itself, as `torch.utils.checkpoint`
-    replays dropout: the input is saved, which under `selective` keeps it only if it is kept anyway (a norm's or the
-    activation's output is computed again; the attention's output is what the attention keeps). This CUDA path has
-    not run on a GPU yet."""
+    On CUDA the input is saved for a mask that has to be drawn again from it (when the adapter did not need the
+    dropped copy first), as `torch.utils.checkpoint` replays dropout; under `selective` that keeps it only if it is
+    kept anyway (a norm's or the activation's output is computed again; the attention's output is what the attention
+    keeps). This CUDA path has not run on a GPU yet."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, dropout: Dropout, state: torch.Tensor) -> torch.Tensor:
-        ctx.dropout, ctx.state = dropout, state
+    def forward(ctx, x: torch.Tensor, replay: DropoutReplay) -> torch.Tensor:
+        ctx.replay = replay
         if x.device.type == "cuda":
             ctx.save_for_backward(x)
-        return dropout.draw(x)[0]
+        return replay.dropout.draw(x)[0]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        dropout = ctx.dropout
+        replay = ctx.replay
+        keep = replay.mask(ctx.saved_tensors[0] if grad.device.type == "cuda" else None, grad)
         if grad.device.type == "cuda":
-            mask = dropout.draw(ctx.saved_tensors[0], ctx.state)[1]
-            return torch.ops.aten.native_dropout_backward(grad, mask, 1 / (1 - dropout.p)), None, None
-        with replaying(grad.device, ctx.state):
-            keep = dropout.keep(grad)
-        return torch.where(keep, grad, 0) * dropout.scale, None, None
+            return torch.ops.aten.native_dropout_backward(grad, keep, 1 / (1 - replay.dropout.p)), None
+        return torch.where(keep, grad, 0) * replay.dropout.scale, None
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from model import Config
 from model.gpt import CausalSelfAttention, GPT, RecomputeCheap, RMSNormFunction, SwiGLUFunction, swiglu
-from model.lora import LoRAConfig, inject_lora, mark_only_lora_as_trainable
+from model.lora import Dropout, LoRAConfig, inject_lora, mark_only_lora_as_trainable
 from tests.test_checkpointing import SETUPS, VOCAB, loss_and_grads
 
 
@@ -212,14 +212,18 @@ def test_selective_keeps_no_dropped_copy_nor_mask_of_lora_dropout(device):
 
     kept_none, out, grads, after = run("none", 0.1)
     kept_undropped = run("selective", 0.0)[0]
-    freed = []
+    freed, draws = [], []
+    keep = Dropout.keep
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(RecomputeCheap, "register", staticmethod(recording))
+        patch.setattr(Dropout, "keep", lambda self, x: (draws.append(x.shape), keep(self, x))[1])
         kept, selective_out, selective_grads, selective_after = run(
             "selective", 0.1, lambda: freed.extend(ref() is None for _, ref in outputs))
     assert kept == kept_undropped < 0.6 * kept_none
-    dropped = [name for name, _ in outputs if name == "<lambda>"]
+    dropped = [name for name, _ in outputs if name == "dropped"]
     assert len(dropped) == 5 * config.n_layer - 1  # qkv, proj, fc_1, fc_2, proj of the MLP; not the first qkv's
+    if device == "cpu":  # each mask drawn in the forward pass and once more in the backward pass, not twice more
+        assert len(draws) == 2 * (5 * config.n_layer - 1) + 1
     assert len(freed) == len(outputs) and all(freed)
     assert sorted(computed) == sorted(name for name, _ in outputs)  # each once
     torch.testing.assert_close(selective_out, out, atol=0, rtol=0)
