@@ -80,7 +80,7 @@ def build_forge(config, mode: str, device: torch.device, checkpointing: str, com
     from model import GPT
     from model.lora import LoRAConfig, inject_lora, mark_only_lora_as_trainable
     from model.quantize import quantize_model
-    from model.training.loss import head_cross_entropy
+    from model.training.loss import head_cross_entropy, labelled_positions
 
     with torch.device("meta"):
         model = GPT(config)
@@ -98,10 +98,9 @@ def build_forge(config, mode: str, device: torch.device, checkpointing: str, com
         model.compile_blocks()
 
     def loss_fn(input_ids, labels):
-        targets = labels[:, 1:]
-        predicting = torch.nn.functional.pad(targets != -100, (0, 1))
-        loss = model(input_ids, logits_mask=predicting, head_fn=partial(head_cross_entropy, targets=targets[targets != -100]))
-        return loss.mean()
+        # the labels on the CPU, as the training scripts keep them: the labelled positions are found without a sync
+        positions, targets, _ = labelled_positions(labels, input_ids.device)
+        return model(input_ids, logits_mask=positions, head_fn=partial(head_cross_entropy, targets=targets)).mean()
 
     return model, loss_fn
 
@@ -147,8 +146,8 @@ def build_hf(config, mode: str, device: torch.device, liger: bool, checkpointing
         assert isinstance(wrapped.base_layer, bnb.nn.Linear4bit), "PEFT did not wrap the 4-bit layer"
     model.train()
 
-    def loss_fn(input_ids, labels):
-        return model(input_ids=input_ids, labels=labels).loss
+    def loss_fn(input_ids, labels):  # labels = inputs (on the device) in this benchmark; `labels` is the CPU copy
+        return model(input_ids=input_ids, labels=input_ids).loss
 
     return model, loss_fn
 
@@ -195,7 +194,7 @@ def build_litgpt(config, mode: str, device: torch.device, seq_len: int):
     def loss_fn(input_ids, labels):
         logits = model(input_ids, lm_head_chunk_size=128)
         logits[-1] = logits[-1][..., :-1, :]
-        return chunked_cross_entropy(logits, labels[..., 1:])
+        return chunked_cross_entropy(logits, input_ids[..., 1:])  # labels = inputs, on the device
 
     return model, loss_fn
 
@@ -262,6 +261,7 @@ def run_row(engine: str, mode: str, config, batch_size: int, seq_len: int, warmu
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=generator)
                for _ in range(warmup + steps)]
+    cpu_batches = batches  # the labels, for the engines that read them on the CPU (Forge)
     batches = [b.pin_memory().to(device, non_blocking=True) if cuda else b for b in batches]
     setup_s, setup_peak = time.perf_counter() - start, memory()
     if cuda:
@@ -278,7 +278,7 @@ def run_row(engine: str, mode: str, config, batch_size: int, seq_len: int, warmu
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
             t0 = time.perf_counter()
-            loss = loss_fn(batch, batch)
+            loss = loss_fn(batch, cpu_batches[i])
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -295,7 +295,7 @@ def run_row(engine: str, mode: str, config, batch_size: int, seq_len: int, warmu
     tokens_per_s = batch_size * seq_len * steps / sum(times)
 
     def step():
-        loss_fn(batches[-1], batches[-1]).backward()
+        loss_fn(batches[-1], cpu_batches[-1]).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

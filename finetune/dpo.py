@@ -42,7 +42,7 @@ from model.cli import NonNegativeInt, PositiveInt, run_cli
 from model.config import Config
 from model.data.preference import collate_pairs, load_pairs, pair_lengths, pair_tokens, with_answers
 from model.data.prepare import check_prepared_data
-from model.device import peak_memory_gb
+from model.device import peak_memory_gb, to_device
 from model.gpt import GPT
 from model.lora import (
     LORA_WEIGHTS,
@@ -403,7 +403,8 @@ def train(fabric: L.Fabric, state: dict, args: TrainArgs, dpo: DPOArgs, *, refer
             for i in range(accumulate):
                 indices = batches[state["batch_in_epoch"] + i]
                 batch = collate_pairs([train_data[j] for j in indices], max_seq_length)
-                input_ids, labels = batch["input_ids"].to(fabric.device), batch["labels"].to(fabric.device)
+                # the labels stay on the CPU, where the labelled positions are found without a host-device sync
+                input_ids, labels = to_device(batch["input_ids"], fabric.device), batch["labels"]
                 # no gradient all-reduce until the last micro-batch of the step
                 with fabric.no_backward_sync(model, enabled=i < accumulate - 1):
                     loss, chosen_rewards, rejected_rewards = pair_loss(model, reference, "train", indices, input_ids,
@@ -486,7 +487,7 @@ def validate(fabric, model, reference, val_data, max_seq_length, args, dpo, metr
     for start in range(0, len(val_data), args.micro_batch_size):
         indices = list(range(start, min(start + args.micro_batch_size, len(val_data))))
         batch = collate_pairs([val_data[j] for j in indices], max_seq_length)
-        input_ids, labels = batch["input_ids"].to(fabric.device), batch["labels"].to(fabric.device)
+        input_ids, labels = batch["input_ids"].to(fabric.device), batch["labels"]
         logps, tokens = sequence_logps(model, input_ids, labels)
         loss, chosen_rewards, rejected_rewards = pair_loss(model, reference, "test", indices, input_ids, labels, dpo,
                                                            policy_logps=(logps, tokens))

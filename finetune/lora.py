@@ -22,7 +22,7 @@ from model.cli import NonNegativeInt, PositiveInt, run_cli
 from model.config import Config
 from model.data.prepare import check_prepared_data
 from model.data.sft import get_collate_fn, get_packed_collate_fn, load_dataset, pack_samples
-from model.device import peak_memory_gb
+from model.device import peak_memory_gb, to_device
 from model.generate import generate
 from model.gpt import GPT
 from model.lora import (
@@ -36,7 +36,7 @@ from model.lora import (
 )
 from model.quantize import load_quantized, validate_quantize
 from model.tokenizer import Tokenizer
-from model.training.loss import head_cross_entropy
+from model.training.loss import head_cross_entropy, labelled_positions
 from model.training.optim import build_optimizer
 from model.training.run import (
     MetricsLogger,
@@ -277,7 +277,8 @@ def train(fabric: L.Fabric, state: dict, args: TrainArgs, *, train_data: list, v
             for i in range(accumulate):
                 indices = batches[state["batch_in_epoch"] + i]
                 batch = train_collate([train_data[j] for j in indices])
-                input_ids, labels = batch["input_ids"].to(fabric.device), batch["labels"].to(fabric.device)
+                # the labels stay on the CPU, where the labelled positions are found without a host-device sync
+                input_ids, labels = to_device(batch["input_ids"], fabric.device), batch["labels"]
                 # no gradient all-reduce until the last micro-batch of the step
                 with fabric.no_backward_sync(model, enabled=i < accumulate - 1):
                     loss = next_token_loss(model, input_ids, labels, batch.get("segment_ids"))
@@ -331,14 +332,16 @@ def next_token_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
                     segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean cross-entropy of predicting token t+1 at position t, over the positions whose next label is not -100.
 
-    The head is computed only at those positions: with the prompt masked, that skips most of its work."""
-    targets = labels[:, 1:]
-    predicting = torch.nn.functional.pad(targets != -100, (0, 1))  # position t predicts label t+1; the last predicts nothing
+    The head is computed only at those positions: with the prompt masked, that skips most of its work.
+
+    `labels` may stay on the CPU (the training loop keeps them there): the positions are found there and sent to
+    the device without a host-device sync."""
+    positions, targets, _ = labelled_positions(labels, input_ids.device)
     if segment_ids is not None:
         segment_ids = segment_ids.to(input_ids.device)
     # the head and its cross-entropy in chunks: the (N, vocab) float32 logits never exist at once
-    losses = model(input_ids, logits_mask=predicting, segment_ids=segment_ids,
-                   head_fn=partial(head_cross_entropy, targets=targets[targets != -100]))
+    losses = model(input_ids, logits_mask=positions, segment_ids=segment_ids,
+                   head_fn=partial(head_cross_entropy, targets=targets))
     return losses.mean()
 
 
@@ -348,7 +351,7 @@ def validate(fabric, model, val_data, collate, tokenizer, args, metrics, step) -
     losses = []
     for i in range(0, min(len(val_data), args.eval_iters * args.micro_batch_size), args.micro_batch_size):
         batch = collate(val_data[i:i + args.micro_batch_size])
-        losses.append(next_token_loss(model, batch["input_ids"].to(fabric.device), batch["labels"].to(fabric.device)))
+        losses.append(next_token_loss(model, batch["input_ids"].to(fabric.device), batch["labels"]))
     val_loss = fabric.all_reduce(torch.stack(losses).mean(), reduce_op="mean").item()
     line = f"step {step} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 20)):.2f}"
     if is_fsdp(fabric):  # a generation would all-gather every block for each token: the loss only

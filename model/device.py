@@ -39,6 +39,14 @@ def precision_to_dtype(precision: str | None, device: torch.device) -> torch.dty
     return getattr(torch, PRECISIONS[precision])
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` (on the CPU) on `device` without making the host wait: on CUDA through pinned memory, asynchronously
+    (a plain copy from pageable memory synchronizes the stream)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def peak_memory_gb(device: torch.device) -> float:
     """Peak GPU memory allocated by PyTorch, or the process's peak resident memory on the CPU."""
     if device.type == "cuda":

@@ -158,7 +158,10 @@ class GPT(nn.Module):
         `logits_mask`) instead of logits: `model.training.loss.head_cross_entropy` turns them into a loss without
         the full-vocabulary logits.
         `logits_mask` `(B, T)` (bool) returns the logits of the masked positions only, `(N, vocab_size)`: the output
-        head is a large matmul, and a loss on the responses or a generation's next token needs few positions.
+        head is a large matmul, and a loss on the responses or a generation's next token needs few positions. It may
+        also be those positions' indices into the flattened `(B * T)` positions, `(N,)` (int64): a boolean selection
+        on a GPU makes the host wait for its count, indices found on the CPU
+        (`model.training.loss.labelled_positions`) do not.
         `segment_ids` `(B, T)` marks packed samples (model/data.py `pack_samples`): each run of equal ids is one
         sample, whose positions restart at 0 and which attends only to itself, so its logits are the ones it gets
         alone. Each sample's attention is computed on its own span: no `(T, T)` mask is ever built.
@@ -188,7 +191,7 @@ class GPT(nn.Module):
         cos, sin = (t.to(x.dtype) for t in self.rope(rope_pos))
         x = self.transformer.ln_f(self.run_blocks(x, cos, sin, input_pos, spans))
         if logits_mask is not None:
-            x = x[logits_mask]
+            x = x[logits_mask] if logits_mask.dtype == torch.bool else x.flatten(0, 1).index_select(0, logits_mask)
         if return_hidden:
             return x
         return self.lm_head(x) if head_fn is None else head_fn(x, self.lm_head)

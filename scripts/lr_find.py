@@ -16,11 +16,11 @@ fine-tune run: the best learning rate depends on them (the batch size most of al
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-import torch.nn.functional as F
 
 from model.adapter import AdapterConfig, inject_adapter, mark_only_adapter_as_trainable
 from model.cli import PositiveInt, run_cli
@@ -32,6 +32,7 @@ from model.files import atomic_write_text
 from model.gpt import GPT
 from model.lora import LoRAConfig, count_parameters, inject_lora, lora_disabled, mark_only_lora_as_trainable
 from model.quantize import quantize_model, validate_quantize
+from model.training.loss import head_cross_entropy, labelled_positions
 from model.training.lr_find import lr_range_test, plot_lr_find
 from model.training.preference import preference_losses, sequence_logps
 from model.training.run import epoch_batches, gradient_accumulation_iters
@@ -182,10 +183,10 @@ def lr_find(
             samples = [data[j] for j in batches[step * accumulate + i]]
             if method == "dpo":
                 batch = collate_pairs(samples, max_seq_length)
-                loss = dpo_loss(model, batch["input_ids"].to(device), batch["labels"].to(device), beta, sft_weight)
+                loss = dpo_loss(model, batch["input_ids"].to(device), batch["labels"], beta, sft_weight)
             else:
                 batch = sft_collate(samples)
-                loss = next_token_loss(model, batch["input_ids"].to(device), batch["labels"].to(device))
+                loss = next_token_loss(model, batch["input_ids"].to(device), batch["labels"])
             (loss / accumulate).backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(trainable, max_norm=1.0)  # as every fine-tune script clips
@@ -212,11 +213,10 @@ def lr_find(
 
 
 def next_token_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the answer tokens, computing logits only where a label follows (as finetune/ does)."""
-    targets = labels[:, 1:]
-    predicting = F.pad(targets != -100, (0, 1))
-    logits = model(input_ids, logits_mask=predicting)
-    return F.cross_entropy(logits.float(), targets[targets != -100])
+    """Mean cross-entropy over the answer tokens, as finetune/ computes it: the head only where a label follows, and
+    with its cross-entropy in chunks (no full-vocabulary logits), so a search needs the memory its run needs."""
+    positions, targets, _ = labelled_positions(labels, input_ids.device)
+    return model(input_ids, logits_mask=positions, head_fn=partial(head_cross_entropy, targets=targets)).mean()
 
 
 def dpo_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, beta: float, sft_weight: float) -> torch.Tensor:

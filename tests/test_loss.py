@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import GPT, Config
-from model.training.loss import IGNORE_INDEX, head_cross_entropy, linear_cross_entropy
+from model.training.loss import IGNORE_INDEX, head_cross_entropy, labelled_positions, linear_cross_entropy
 
 
 def reference(hidden, weight, bias, targets):
@@ -149,3 +149,71 @@ def test_head_fn_computes_the_loss_inside_the_forward_pass():
     expected = F.cross_entropy(model(ids, logits_mask=predicting).float(), targets[predicting], reduction="none")
     loss = model(ids, logits_mask=predicting, head_fn=partial(head_cross_entropy, targets=targets[predicting]))
     torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_labelled_positions_are_the_boolean_selection():
+    labels = torch.randint(0, 50, (3, 9))
+    labels[0, :4] = IGNORE_INDEX
+    labels[1] = IGNORE_INDEX  # a row with nothing to learn
+    labels[2, -2:] = IGNORE_INDEX
+    targets = labels[:, 1:]
+    predicting = F.pad(targets != IGNORE_INDEX, (0, 1))
+    positions, selected, rows = labelled_positions(labels, torch.device("cpu"))
+    assert torch.equal(positions, predicting.flatten().nonzero().squeeze(1))
+    assert torch.equal(selected, targets[targets != IGNORE_INDEX])
+    assert torch.equal(rows, torch.arange(3).unsqueeze(1).expand(3, 9)[predicting])
+    hidden = torch.randn(3, 9, 4)
+    assert torch.equal(hidden.flatten(0, 1).index_select(0, positions), hidden[predicting])
+
+
+# ops whose result the host has to read before it can go on: on a GPU each one waits for the device
+HOST_READS = {torch.ops.aten.nonzero.default, torch.ops.aten._local_scalar_dense.default,
+              torch.ops.aten.masked_select.default, torch.ops.aten.item.default}
+
+
+def host_reads(fn) -> list[tuple]:
+    """The ops of `fn()` (run in a dispatch mode) that read device data on the host: a nonzero, `.item()`, a
+    boolean selection; each with its input's shape."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Probe(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            boolean_index = func is torch.ops.aten.index.Tensor and any(
+                t is not None and t.dtype == torch.bool for t in args[1])
+            if func in HOST_READS or boolean_index:
+                seen.append((str(func), tuple(args[0].shape)))
+            return func(*args, **(kwargs or {}))
+
+    with Probe():
+        fn()
+    return seen
+
+
+@pytest.mark.parametrize("script", ["finetune/lora.py", "finetune/full.py", "finetune/adapter.py"])
+def test_a_training_micro_batch_reads_nothing_from_the_device(script):
+    """The training loops keep the labels on the CPU: a micro-batch's forward and backward pass (LoRA, full or
+    adapter; dropout on) read nothing on the host but the selection of the labels' positions, which the CPU makes:
+    on a GPU, no host-device sync per micro-batch."""
+    from conftest import load_script
+    from model.adapter import AdapterConfig, inject_adapter
+    from model.lora import LoRAConfig, inject_lora, mark_only_lora_as_trainable
+
+    module = load_script(script)
+    torch.manual_seed(0)
+    model = GPT(Config(name="t", vocab_size=50, n_layer=2, n_head=4, n_query_groups=2, n_embd=32,
+                       intermediate_size=64, block_size=32))
+    if script.endswith("lora.py"):
+        inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.05, mlp=True))
+        mark_only_lora_as_trainable(model)
+    elif script.endswith("adapter.py"):
+        inject_adapter(model, AdapterConfig(prompt_length=4, start_layer=1, version=2))
+    model.train()
+    input_ids = torch.randint(0, 50, (2, 16))
+    labels = input_ids.clone()
+    labels[:, :5] = IGNORE_INDEX
+
+    reads = host_reads(lambda: module.next_token_loss(model, input_ids, labels).backward())
+    # the one selection of the (CPU) labels: (B, T - 1)
+    assert reads == [("aten.nonzero.default", (2, 15))]

@@ -48,6 +48,19 @@ def linear_cross_entropy(
     return LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size)
 
 
+def labelled_positions(labels: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where a next-token loss is computed: the positions `t` whose next label `labels[:, t + 1]` is not
+    IGNORE_INDEX, as indices into the flattened `(B * T)` positions (`GPT.forward`'s `logits_mask`), with those
+    labels and each position's row, all `(N,)` in row-major order, sent to `device` without waiting.
+
+    Found where `labels` are: a training loop keeps them on the CPU, because on a GPU the boolean selection would
+    make the host wait for the device (a sync per micro-batch)."""
+    targets = labels[:, 1:]
+    rows, columns = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    positions = rows * labels.size(1) + columns
+    return tuple(t.to(device, non_blocking=True) for t in (positions, targets[rows, columns], rows))
+
+
 def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
     """Per-position cross-entropy `(N,)` of the output head `head` (the model's `lm_head`) on `hidden` `(N, n_embd)`.
 

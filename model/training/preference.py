@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from model.data.preference import collate_pairs
 from model.data.sft import IGNORE_INDEX
 from model.files import atomic_torch_save
-from model.training.loss import head_cross_entropy
+from model.training.loss import head_cross_entropy, labelled_positions
 
 LOSSES = ("sigmoid", "ipo", "hinge", "robust", "orpo")
 
@@ -137,15 +137,15 @@ def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tupl
 
     The output at position t scores label t + 1, and only positions whose next label is not -100 are computed
     (the prompt and the padding are skipped, which also skips most of the output head's work). Right padding is
-    never attended to by earlier positions, so a row gives the same value alone or in a padded batch."""
-    targets = labels[:, 1:]
-    scored = targets != IGNORE_INDEX
-    predicting = F.pad(scored, (0, 1))  # position t predicts label t + 1; the last position predicts nothing
+    never attended to by earlier positions, so a row gives the same value alone or in a padded batch. `labels` may
+    stay on the CPU (the training loop keeps them there): the positions are found there, without a host-device
+    sync."""
+    positions, targets, rows = labelled_positions(labels, input_ids.device)
     # the head and its cross-entropy in chunks: the (N, vocab) float32 logits never exist at once
-    token_logps = -model(input_ids, logits_mask=predicting, head_fn=partial(head_cross_entropy, targets=targets[scored]))
-    rows = torch.arange(len(input_ids), device=input_ids.device).unsqueeze(1).expand_as(scored)[scored]
+    token_logps = -model(input_ids, logits_mask=positions, head_fn=partial(head_cross_entropy, targets=targets))
     sums = torch.zeros(len(input_ids), device=token_logps.device, dtype=token_logps.dtype).index_add_(0, rows, token_logps)
-    return sums, scored.sum(1)
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(1)
+    return sums, counts.to(input_ids.device, non_blocking=True)
 
 
 def file_sha256(paths: Iterable[Path]) -> str:
@@ -213,7 +213,7 @@ def compute_reference(forward: Callable[[torch.Tensor, torch.Tensor], tuple[torc
     every = max(1, len(samples) // micro_batch_size // 10)
     for n, start in enumerate(range(0, len(samples), micro_batch_size)):
         batch = collate_pairs(samples[start:start + micro_batch_size], max_seq_length)
-        logps, _ = forward(batch["input_ids"].to(device), batch["labels"].to(device))
+        logps, _ = forward(batch["input_ids"].to(device), batch["labels"])
         half = len(logps) // 2
         chosen.append(logps[:half].cpu())
         rejected.append(logps[half:].cpu())
