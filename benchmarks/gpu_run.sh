@@ -41,7 +41,7 @@ run | check)
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
     if [ "$command" = check ]; then
         # the CUDA cases of tests that have one (skipped on a machine without a GPU)
-        exec "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_activations.py -k cuda "$@"
+        exec "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_activations.py tests/test_loss.py -k cuda "$@"
     fi
     "$PYTHON" - <<'EOF'
 from importlib import metadata

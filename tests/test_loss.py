@@ -217,3 +217,32 @@ def test_a_training_micro_batch_reads_nothing_from_the_device(script):
     reads = host_reads(lambda: module.next_token_loss(model, input_ids, labels).backward())
     # the one selection of the (CPU) labels: (B, T - 1)
     assert reads == [("aten.nonzero.default", (2, 15))]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (benchmarks/gpu_run.sh check runs it on a GPU)")
+def test_a_training_micro_batch_makes_no_host_sync_on_cuda():
+    """The same on a GPU, counted by CUDA: a LoRA micro-batch (token ids to the device, forward, backward) with the
+    labels on the CPU makes the host wait for the device nowhere (`set_sync_debug_mode("error")` raises if it
+    does)."""
+    from conftest import load_script
+    from model.device import to_device
+    from model.lora import LoRAConfig, inject_lora, mark_only_lora_as_trainable
+
+    lora = load_script("finetune/lora.py")
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = GPT(Config(name="t", vocab_size=50, n_layer=2, n_head=4, n_query_groups=2, n_embd=32,
+                       intermediate_size=64, block_size=32))
+    inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.05, mlp=True))
+    mark_only_lora_as_trainable(model)
+    model.to(device).train()
+    input_ids = torch.randint(0, 50, (2, 16))
+    labels = input_ids.clone()
+    labels[:, :5] = IGNORE_INDEX
+    lora.next_token_loss(model, to_device(input_ids, device), labels).backward()  # warm-up: the allocator, the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        lora.next_token_loss(model, to_device(input_ids, device), labels).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
