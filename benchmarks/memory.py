@@ -5,8 +5,8 @@
 1. Bytes kept for the backward pass per token per layer (every tensor autograd saves, counted once per storage, via
    `torch.autograd.graph.saved_tensors_hooks`) for gradient checkpointing none / selective / block / offload x LoRA
    on q,v (r=8, dropout 0.05: Forge's default), QLoRA (nf4 base, the same LoRA) and all-linear LoRA (r=16, dropout
-   0 and 0.05), and `block` on the first layer with `selective` on the others (`--checkpoint_layers 1 --checkpoint_rest
-   selective`).
+   0 and 0.05), and `block` on the first layer with `selective` on the others (`--checkpoint_layers 1
+   --checkpoint_rest selective`).
    The first layer and each later one apart: the first keeps less (its input, the frozen embedding's output, needs
    no gradient), so a model of L layers keeps first + (L - 1) x later.
    `offload` keeps each Block's input in CPU memory instead (listed apart: on a GPU that is host memory).

@@ -2,8 +2,9 @@
 ratio to HF+PEFT's row of the same mode, with the region of the goal (>= 1.5x its tokens/s at <= 0.5x its memory)
 shaded.
 
-    python benchmarks/plot_gpu_bench.py --results benchmarks/results/h200/run1.jsonl benchmarks/results/h200/run2.jsonl \\
-        --output tutorials/images/h200_speed_memory.png
+    python benchmarks/plot_gpu_bench.py \\
+        --results '[benchmarks/results/h200/run1.jsonl,benchmarks/results/h200/run2.jsonl]' \\
+        --output tutorials/images/h200_speed_memory.png --title "..."
 
 A row measured in several runs is drawn from the first run that measured it. Rows never measured (an OOM, a
 timeout, a row the time budget left out) are listed under the plot. Each row is compared with the HF+PEFT row of
@@ -17,7 +18,8 @@ from model.cli import run_cli
 
 NAMES = {"forge": "Forge", "forge_compile": "Forge compiled", "forge_offload": "Forge offload",
          "forge_selective": "Forge selective", "forge_selective_compile": "Forge selective compiled",
-         "forge_offload_compile": "Forge offload compiled", "hf": "HF+PEFT", "hf_liger": "HF+PEFT+Liger",
+         "forge_offload_compile": "Forge offload compiled", "forge_half": "Forge block on half, selective",
+         "forge_half_compile": "Forge block on half, selective, compiled", "hf": "HF+PEFT", "hf_liger": "HF+PEFT+Liger",
          "hf_gc": "HF+PEFT checkpointing", "litgpt": "litgpt"}
 
 
