@@ -123,15 +123,12 @@ def setup(
         group_by_length: Cut micro-batches from samples of similar length (sorted within windows of 50
             micro-batches of the shuffled data, the batch order shuffled again), so little padding is computed;
             false: a plain shuffle. With --packing it groups the packed rows.
-        gradient_checkpointing: none (keep what the backward pass needs: 104-137 KB per token per layer at 8B width);
-            selective (compute the norms' and activations' outputs, and LoRA dropout's copies of them, again instead of
-            keeping them: 137 -> 93 KB with LoRA on every linear, 183 -> 93 at dropout 0.05; on the CPU 3% more
-            time, 12% with dropout); block (recompute each Block in the backward pass: 8 KB, for
-            about one more forward pass of compute); offload (block, and each Block's input waits in pinned CPU
-            memory: activations no longer grow with depth).
-        checkpoint_layers: Checkpoint only the first this many Blocks as --gradient_checkpointing says, the others
-            as --checkpoint_rest says; memory and recomputation fall in between, in proportion (at 8B width with
-            block: about 1 GB less per layer at 8k tokens, for about 1.5% more time). Default: every Block.
+        gradient_checkpointing: what the backward pass computes again instead of keeping: none; selective (the norms'
+            and activations' outputs, and LoRA dropout's copies of them: a third to half less, elementwise work);
+            block (each Block, keeping only its input: one more forward pass); offload (block, with that input in
+            pinned CPU memory). What each saves and costs: tutorials/performance.md.
+        checkpoint_layers: Checkpoint only the first this many Blocks as --gradient_checkpointing says (default:
+            every Block); memory and recomputation fall in between, in proportion.
         checkpoint_rest: none or selective: the Blocks after the first --checkpoint_layers (with block or offload).
         compile: torch.compile each Block of the training forward and backward pass (dynamic shapes: one graph for
             every sequence length; validation, generation and --packing's rows stay eager). Costs a compilation at

@@ -190,15 +190,12 @@ def setup(
         logistic_c: Inverse L2 regularization strength of the logistic regression (--mode features), on
             standardized features.
         feature_batch_size: Texts per forward pass when extracting features and evaluating.
-        gradient_checkpointing: none (keep what the backward pass needs: 104-137 KB per token per layer at 8B width);
-            selective (compute the norms' and activations' outputs, and LoRA dropout's copies of them, again instead of
-            keeping them: 137 -> 93 KB with LoRA on every linear, 183 -> 93 at dropout 0.05; on the CPU 3% more
-            time, 12% with dropout); block (recompute each Block in the backward pass: 8 KB, for
-            about one more forward pass of compute); offload (block, and each Block's input waits in pinned CPU
-            memory: activations no longer grow with depth).
-        checkpoint_layers: Checkpoint only the first this many Blocks as --gradient_checkpointing says, the others
-            as --checkpoint_rest says; memory and recomputation fall in between, in proportion (at 8B width with
-            block: about 1 GB less per layer at 8k tokens, for about 1.5% more time). Default: every Block.
+        gradient_checkpointing: what the backward pass computes again instead of keeping: none; selective (the norms'
+            and activations' outputs, and LoRA dropout's copies of them: a third to half less, elementwise work);
+            block (each Block, keeping only its input: one more forward pass); offload (block, with that input in
+            pinned CPU memory). What each saves and costs: tutorials/performance.md.
+        checkpoint_layers: Checkpoint only the first this many Blocks as --gradient_checkpointing says (default:
+            every Block); memory and recomputation fall in between, in proportion.
         checkpoint_rest: none or selective: the Blocks after the first --checkpoint_layers (with block or offload).
         compile: torch.compile each Block of the training forward and backward pass (dynamic shapes: one graph for
             every sequence length; validation and prediction stay eager). Costs a compilation at step 1.
